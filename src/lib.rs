@@ -1,0 +1,14 @@
+//! Sidecar's engine: userspace WireGuard with many peers behind one UDP socket,
+//! cryptokey routing, and batched TUN/UDP data paths.
+//!
+//! The protocol state lives in sans-IO types ([`wg`]) that take bytes in and give
+//! bytes and actions out; thin tokio drivers own sockets and devices.
+
+pub mod key;
+pub mod prefix;
+pub mod route;
+pub mod uapi;
+pub mod wg;
+
+pub use key::Key;
+pub use prefix::IpPrefix;

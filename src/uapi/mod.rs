@@ -1,0 +1,1 @@
+//! The WireGuard userspace API (cross-platform configuration protocol).

@@ -1,0 +1,7 @@
+//! The WireGuard peer table and its protocol state.
+
+pub mod config;
+
+pub use config::{
+    DeviceControl, DeviceInfo, DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
+};
