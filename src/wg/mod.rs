@@ -1,7 +1,16 @@
 //! The WireGuard peer table and its protocol state.
 
+mod allowed_ips;
 pub mod config;
+mod device;
+mod peer;
 
+pub use allowed_ips::AllowedIps;
 pub use config::{
     DeviceControl, DeviceInfo, DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
 };
+pub use device::{Action, Device, DropReason, DATA_OVERHEAD, MIN_OUT_BUF};
+pub use peer::{Peer, PeerRef};
+
+#[cfg(test)]
+mod tests;

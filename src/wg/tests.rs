@@ -1,0 +1,469 @@
+//! Two devices talking through memory: the protocol without sockets or root.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::*;
+use crate::key::Key;
+
+const A_ADDR: &str = "192.0.2.1:51820";
+const B_ADDR: &str = "192.0.2.2:51821";
+
+struct Pair {
+    a: Device,
+    b: Device,
+    a_key: Key,
+    b_key: Key,
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A at 198.51.100.1, B at 198.51.100.2 / 2001:db8:2::2; each knows the other's endpoint.
+fn pair() -> Pair {
+    let a_priv = Key::generate_private();
+    let b_priv = Key::generate_private();
+    let a = Device::with_private_key(a_priv);
+    let b = Device::with_private_key(b_priv);
+    let mut to_b = PeerConfig::new(b_priv.public_key());
+    to_b.endpoint = Some(sa(B_ADDR));
+    to_b.allowed_ips = vec![
+        "198.51.100.2/32".parse().unwrap(),
+        "2001:db8:2::2/128".parse().unwrap(),
+    ];
+    a.set_peer(&to_b);
+    let mut to_a = PeerConfig::new(a_priv.public_key());
+    to_a.endpoint = Some(sa(A_ADDR));
+    to_a.allowed_ips = vec!["198.51.100.0/24".parse().unwrap()];
+    b.set_peer(&to_a);
+    Pair {
+        a,
+        b,
+        a_key: a_priv.public_key(),
+        b_key: b_priv.public_key(),
+    }
+}
+
+/// A minimal IPv4 packet: header only, with the given addresses (no checksum needed).
+fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let src: std::net::Ipv4Addr = src.parse().unwrap();
+    let dst: std::net::Ipv4Addr = dst.parse().unwrap();
+    let total = 20 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..].copy_from_slice(payload);
+    p
+}
+
+fn ipv6(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    let dst: std::net::Ipv6Addr = dst.parse().unwrap();
+    let mut p = vec![0u8; 40 + payload.len()];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..].copy_from_slice(payload);
+    p
+}
+
+enum Out {
+    Net(SocketAddr, Vec<u8>),
+    Tun(Vec<u8>),
+    Nothing,
+    Dropped(DropReason),
+}
+
+/// Feeds a datagram into `dev` (as arriving from `from`), draining queued packets the
+/// way a driver must, and returns everything it produced.
+fn deliver(dev: &Device, from: SocketAddr, datagram: &[u8]) -> Vec<Out> {
+    let mut buf = vec![0u8; 2048];
+    let mut outs = Vec::new();
+    match dev.decapsulate(from, datagram, &mut buf) {
+        Action::Send { to, datagram } => outs.push(Out::Net(to, datagram.to_vec())),
+        Action::SendThenDrain { to, datagram, peer } => {
+            outs.push(Out::Net(to, datagram.to_vec()));
+            let mut b2 = vec![0u8; 2048];
+            while let Some(Action::Send { to, datagram }) = dev.drain_queue(&peer, &mut b2) {
+                outs.push(Out::Net(to, datagram.to_vec()));
+            }
+        }
+        Action::Tunnel(p) => outs.push(Out::Tun(p.to_vec())),
+        Action::Nothing => outs.push(Out::Nothing),
+        Action::Dropped(r) => outs.push(Out::Dropped(r)),
+    }
+    outs
+}
+
+fn send(dev: &Device, packet: &[u8]) -> Out {
+    let mut buf = vec![0u8; 2048];
+    match dev.encapsulate(packet, &mut buf) {
+        Action::Send { to, datagram } => Out::Net(to, datagram.to_vec()),
+        Action::Dropped(r) => Out::Dropped(r),
+        Action::Nothing => Out::Nothing,
+        _ => panic!("unexpected action from encapsulate"),
+    }
+}
+
+fn net(o: Out) -> (SocketAddr, Vec<u8>) {
+    match o {
+        Out::Net(to, d) => (to, d),
+        Out::Dropped(r) => panic!("expected a datagram, got drop {r:?}"),
+        _ => panic!("expected a datagram"),
+    }
+}
+
+/// Runs the handshake A -> B triggered by a first packet, and returns what B's tunnel got.
+fn handshake(p: &Pair) -> Vec<u8> {
+    let first = ipv4("198.51.100.1", "198.51.100.2", b"hello");
+    let (to, init) = net(send(&p.a, &first));
+    assert_eq!(to, sa(B_ADDR));
+    assert_eq!(
+        init.len(),
+        148,
+        "first packet triggers a handshake initiation"
+    );
+    let mut outs = deliver(&p.b, sa(A_ADDR), &init);
+    let (to, resp) = net(outs.remove(0));
+    assert_eq!(to, sa(A_ADDR));
+    assert_eq!(resp.len(), 92);
+    // A gets the response: it answers with a keepalive and then releases the queued packet.
+    let outs = deliver(&p.a, sa(B_ADDR), &resp);
+    let mut tunnel = Vec::new();
+    for o in outs {
+        let (to, d) = net(o);
+        assert_eq!(to, sa(B_ADDR));
+        for o in deliver(&p.b, sa(A_ADDR), &d) {
+            if let Out::Tun(pkt) = o {
+                tunnel.push(pkt);
+            }
+        }
+    }
+    assert_eq!(
+        tunnel.len(),
+        1,
+        "the queued packet arrives after the handshake"
+    );
+    tunnel.remove(0)
+}
+
+#[test]
+fn handshake_then_data_both_ways_v4_and_v6() {
+    let p = pair();
+    let first = handshake(&p);
+    assert_eq!(&first[20..], b"hello");
+
+    let reply = ipv4("198.51.100.2", "198.51.100.1", b"world");
+    let (_, d) = net(send(&p.b, &reply));
+    let outs = deliver(&p.a, sa(B_ADDR), &d);
+    assert!(matches!(&outs[0], Out::Tun(pkt) if pkt == &reply));
+
+    let v6 = ipv6("2001:db8:2::1", "2001:db8:2::2", b"six");
+    // B only allows 198.51.100.0/24 from A: an IPv6 source from A is not allowed.
+    let (_, d) = net(send(&p.a, &v6));
+    let outs = deliver(&p.b, sa(A_ADDR), &d);
+    assert!(matches!(
+        outs[0],
+        Out::Dropped(DropReason::SourceNotAllowed)
+    ));
+
+    let v6_back = ipv6("2001:db8:2::2", "2001:db8:2::1", b"six");
+    // A has no route for 2001:db8:2::1 from B's side: B routes by its own table.
+    assert!(matches!(
+        send(&p.b, &v6_back),
+        Out::Dropped(DropReason::NoRoute)
+    ));
+
+    let info = p.a.peers();
+    assert_eq!(info.len(), 1);
+    assert!(info[0].last_handshake.is_some());
+    assert!(info[0].rx_bytes > 0 && info[0].tx_bytes > 0);
+}
+
+#[test]
+fn spoofed_inner_source_is_dropped_and_counted() {
+    let p = pair();
+    handshake(&p);
+    // B sends with a source A never allowed for it.
+    let spoofed = ipv4("203.0.113.9", "198.51.100.1", b"spoof");
+    let (_, d) = net(send(&p.b, &spoofed));
+    let outs = deliver(&p.a, sa(B_ADDR), &d);
+    assert!(matches!(
+        outs[0],
+        Out::Dropped(DropReason::SourceNotAllowed)
+    ));
+    let peer = p.a.peer(&p.b_key).unwrap();
+    assert_eq!(peer.rx_dropped_source(), 1);
+    assert_eq!(p.a.dropped(DropReason::SourceNotAllowed), 1);
+    let mut metrics = String::new();
+    p.a.write_metrics(&mut metrics);
+    assert!(metrics.contains(&format!(
+        "sidecar_peer_rx_dropped_total{{peer=\"{}\",reason=\"source\"}} 1",
+        p.b_key
+    )));
+}
+
+#[test]
+fn responder_learns_endpoint_and_follows_roaming() {
+    let p = pair();
+    // A does not know B's endpoint until B talks to it.
+    let mut cfg = PeerConfig::new(p.b_key);
+    cfg.allowed_ips = vec!["198.51.100.2/32".parse().unwrap()];
+    p.a.set_peer(&cfg);
+    let pkt = ipv4("198.51.100.1", "198.51.100.2", b"x");
+    assert!(matches!(
+        send(&p.a, &pkt),
+        Out::Dropped(DropReason::NoEndpoint)
+    ));
+
+    let (_, init) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"y")));
+    let outs = deliver(&p.a, sa(B_ADDR), &init);
+    assert!(matches!(&outs[0], Out::Net(to, _) if *to == sa(B_ADDR)));
+    assert_eq!(p.a.peer(&p.b_key).unwrap().endpoint(), Some(sa(B_ADDR)));
+    let (_, resp) = net(outs.into_iter().next().unwrap());
+    for o in deliver(&p.b, sa(A_ADDR), &resp) {
+        let (_, d) = net(o);
+        deliver(&p.a, sa(B_ADDR), &d);
+    }
+
+    // B moves: its next authenticated packet comes from elsewhere, and A follows.
+    let moved = sa("[2001:db8:3::2]:4000");
+    let (_, d) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"z")));
+    let outs = deliver(&p.a, moved, &d);
+    assert!(matches!(outs[0], Out::Tun(_)));
+    assert_eq!(p.a.peer(&p.b_key).unwrap().endpoint(), Some(moved));
+    let (to, _) = net(send(&p.a, &pkt));
+    assert_eq!(to, moved);
+
+    // A forged datagram from yet another address does not move it.
+    let (_, mut forged) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"f")));
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let outs = deliver(&p.a, sa("192.0.2.99:9"), &forged);
+    assert!(matches!(outs[0], Out::Dropped(DropReason::Unauthenticated)));
+    assert_eq!(p.a.peer(&p.b_key).unwrap().endpoint(), Some(moved));
+}
+
+#[test]
+fn replayed_data_is_dropped() {
+    let p = pair();
+    handshake(&p);
+    let (_, d) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"once")));
+    assert!(matches!(deliver(&p.a, sa(B_ADDR), &d)[0], Out::Tun(_)));
+    assert!(matches!(
+        deliver(&p.a, sa(B_ADDR), &d)[0],
+        Out::Dropped(DropReason::Replay)
+    ));
+}
+
+#[test]
+fn garbage_never_panics() {
+    let p = pair();
+    handshake(&p);
+    let mut rng_state = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state
+    };
+    let mut buf = vec![0u8; 70_000];
+    for _ in 0..5_000 {
+        let len = (next() % 300) as usize;
+        let mut d: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // Make many of them look like real message types to reach deeper code.
+        if len >= 4 {
+            d[0] = (next() % 5) as u8;
+            d[1..4].fill(0);
+        }
+        let _ = p.a.decapsulate(sa(B_ADDR), &d, &mut buf);
+        let _ = p.a.encapsulate(&d, &mut buf);
+    }
+    for len in [
+        0usize, 1, 3, 4, 31, 32, 147, 148, 149, 91, 92, 63, 64, 65_535,
+    ] {
+        let mut d = vec![0u8; len];
+        if len >= 4 {
+            d[0] = match len {
+                147 | 148 | 149 => 1,
+                91 | 92 => 2,
+                63 | 64 => 3,
+                _ => 4,
+            };
+        }
+        let _ = p.a.decapsulate(sa(B_ADDR), &d, &mut buf);
+    }
+    // Buffers that are too small are refused, not a panic.
+    assert!(matches!(
+        p.a.decapsulate(sa(B_ADDR), &[4, 0, 0, 0, 1, 2, 3], &mut [0u8; 10]),
+        Action::Dropped(DropReason::BufferTooSmall)
+    ));
+    let big = ipv4("198.51.100.1", "198.51.100.2", &[0u8; 1400]);
+    assert!(matches!(
+        p.a.encapsulate(&big, &mut [0u8; 1000]),
+        Action::Dropped(DropReason::BufferTooSmall)
+    ));
+    // And the session still works.
+    let (_, d) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"alive")));
+    assert!(matches!(deliver(&p.a, sa(B_ADDR), &d)[0], Out::Tun(_)));
+}
+
+#[test]
+fn handshake_flood_gets_cookie_replies_and_established_peer_keeps_working() {
+    let p = pair();
+    handshake(&p);
+    // Replay B's initiations from many "addresses": past the threshold the gate
+    // must answer with cookie replies instead of doing the handshake.
+    let c_priv = Key::generate_private();
+    let c = Device::with_private_key(c_priv);
+    let mut to_a = PeerConfig::new(p.a_key);
+    to_a.endpoint = Some(sa(A_ADDR));
+    to_a.allowed_ips = vec!["198.51.100.0/24".parse().unwrap()];
+    c.set_peer(&to_a);
+    let mut cookies = 0;
+    for i in 0..300u32 {
+        // Each attempt is a fresh initiation (new sender) with a valid mac1.
+        c.set_peer(&to_a);
+        c.remove_peer(&p.a_key);
+        c.set_peer(&to_a);
+        let (_, init) = net(send(&c, &ipv4("198.51.100.3", "198.51.100.1", b"flood")));
+        let from = SocketAddr::new(IpAddr::from([192, 0, 2, (i % 200) as u8 + 10]), 5000);
+        let outs = deliver(&p.a, from, &init);
+        if let Some(Out::Net(_, d)) = outs.first() {
+            if d.len() == 64 {
+                cookies += 1;
+            }
+        }
+    }
+    assert!(
+        cookies >= 150,
+        "most of the flood past the threshold gets cookies, got {cookies}"
+    );
+    // The established session is untouched.
+    let (_, d) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"still")));
+    assert!(matches!(deliver(&p.a, sa(B_ADDR), &d)[0], Out::Tun(_)));
+}
+
+#[test]
+fn persistent_keepalive_starts_a_handshake_at_once() {
+    let p = pair();
+    let mut cfg = PeerConfig::new(p.b_key);
+    cfg.endpoint = Some(sa(B_ADDR));
+    cfg.persistent_keepalive = Some(25);
+    cfg.allowed_ips = vec!["198.51.100.2/32".parse().unwrap()];
+    p.a.set_peer(&cfg);
+    let mut sent = Vec::new();
+    let mut buf = vec![0u8; 256];
+    p.a.update_timers(&mut buf, |to, d| sent.push((to, d.len())));
+    assert_eq!(sent, vec![(sa(B_ADDR), 148)]);
+    assert_eq!(p.a.peer(&p.b_key).unwrap().persistent_keepalive(), Some(25));
+}
+
+#[test]
+fn update_semantics() {
+    let p = pair();
+    let new_peer = Key::generate_private().public_key();
+    let mut up = PeerUpdate::new(new_peer);
+    up.update_only = true;
+    up.allowed_ips = vec!["10.9.0.0/16".parse().unwrap()];
+    p.a.apply(&DeviceUpdate {
+        peers: vec![up.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(p.a.peer(&new_peer).is_none(), "update_only never creates");
+
+    up.update_only = false;
+    p.a.apply(&DeviceUpdate {
+        peers: vec![up],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        p.a.route("10.9.1.1".parse().unwrap()).unwrap().public_key(),
+        new_peer
+    );
+
+    // Taking a prefix moves it between peers.
+    let mut steal = PeerUpdate::new(p.b_key);
+    steal.allowed_ips = vec!["10.9.0.0/16".parse().unwrap()];
+    p.a.apply(&DeviceUpdate {
+        peers: vec![steal],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        p.a.route("10.9.1.1".parse().unwrap()).unwrap().public_key(),
+        p.b_key
+    );
+
+    let mut rm = PeerUpdate::new(new_peer);
+    rm.remove = true;
+    p.a.apply(&DeviceUpdate {
+        peers: vec![rm],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(p.a.peer_count(), 1);
+
+    p.a.apply(&DeviceUpdate {
+        replace_peers: true,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(p.a.peer_count(), 0);
+    assert!(p.a.route("198.51.100.2".parse().unwrap()).is_none());
+}
+
+#[test]
+fn preshared_key_and_key_rotation() {
+    let p = pair();
+    let psk = Key::generate_private();
+    for (dev, peer) in [(&p.a, p.b_key), (&p.b, p.a_key)] {
+        let mut u = PeerUpdate::new(peer);
+        u.preshared_key = Some(psk);
+        dev.apply(&DeviceUpdate {
+            peers: vec![u],
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let got = handshake(&p);
+    assert_eq!(&got[20..], b"hello");
+
+    // A mismatched preshared key fails the handshake.
+    let mut u = PeerUpdate::new(p.a_key);
+    u.preshared_key = Some(Key::generate_private());
+    p.b.apply(&DeviceUpdate {
+        peers: vec![u],
+        ..Default::default()
+    })
+    .unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut init = None;
+    p.a.apply(&DeviceUpdate {
+        peers: vec![{
+            let mut u = PeerUpdate::new(p.b_key);
+            u.preshared_key = Some(Key::generate_private());
+            u
+        }],
+        ..Default::default()
+    })
+    .unwrap();
+    p.a.update_timers(&mut buf, |_, d| init = Some(d.to_vec()));
+    let init = init.expect("a new preshared key triggers a handshake");
+    let outs = deliver(&p.b, sa(A_ADDR), &init);
+    // B answers the initiation (the key only enters at the end); A cannot complete it.
+    let (_, resp) = net(outs.into_iter().next().unwrap());
+    assert!(matches!(
+        deliver(&p.a, sa(B_ADDR), &resp)[0],
+        Out::Dropped(_)
+    ));
+}
