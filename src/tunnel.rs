@@ -1,0 +1,394 @@
+//! The driver that joins a [`Device`] to a TUN device and a UDP socket: one task
+//! encrypts what the TUN device gives, one decrypts what the socket gives, one runs
+//! the timers. Each works a batch at a time with buffers allocated once.
+
+use std::fmt::Write as _;
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use quinn_udp::RecvMeta;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::tun::{TunDevice, TunReader, TunWriter};
+use crate::udp::{UdpTransport, MAX_GSO_BYTES, RECV_BATCH};
+use crate::wg::{
+    Action, Device, DeviceControl, DeviceInfo, DeviceUpdate, UpdateError, DATA_OVERHEAD,
+    MIN_OUT_BUF,
+};
+
+/// How often peer timers run (the protocol's timers have 100 ms-scale granularity).
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// Room for one GRO batch from the socket.
+const RECV_BUF: usize = 65_536;
+
+#[derive(Default)]
+struct IoCounters {
+    tun_read_errors: AtomicU64,
+    tun_write_errors: AtomicU64,
+    udp_send_errors: AtomicU64,
+    udp_recv_errors: AtomicU64,
+}
+
+struct Shared {
+    device: Arc<Device>,
+    tun: Arc<TunDevice>,
+    socket: watch::Sender<Arc<UdpTransport>>,
+    /// Serializes listen-port changes.
+    rebind: Mutex<()>,
+    counters: IoCounters,
+}
+
+/// A running tunnel. Dropping it stops its tasks.
+pub struct Tunnel {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Tunnel {
+    /// Starts the data path. Must be called inside a tokio runtime.
+    pub fn start(device: Arc<Device>, tun: TunDevice, socket: UdpTransport) -> Tunnel {
+        tracing::info!(
+            interface = tun.name(),
+            mtu = tun.mtu(),
+            tun_offload = tun.offload(),
+            udp_gso_segments = socket.max_gso_segments(),
+            listen_port = socket.local_port(),
+            "tunnel up"
+        );
+        let (tx, _) = watch::channel(Arc::new(socket));
+        let shared = Arc::new(Shared {
+            device,
+            tun: Arc::new(tun),
+            socket: tx,
+            rebind: Mutex::new(()),
+            counters: IoCounters::default(),
+        });
+        let tasks = vec![
+            tokio::spawn(outbound(shared.clone())),
+            tokio::spawn(inbound(shared.clone())),
+            tokio::spawn(timers(shared.clone())),
+        ];
+        Tunnel { shared, tasks }
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.shared.device
+    }
+
+    pub fn tun(&self) -> &TunDevice {
+        &self.shared.tun
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.shared.socket.borrow().local_port()
+    }
+
+    /// The control surface (for the userspace API socket).
+    pub fn control(&self) -> Arc<dyn DeviceControl> {
+        self.shared.clone()
+    }
+
+    /// Stops the tasks; the TUN device goes away with the last reference to it.
+    pub fn stop(mut self) {
+        self.abort();
+    }
+
+    fn abort(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+impl DeviceControl for Shared {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            private_key: self.device.private_key(),
+            listen_port: self.socket.borrow().local_port(),
+            fwmark: self.device.fwmark(),
+            peers: self.device.peers(),
+        }
+    }
+
+    fn update(&self, update: DeviceUpdate) -> Result<(), UpdateError> {
+        if let Some(port) = update.listen_port {
+            let _guard = self.rebind.lock();
+            if port != self.socket.borrow().local_port() || port == 0 {
+                let socket = UdpTransport::bind(port).map_err(|e| UpdateError::Port {
+                    port,
+                    reason: e.to_string(),
+                })?;
+                tracing::info!(listen_port = socket.local_port(), "listen port changed");
+                self.socket.send_replace(Arc::new(socket));
+            }
+        }
+        self.device.apply(&update)?;
+        Ok(())
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        self.device.write_metrics(&mut out);
+        let c = &self.counters;
+        let _ = writeln!(
+            out,
+            "# HELP sidecar_io_errors_total Failed reads and writes on the TUN device and the UDP socket."
+        );
+        let _ = writeln!(out, "# TYPE sidecar_io_errors_total counter");
+        for (op, v) in [
+            ("tun_read", &c.tun_read_errors),
+            ("tun_write", &c.tun_write_errors),
+            ("udp_send", &c.udp_send_errors),
+            ("udp_recv", &c.udp_recv_errors),
+        ] {
+            let _ = writeln!(
+                out,
+                "sidecar_io_errors_total{{op=\"{op}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+/// Sends on the current socket, counting (not propagating) failures: UDP is lossy
+/// anyway and one unreachable peer must not stop the others.
+async fn send(
+    shared: &Shared,
+    socket: &UdpTransport,
+    to: SocketAddr,
+    data: &[u8],
+    seg: Option<usize>,
+) {
+    if let Err(e) = socket.send(to, data, seg).await {
+        let n = shared
+            .counters
+            .udp_send_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(%to, error = %e, failures = n + 1, "UDP send failed");
+        }
+    }
+}
+
+/// Consecutive datagrams for one destination, laid out back to back in one buffer so
+/// the kernel can send them with a single GSO system call.
+struct GsoBatch {
+    start: usize,
+    to: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    /// The last datagram was shorter than `segment`: nothing may follow it.
+    closed: bool,
+}
+
+impl GsoBatch {
+    fn new() -> GsoBatch {
+        GsoBatch {
+            start: 0,
+            to: None,
+            segment: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    /// Whether a datagram of `len` bytes for `to`, written at `end`, extends the batch.
+    fn accepts(&self, to: SocketAddr, len: usize, end: usize, max_segments: usize) -> bool {
+        self.count > 0
+            && self.to == Some(to)
+            && !self.closed
+            && len <= self.segment
+            && self.count < max_segments
+            && end + len - self.start <= MAX_GSO_BYTES
+    }
+
+    fn push(&mut self, to: SocketAddr, at: usize, len: usize) {
+        if self.count == 0 {
+            self.start = at;
+            self.to = Some(to);
+            self.segment = len;
+        } else if len < self.segment {
+            self.closed = true;
+        }
+        self.count += 1;
+    }
+
+    async fn flush(&mut self, shared: &Shared, socket: &UdpTransport, buf: &[u8], end: usize) {
+        if let (Some(to), true) = (self.to, self.count > 0) {
+            let seg = (self.count > 1).then_some(self.segment);
+            send(shared, socket, to, &buf[self.start..end], seg).await;
+        }
+        *self = GsoBatch::new();
+    }
+}
+
+/// TUN -> encrypt -> UDP.
+async fn outbound(shared: Arc<Shared>) {
+    let mtu = shared.tun.mtu();
+    let mut reader = TunReader::new(mtu);
+    let slot = (usize::from(mtu).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
+    let mut out = vec![0u8; slot * tun_rs::IDEAL_BATCH_SIZE + MIN_OUT_BUF];
+    let mut rx = shared.socket.subscribe();
+    loop {
+        let n = match reader.read(&shared.tun).await {
+            Ok(n) => n,
+            Err(e) => {
+                let c = shared
+                    .counters
+                    .tun_read_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if c.is_power_of_two() {
+                    tracing::warn!(error = %e, "TUN read failed");
+                }
+                if e.raw_os_error() == Some(libc::EBADFD) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let socket = rx.borrow_and_update().clone();
+        let max_segments = socket.max_gso_segments();
+        let mut batch = GsoBatch::new();
+        let mut end = 0;
+        for i in 0..n {
+            let packet = reader.packet(i);
+            let (to, len) = match shared.device.encapsulate(packet, &mut out[end..end + slot]) {
+                Action::Send { to, datagram } => (to, datagram.len()),
+                _ => continue,
+            };
+            if !batch.accepts(to, len, end, max_segments) {
+                // Flush everything before this datagram, then start a new batch with it.
+                batch.flush(&shared, &socket, &out, end).await;
+            }
+            batch.push(to, end, len);
+            end += len;
+        }
+        batch.flush(&shared, &socket, &out, end).await;
+    }
+}
+
+/// UDP -> decrypt -> TUN.
+async fn inbound(shared: Arc<Shared>) {
+    let mut rx = shared.socket.subscribe();
+    let mut socket = rx.borrow_and_update().clone();
+    let mut storage: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF]).collect();
+    let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+    let mut writer = TunWriter::new();
+    let mut reply = vec![0u8; RECV_BUF];
+    loop {
+        let n = {
+            let mut bufs = storage.iter_mut();
+            let mut slices: [IoSliceMut<'_>; RECV_BATCH] = std::array::from_fn(|_| {
+                IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
+            });
+            tokio::select! {
+                r = socket.recv(&mut slices, &mut meta) => r,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    socket = rx.borrow_and_update().clone();
+                    continue;
+                }
+            }
+        };
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                let c = shared
+                    .counters
+                    .udp_recv_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if c.is_power_of_two() {
+                    tracing::warn!(error = %e, "UDP receive failed");
+                }
+                continue;
+            }
+        };
+        for (m, buf) in meta.iter().zip(&storage).take(n) {
+            let stride = m.stride.max(1);
+            for datagram in buf[..m.len].chunks(stride) {
+                let slot = writer.slot(datagram.len().max(MIN_OUT_BUF));
+                let base = slot.as_ptr() as usize;
+                match shared.device.decapsulate(m.addr, datagram, slot) {
+                    Action::Tunnel(packet) => {
+                        let start = packet.as_ptr() as usize - base;
+                        let len = packet.len();
+                        writer.commit(start, len);
+                        if writer.is_full() {
+                            flush_tun(&shared, &mut writer).await;
+                        }
+                    }
+                    Action::Send { to, datagram } => {
+                        let len = datagram.len();
+                        reply[..len].copy_from_slice(datagram);
+                        send(&shared, &socket, to, &reply[..len], None).await;
+                    }
+                    Action::SendThenDrain { to, datagram, peer } => {
+                        let len = datagram.len();
+                        reply[..len].copy_from_slice(datagram);
+                        send(&shared, &socket, to, &reply[..len], None).await;
+                        while let Some(Action::Send { to, datagram }) =
+                            shared.device.drain_queue(&peer, &mut reply)
+                        {
+                            let len = datagram.len();
+                            send(&shared, &socket, to, &reply[..len], None).await;
+                        }
+                    }
+                    Action::Nothing | Action::Dropped(_) => {}
+                }
+            }
+        }
+        flush_tun(&shared, &mut writer).await;
+    }
+}
+
+async fn flush_tun(shared: &Shared, writer: &mut TunWriter) {
+    if let Err(e) = writer.flush(&shared.tun).await {
+        let c = shared
+            .counters
+            .tun_write_errors
+            .fetch_add(1, Ordering::Relaxed);
+        if c.is_power_of_two() {
+            tracing::warn!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+/// Handshake retries, rekeys, keepalives.
+async fn timers(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; MIN_OUT_BUF.max(256)];
+    let mut pending: Vec<(SocketAddr, [u8; 256], usize)> = Vec::new();
+    loop {
+        tick.tick().await;
+        pending.clear();
+        shared.device.update_timers(&mut buf, |to, d| {
+            let mut copy = [0u8; 256];
+            let len = d.len().min(256);
+            copy[..len].copy_from_slice(&d[..len]);
+            pending.push((to, copy, len));
+        });
+        if pending.is_empty() {
+            continue;
+        }
+        let socket = shared.socket.borrow().clone();
+        for (to, data, len) in &pending {
+            send(&shared, &socket, *to, &data[..*len], None).await;
+        }
+    }
+}

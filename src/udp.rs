@@ -1,0 +1,136 @@
+//! The WireGuard UDP socket with batched I/O: `recvmmsg` with UDP GRO on receive and
+//! UDP GSO on send where the kernel offers them (quinn-udp does the cmsg work), so
+//! one system call moves a whole TCP window's worth of datagrams.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// How many datagrams one receive call can return (before GRO coalescing).
+pub const RECV_BATCH: usize = quinn_udp::BATCH_SIZE;
+
+/// The largest datagram the kernel coalesces or segments in one go.
+pub const MAX_GSO_BYTES: usize = 65_000;
+
+/// Socket buffer size requested; the kernel caps it at net.core.[rw]mem_max.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+pub struct UdpTransport {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    /// A dual-stack IPv6 socket wants IPv4 destinations in mapped form.
+    dual_stack: bool,
+}
+
+impl UdpTransport {
+    /// Binds `port` (0 = any) on all addresses: a dual-stack socket where IPv6 is
+    /// available, an IPv4 one where it is not.
+    pub fn bind(port: u16) -> io::Result<UdpTransport> {
+        match Self::bind_addr(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)) {
+            Ok(t) => Ok(t),
+            Err(e) if is_no_ipv6(&e) => {
+                tracing::info!("IPv6 is not available here; listening on IPv4 only");
+                Self::bind_addr(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn bind_addr(addr: SocketAddr) -> io::Result<UdpTransport> {
+        let domain = socket2::Domain::for_address(addr);
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let dual_stack = addr.is_ipv6();
+        if dual_stack {
+            sock.set_only_v6(false)?;
+        }
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())?;
+        // Best effort: bigger buffers absorb bursts a GSO batch at a time.
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        let socket = UdpSocket::from_std(sock.into())?;
+        Ok(UdpTransport {
+            socket,
+            state,
+            dual_stack,
+        })
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// How many datagrams one send may carry as a GSO batch (1 without GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Receives a batch. Each `meta[i]` describes `bufs[i]`: `len` bytes that are
+    /// `stride`-sized datagrams back to back (GRO), all from `addr`.
+    pub async fn recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        loop {
+            self.socket.readable().await?;
+            match self.socket.try_io(Interest::READABLE, || {
+                self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)
+            }) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `contents` to `to`: one datagram, or with `segment_size` several of that
+    /// size back to back (the last may be shorter), in one system call.
+    pub async fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
+        let destination = self.map(to);
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        loop {
+            self.socket.writable().await?;
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state
+                    .try_send(UdpSockRef::from(&self.socket), &transmit)
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn map(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            other => other,
+        }
+    }
+}
+
+fn is_no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
+    )
+}
