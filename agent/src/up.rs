@@ -1,0 +1,155 @@
+//! `sidecar-agent up`: a userspace `wg-quick up`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use sidecar::route;
+use sidecar::tun::TunDevice;
+use sidecar::tunnel::Tunnel;
+use sidecar::uapi::{validate_interface_name, UapiServer};
+use sidecar::udp::UdpTransport;
+use sidecar::wg::Device;
+use sidecar::IpPrefix;
+use sidecar_agent::resolve::{resolve_endpoint_with, system_resolver};
+use sidecar_agent::wgquick::{self, Endpoint};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// wg-quick's default for an Ethernet uplink: 1500 less the largest (IPv6) overhead.
+const DEFAULT_MTU: u16 = 1420;
+
+pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config = wgquick::parse(&text).with_context(|| format!("in {}", config_path.display()))?;
+    for warning in &config.warnings {
+        tracing::warn!("{}: {warning}", config_path.display());
+    }
+    let name = match interface {
+        Some(n) => n.to_string(),
+        None => config_path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_string)
+            .context("cannot derive an interface name from the file name; pass --interface")?,
+    };
+    validate_interface_name(&name).with_context(|| format!("interface name {name:?}"))?;
+
+    let device = Arc::new(Device::with_private_key(config.interface.private_key));
+    let needs_lookup = config
+        .peers
+        .iter()
+        .any(|p| matches!(p.endpoint, Some(Endpoint::Host { .. })));
+    let resolver = if needs_lookup {
+        let (resolver, config_error) = system_resolver()?;
+        if let Some(e) = config_error {
+            tracing::warn!(error = %e, "no usable DNS configuration; resolving from /etc/hosts only");
+        }
+        Some(resolver)
+    } else {
+        None
+    };
+    for peer in &config.peers {
+        let endpoint = match (&peer.endpoint, &resolver) {
+            (Some(ep @ Endpoint::Host { .. }), Some(resolver)) => Some(
+                resolve_endpoint_with(resolver, ep)
+                    .await
+                    .with_context(|| format!("peer at line {}", peer.line))?,
+            ),
+            (Some(Endpoint::Addr(addr)), _) => Some(*addr),
+            _ => None,
+        };
+        if let (Some(Endpoint::Host { host, .. }), Some(addr)) = (&peer.endpoint, endpoint) {
+            tracing::info!(peer = %peer.public_key, %host, %addr, "resolved endpoint");
+        }
+        device.set_peer(&peer.peer_config(endpoint));
+    }
+
+    let socket =
+        UdpTransport::bind(config.interface.listen_port.unwrap_or(0)).with_context(|| {
+            format!(
+                "cannot listen on UDP port {}",
+                config.interface.listen_port.unwrap_or(0)
+            )
+        })?;
+    let mtu = config.interface.mtu.unwrap_or(DEFAULT_MTU);
+    let tun = TunDevice::create(&name, mtu).with_context(|| {
+        format!("cannot create TUN interface {name} (is /dev/net/tun available, and are we root or CAP_NET_ADMIN?)")
+    })?;
+    for addr in &config.interface.addresses {
+        tun.add_address(*addr)
+            .with_context(|| format!("cannot add address {addr} to {name}"))?;
+    }
+    let ifindex = tun.if_index().context("cannot read the interface index")?;
+    let routes = if config.interface.table_off {
+        Vec::new()
+    } else {
+        add_routes(&config, ifindex)?
+    };
+
+    let tunnel = Tunnel::start(device, tun, socket);
+    let uapi = UapiServer::bind(&name, tunnel.control())
+        .await
+        .with_context(|| format!("cannot serve the userspace API for {name}"))?;
+    tracing::info!(
+        interface = %name,
+        public_key = %config.interface.private_key.public_key(),
+        listen_port = tunnel.listen_port(),
+        peers = config.peers.len(),
+        "interface is up; `wg show {name}` shows it",
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    uapi.run(stop).await;
+
+    for prefix in routes {
+        if let Err(e) = route::delete_route(prefix, ifindex) {
+            tracing::debug!(%prefix, error = %e, "route already gone");
+        }
+    }
+    tunnel.stop();
+    tracing::info!(interface = %name, "interface removed");
+    Ok(())
+}
+
+/// Routes every peer's allowed IPs to the interface; returns the routes it added.
+fn add_routes(config: &wgquick::WgQuickConfig, ifindex: u32) -> Result<Vec<IpPrefix>> {
+    let mut added: Vec<IpPrefix> = Vec::new();
+    for prefix in config.peers.iter().flat_map(|p| &p.allowed_ips) {
+        let prefix = prefix.network();
+        if added.contains(&prefix) {
+            continue;
+        }
+        if prefix.len() == 0 {
+            // A default route through the tunnel would also capture the tunnel's own
+            // UDP packets; wg-quick avoids that with fwmark policy routing, which this
+            // command does not set up.
+            tracing::warn!(
+                %prefix,
+                "not installing a default route through the tunnel; add a narrower route yourself or use more specific AllowedIPs"
+            );
+            continue;
+        }
+        match route::add_route(prefix, ifindex, None) {
+            Ok(()) => added.push(prefix),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // The connected route of an interface address often covers it already.
+                tracing::debug!(%prefix, "route exists already");
+            }
+            Err(e) => {
+                for p in &added {
+                    let _ = route::delete_route(*p, ifindex);
+                }
+                bail!("cannot add route {prefix}: {e}");
+            }
+        }
+    }
+    Ok(added)
+}
