@@ -7,7 +7,10 @@
 pub mod key;
 pub mod prefix;
 pub mod route;
+pub mod tun;
+pub mod tunnel;
 pub mod uapi;
+pub mod udp;
 pub mod wg;
 
 pub use key::Key;
