@@ -52,12 +52,11 @@ impl Key {
 
     pub fn from_hex(s: &str) -> Result<Key, KeyError> {
         let s = s.trim();
+        if !s.bytes().all(|c| c.is_ascii_hexdigit()) || s.len() % 2 != 0 {
+            return Err(KeyError::Hex);
+        }
         if s.len() != 64 {
-            return Err(if s.len() % 2 == 0 {
-                KeyError::Length(s.len() / 2)
-            } else {
-                KeyError::Hex
-            });
+            return Err(KeyError::Length(s.len() / 2));
         }
         let mut out = [0u8; 32];
         for (i, chunk) in s.as_bytes().chunks_exact(2).enumerate() {

@@ -43,6 +43,8 @@ impl IpPrefix {
         self.addr
     }
 
+    /// The prefix length in bits (a prefix is never "empty", so no `is_empty`).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
         self.len
     }

@@ -45,7 +45,7 @@ impl<T: Clone + PartialEq> AllowedIps<T> {
                 Some((_, count)) => *count += 1,
                 None => {
                     lens.push((net.len(), 1));
-                    lens.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                    lens.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
                 }
             }
         }

@@ -406,7 +406,7 @@ impl Device {
                 }
             })
             .collect();
-        out.sort_by(|a, b| a.config.public_key.cmp(&b.config.public_key));
+        out.sort_by_key(|p| p.config.public_key);
         out
     }
 
@@ -649,7 +649,13 @@ impl Device {
             "sidecar_cookie_replies_total {}",
             self.cookie_replies.load(Ordering::Relaxed)
         );
-        let per_peer: [(&str, &str, &str, fn(&PeerInfo) -> u64); 3] = [
+        type PeerMetric = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&PeerInfo) -> u64,
+        );
+        let per_peer: [PeerMetric; 3] = [
             (
                 "sidecar_peer_rx_bytes_total",
                 "counter",

@@ -292,7 +292,7 @@ fn garbage_never_panics() {
         let mut d = vec![0u8; len];
         if len >= 4 {
             d[0] = match len {
-                147 | 148 | 149 => 1,
+                147..=149 => 1,
                 91 | 92 => 2,
                 63 | 64 => 3,
                 _ => 4,
