@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with a Rust toolchain: installs the
+# tools the end-to-end tests drive (wireguard-go, wg, iperf3, nftables, iproute2, ping),
+# checks formatting and lints, then runs every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for tool in wireguard-go:wireguard-go wg:wireguard-tools iperf3:iperf3 nft:nftables \
+            ip:iproute2 ping:iputils-ping; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "the end-to-end tests create network namespaces and TUN devices: run as root" >&2
+    exit 1
+fi
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests run the agent binary; build it once up front.
+cargo build --workspace --locked --bins
+cargo test --workspace --locked -- --test-threads "${SIDECAR_TEST_THREADS:-4}"
