@@ -5,7 +5,9 @@
 //! bytes and actions out; thin tokio drivers own sockets and devices.
 
 pub mod key;
+pub mod neighbor;
 pub mod prefix;
+pub mod proto;
 pub mod route;
 pub mod tun;
 pub mod tunnel;

@@ -1,0 +1,9 @@
+//! The relay: hands out public addresses to WireGuard peers, forwards and shapes
+//! their traffic, and serves the control API.
+
+pub mod api;
+pub mod config;
+pub mod dataplane;
+pub mod neighbor;
+pub mod store;
+pub mod tls;
