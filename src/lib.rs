@@ -9,6 +9,7 @@ pub mod neighbor;
 pub mod prefix;
 pub mod proto;
 pub mod route;
+pub mod shape;
 pub mod tun;
 pub mod tunnel;
 pub mod uapi;

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use quinn_udp::RecvMeta;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::tun::{TunDevice, TunReader, TunWriter};
 use crate::udp::{UdpTransport, MAX_GSO_BYTES, RECV_BATCH};
 use crate::wg::{
-    Action, Device, DeviceControl, DeviceInfo, DeviceUpdate, UpdateError, DATA_OVERHEAD,
+    Action, Device, DeviceControl, DeviceInfo, DeviceUpdate, Released, UpdateError, DATA_OVERHEAD,
     MIN_OUT_BUF,
 };
 
@@ -42,6 +42,8 @@ struct Shared {
     /// Serializes listen-port changes.
     rebind: Mutex<()>,
     counters: IoCounters,
+    /// Woken when a packet enters a shaping queue.
+    shaping: Notify,
 }
 
 /// A running tunnel. Dropping it stops its tasks.
@@ -68,11 +70,13 @@ impl Tunnel {
             socket: tx,
             rebind: Mutex::new(()),
             counters: IoCounters::default(),
+            shaping: Notify::new(),
         });
         let tasks = vec![
             tokio::spawn(outbound(shared.clone())),
             tokio::spawn(inbound(shared.clone())),
             tokio::spawn(timers(shared.clone())),
+            tokio::spawn(shaper(shared.clone())),
         ];
         Tunnel { shared, tasks }
     }
@@ -267,6 +271,10 @@ async fn outbound(shared: Arc<Shared>) {
             let packet = reader.packet(i);
             let (to, len) = match shared.device.encapsulate(packet, &mut out[end..end + slot]) {
                 Action::Send { to, datagram } => (to, datagram.len()),
+                Action::Shaped => {
+                    shared.shaping.notify_one();
+                    continue;
+                }
                 _ => continue,
             };
             if !batch.accepts(to, len, end, max_segments) {
@@ -348,6 +356,7 @@ async fn inbound(shared: Arc<Shared>) {
                             send(&shared, &socket, to, &reply[..len], None).await;
                         }
                     }
+                    Action::Shaped => shared.shaping.notify_one(),
                     Action::Nothing | Action::Dropped(_) => {}
                 }
             }
@@ -364,6 +373,46 @@ async fn flush_tun(shared: &Shared, writer: &mut TunWriter) {
             .fetch_add(1, Ordering::Relaxed);
         if c.is_power_of_two() {
             tracing::warn!(error = %e, "TUN write failed");
+        }
+    }
+}
+
+/// Lets shaped packets go as their peers' buckets refill.
+async fn shaper(shared: Arc<Shared>) {
+    let mut released = Released::default();
+    let mut writer = TunWriter::new();
+    let slot = (usize::from(shared.tun.mtu()).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
+    let mut out = vec![0u8; slot];
+    loop {
+        let next = shared.device.release_shaped(&mut released);
+        if !released.egress.is_empty() {
+            let socket = shared.socket.borrow().clone();
+            for (peer, packet) in &released.egress {
+                if let Action::Send { to, datagram } =
+                    shared.device.encapsulate_for(peer, packet, &mut out)
+                {
+                    let len = datagram.len();
+                    send(&shared, &socket, to, &out[..len], None).await;
+                }
+            }
+        }
+        for (_, packet) in &released.ingress {
+            writer.slot(packet.len()).copy_from_slice(packet);
+            writer.commit(0, packet.len());
+            if writer.is_full() {
+                flush_tun(&shared, &mut writer).await;
+            }
+        }
+        flush_tun(&shared, &mut writer).await;
+        shared.device.recycle_shaped(&mut released);
+        match next {
+            Some(wait) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.shaping.notified() => {}
+                }
+            }
+            None => shared.shaping.notified().await,
         }
     }
 }

@@ -17,12 +17,13 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::allowed_ips::AllowedIps;
 use super::config::{DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError};
 use super::peer::{Peer, PeerRef};
 use crate::key::Key;
+use crate::shape::{Admit, Lane, Shaper};
 
 /// Handshake messages per second before the device starts demanding cookies
 /// (the same threshold as the reference implementations).
@@ -48,8 +49,12 @@ pub enum Action<'a> {
     },
     /// Write this decrypted packet to the tunnel device.
     Tunnel(&'a [u8]),
-    /// Nothing to do (a keepalive arrived, a cookie was stored, a packet was queued).
+    /// Nothing to do (a keepalive arrived, a cookie was stored, a packet was queued
+    /// for a handshake).
     Nothing,
+    /// The peer is over its rate: the packet waits in its shaping queue. Call
+    /// [`Device::release_shaped`] when [`Device::next_shaped`] says so.
+    Shaped,
     /// The input was dropped, for this reason (already counted).
     Dropped(DropReason),
 }
@@ -77,10 +82,12 @@ pub enum DropReason {
     BufferTooSmall,
     /// Some other protocol error (no session yet, expired session).
     Protocol,
+    /// Over the peer's rate with its shaping queue full.
+    RateLimited,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 10] = [
+    const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::Unauthenticated,
@@ -91,6 +98,7 @@ impl DropReason {
         DropReason::NoKey,
         DropReason::BufferTooSmall,
         DropReason::Protocol,
+        DropReason::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +113,7 @@ impl DropReason {
             DropReason::NoKey => "no_key",
             DropReason::BufferTooSmall => "buffer_too_small",
             DropReason::Protocol => "protocol",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 
@@ -182,6 +191,17 @@ pub struct Device {
     drops: [AtomicU64; DropReason::ALL.len()],
     cookie_replies: AtomicU64,
     epoch: Instant,
+    /// Peers that may have packets waiting in a shaping queue.
+    shaping: Mutex<Vec<PeerRef>>,
+}
+
+/// Packets a shaping queue let go, ready to continue on their way.
+#[derive(Default)]
+pub struct Released {
+    /// Plaintext packets to encrypt (with [`Device::encapsulate_for`]) and send.
+    pub egress: Vec<(PeerRef, Vec<u8>)>,
+    /// Decrypted packets to write to the tunnel device.
+    pub ingress: Vec<(PeerRef, Vec<u8>)>,
 }
 
 impl Default for Device {
@@ -197,6 +217,7 @@ impl Device {
             drops: Default::default(),
             cookie_replies: AtomicU64::new(0),
             epoch: Instant::now(),
+            shaping: Mutex::new(Vec::new()),
         }
     }
 
@@ -425,7 +446,91 @@ impl Device {
         let Some(peer) = self.route(dst) else {
             return self.drop(DropReason::NoRoute);
         };
+        if let Some(shaper) = peer.shaper() {
+            if let Some(action) = self.shape(&peer, &shaper.egress, packet) {
+                return action;
+            }
+        }
         self.encapsulate_for(&peer, packet, out)
+    }
+
+    /// Runs `packet` through `lane`; `None` means it may go on now.
+    fn shape(&self, peer: &PeerRef, lane: &Lane, packet: &[u8]) -> Option<Action<'static>> {
+        match lane.offer(packet) {
+            Admit::Now => None,
+            Admit::Queued => {
+                if !peer.shaping_listed.swap(true, Ordering::SeqCst) {
+                    self.shaping.lock().push(peer.clone());
+                }
+                Some(Action::Shaped)
+            }
+            Admit::Dropped => Some(self.drop(DropReason::RateLimited)),
+        }
+    }
+
+    /// Limits `key`'s traffic in both directions to `mbps`, or lifts the limit.
+    /// Returns false if there is no such peer.
+    pub fn set_peer_rate(&self, key: &Key, mbps: Option<u32>) -> bool {
+        let Some(peer) = self.peer(key) else {
+            return false;
+        };
+        let current = peer.shaper().map(|s| s.bits_per_sec());
+        let wanted = mbps.map(|m| u64::from(m) * 1_000_000);
+        if current != wanted {
+            *peer.shaper.write() = mbps.map(|m| Arc::new(Shaper::from_mbps(m)));
+        }
+        true
+    }
+
+    /// Moves every shaped packet whose time has come into `out`. Returns how long
+    /// until the next one is due, or `None` when no queue holds anything.
+    pub fn release_shaped(&self, out: &mut Released) -> Option<std::time::Duration> {
+        let mut listed = self.shaping.lock();
+        let mut next: Option<std::time::Duration> = None;
+        let mut scratch = Vec::new();
+        listed.retain(|peer| {
+            let Some(shaper) = peer.shaper() else {
+                peer.shaping_listed.store(false, Ordering::Release);
+                return false;
+            };
+            let mut pending = false;
+            for (lane, dest) in [
+                (&shaper.egress, &mut out.egress),
+                (&shaper.ingress, &mut out.ingress),
+            ] {
+                if let Some(wait) = lane.release(&mut scratch) {
+                    pending = true;
+                    next = Some(next.map_or(wait, |n| n.min(wait)));
+                }
+                dest.extend(scratch.drain(..).map(|p| (peer.clone(), p)));
+            }
+            if !pending {
+                peer.shaping_listed.store(false, Ordering::SeqCst);
+                // A packet queued between the release and the store saw the peer still
+                // listed and did not list it again: keep it listed then.
+                if shaper.egress.queued_bytes() + shaper.ingress.queued_bytes() > 0 {
+                    peer.shaping_listed.store(true, Ordering::SeqCst);
+                    next = Some(std::time::Duration::ZERO);
+                    return true;
+                }
+            }
+            pending
+        });
+        next
+    }
+
+    /// Hands the buffers of released packets back for reuse.
+    pub fn recycle_shaped(&self, released: &mut Released) {
+        for (peer, buf) in released.egress.drain(..) {
+            if let Some(s) = peer.shaper() {
+                s.egress.recycle([buf]);
+            }
+        }
+        for (peer, buf) in released.ingress.drain(..) {
+            if let Some(s) = peer.shaper() {
+                s.ingress.recycle([buf]);
+            }
+        }
     }
 
     /// Encrypts `packet` for `peer` (already routed by the caller).
@@ -555,6 +660,11 @@ impl Device {
     /// Cryptokey routing, inbound half: a peer may only send from its allowed IPs.
     fn check_source<'a>(&self, peer: &PeerRef, src: IpAddr, packet: &'a [u8]) -> Action<'a> {
         if self.state.read().routes.lookup(src) == Some(peer) {
+            if let Some(shaper) = peer.shaper() {
+                if let Some(action) = self.shape(peer, &shaper.ingress, packet) {
+                    return action;
+                }
+            }
             Action::Tunnel(packet)
         } else {
             peer.rx_dropped_source.fetch_add(1, Ordering::Relaxed);

@@ -9,7 +9,7 @@ pub use allowed_ips::AllowedIps;
 pub use config::{
     DeviceControl, DeviceInfo, DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
 };
-pub use device::{Action, Device, DropReason, DATA_OVERHEAD, MIN_OUT_BUF};
+pub use device::{Action, Device, DropReason, Released, DATA_OVERHEAD, MIN_OUT_BUF};
 pub use peer::{Peer, PeerRef};
 
 #[cfg(test)]

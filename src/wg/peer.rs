@@ -9,6 +9,7 @@ use boringtun::noise::Tunn;
 use parking_lot::{Mutex, RwLock};
 
 use crate::key::Key;
+use crate::shape::Shaper;
 
 /// A shared handle to a peer. Equality is identity, so it can be a routing-table value.
 #[derive(Clone)]
@@ -50,6 +51,10 @@ pub struct Peer {
     pub(crate) rx_bytes: AtomicU64,
     pub(crate) tx_bytes: AtomicU64,
     pub(crate) rx_dropped_source: AtomicU64,
+    /// Rate limit for both directions, when the peer has one.
+    pub(crate) shaper: RwLock<Option<Arc<Shaper>>>,
+    /// Whether the device's list of peers with queued packets holds this one.
+    pub(crate) shaping_listed: AtomicBool,
 }
 
 impl Peer {
@@ -66,6 +71,8 @@ impl Peer {
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             rx_dropped_source: AtomicU64::new(0),
+            shaper: RwLock::new(None),
+            shaping_listed: AtomicBool::new(false),
         }
     }
 
@@ -114,6 +121,10 @@ impl Peer {
             0 => None,
             s => Some(s.min(u32::from(u16::MAX)) as u16),
         }
+    }
+
+    pub fn shaper(&self) -> Option<Arc<Shaper>> {
+        self.shaper.read().clone()
     }
 
     pub(crate) fn keepalive_due(&self, now_ms: u64) -> bool {

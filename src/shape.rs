@@ -1,0 +1,246 @@
+//! Per-peer token-bucket shaping (GCRA, via governor) with a short queue.
+//!
+//! Dropping every packet over the rate (policing) makes TCP collapse into loss and
+//! timeouts; a queue of a few tens of milliseconds at the rate lets it see delay
+//! first and settle at the rate. Packets wait in order, and only a full queue drops.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
+
+/// The bucket counts in cells of this many bytes: governor's interval is whole
+/// nanoseconds, and per-byte cells would lose precision (or stop limiting at all)
+/// above about 1 GB/s.
+const CELL: usize = 64;
+
+/// How much the queue may hold, in time at the configured rate.
+const QUEUE_TIME: Duration = Duration::from_millis(50);
+
+/// Burst allowance, in time at the rate; never below one superpacket-sized unit.
+const BURST_TIME: Duration = Duration::from_millis(10);
+const MIN_BURST_BYTES: usize = 64 * 1024;
+/// Queue floor, so slow rates still hold a few full-sized packets.
+const MIN_QUEUE_BYTES: usize = 32 * 1024;
+
+/// What happened to an offered packet.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Admit {
+    /// Within the rate: pass it on now.
+    Now,
+    /// Over the rate: a copy waits in the queue.
+    Queued,
+    /// Over the rate with a full queue: dropped.
+    Dropped,
+}
+
+/// One direction of one peer.
+pub struct Lane {
+    limiter: DefaultDirectRateLimiter,
+    queue: Mutex<Queue>,
+    max_bytes: usize,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    packets: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// Buffers of released packets, reused so the steady state does not allocate.
+    spare: Vec<Vec<u8>>,
+}
+
+fn cells(len: usize) -> NonZeroU32 {
+    let n = len.div_ceil(CELL).max(1);
+    NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
+}
+
+impl Lane {
+    /// A lane limited to `bytes_per_sec` (at least one cell per second).
+    pub fn new(bytes_per_sec: u64) -> Lane {
+        let bytes_per_sec = bytes_per_sec.max(CELL as u64);
+        let period_ns = (CELL as u64 * 1_000_000_000 / bytes_per_sec).max(1);
+        let burst_bytes = ((bytes_per_sec as u128 * BURST_TIME.as_nanos() / 1_000_000_000)
+            as usize)
+            .max(MIN_BURST_BYTES);
+        let quota = Quota::with_period(Duration::from_nanos(period_ns))
+            .expect("period is at least 1 ns")
+            .allow_burst(cells(burst_bytes));
+        let max_bytes = ((bytes_per_sec as u128 * QUEUE_TIME.as_nanos() / 1_000_000_000) as usize)
+            .max(MIN_QUEUE_BYTES);
+        Lane {
+            limiter: RateLimiter::direct(quota),
+            queue: Mutex::new(Queue::default()),
+            max_bytes,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Offers a packet. Packets already waiting go first, so order is kept.
+    pub fn offer(&self, packet: &[u8]) -> Admit {
+        let mut q = self.queue.lock();
+        if q.packets.is_empty() && matches!(self.limiter.check_n(cells(packet.len())), Ok(Ok(()))) {
+            return Admit::Now;
+        }
+        if q.bytes + packet.len() > self.max_bytes {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return Admit::Dropped;
+        }
+        let mut buf = q.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(packet);
+        q.bytes += packet.len();
+        q.packets.push_back(buf);
+        Admit::Queued
+    }
+
+    /// Moves every queued packet that the bucket now allows into `out`, in order.
+    /// Returns how long until the next one is due, or `None` when the queue is empty.
+    pub fn release(&self, out: &mut Vec<Vec<u8>>) -> Option<Duration> {
+        let mut q = self.queue.lock();
+        loop {
+            let len = q.packets.front()?.len();
+            match self.limiter.check_n(cells(len)) {
+                Ok(Ok(())) => {
+                    q.bytes -= len;
+                    if let Some(p) = q.packets.pop_front() {
+                        out.push(p);
+                    }
+                }
+                Ok(Err(not_until)) => {
+                    return Some(not_until.wait_time_from(DefaultClock::default().now()));
+                }
+                // Larger than the burst: it could never pass. The burst is sized above
+                // any packet, so this is only reachable with absurd inputs.
+                Err(_) => {
+                    q.bytes -= len;
+                    q.packets.pop_front();
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Returns released buffers for reuse.
+    pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut q = self.queue.lock();
+        for b in bufs {
+            if q.spare.len() < 1024 {
+                q.spare.push(b);
+            }
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Both directions of one peer.
+pub struct Shaper {
+    /// Towards the peer (what we encrypt).
+    pub egress: Lane,
+    /// From the peer (what we decrypt).
+    pub ingress: Lane,
+    bits_per_sec: u64,
+}
+
+impl Shaper {
+    /// Shapes both directions to `mbps` megabits per second.
+    pub fn from_mbps(mbps: u32) -> Shaper {
+        let bits_per_sec = u64::from(mbps) * 1_000_000;
+        Shaper {
+            egress: Lane::new(bits_per_sec / 8),
+            ingress: Lane::new(bits_per_sec / 8),
+            bits_per_sec,
+        }
+    }
+
+    pub fn bits_per_sec(&self) -> u64 {
+        self.bits_per_sec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn within_burst_passes_then_queues_then_drops() {
+        // 8 Mbit/s = 1 MB/s: burst 64 KiB, queue 50 KB.
+        let lane = Lane::new(1_000_000);
+        let pkt = [0u8; 1000];
+        let mut now = 0;
+        while lane.offer(&pkt) == Admit::Now {
+            now += 1;
+        }
+        assert!(
+            (60..=70).contains(&now),
+            "burst of about 64 KiB, got {now} packets"
+        );
+        let mut queued = 1;
+        while lane.offer(&pkt) == Admit::Queued {
+            queued += 1;
+        }
+        assert!(
+            (48..=52).contains(&queued),
+            "about 50 ms of queue, got {queued}"
+        );
+        assert_eq!(lane.dropped(), 1);
+    }
+
+    #[test]
+    fn released_packets_keep_order_and_rate() {
+        let lane = Lane::new(2_000_000); // 2 MB/s
+        let start = Instant::now();
+        let mut sent = 0usize;
+        let mut out = Vec::new();
+        let mut seq = 0u32;
+        let mut expect = 0u32;
+        // Offer 1 MB as fast as the queue takes it; release as the bucket allows.
+        while sent < 1_000_000 {
+            let mut pkt = [0u8; 1000];
+            pkt[..4].copy_from_slice(&seq.to_be_bytes());
+            match lane.offer(&pkt) {
+                Admit::Now => {
+                    assert_eq!(seq, expect);
+                    expect += 1;
+                    sent += 1000;
+                    seq += 1;
+                }
+                Admit::Queued => seq += 1,
+                Admit::Dropped => {
+                    let wait = lane.release(&mut out);
+                    for p in out.drain(..) {
+                        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), expect);
+                        expect += 1;
+                        sent += 1000;
+                    }
+                    if let Some(w) = wait {
+                        std::thread::sleep(w.min(Duration::from_millis(5)));
+                    }
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        // 1 MB at 2 MB/s, minus the 64 KiB burst: about 0.47 s.
+        assert!((0.40..0.60).contains(&secs), "took {secs:.3} s");
+    }
+
+    #[test]
+    fn cells_round_up() {
+        assert_eq!(cells(0).get(), 1);
+        assert_eq!(cells(64).get(), 1);
+        assert_eq!(cells(65).get(), 2);
+        assert_eq!(cells(65_535).get(), 1024);
+    }
+}
