@@ -114,6 +114,20 @@ impl fmt::Debug for Key {
     }
 }
 
+/// Serialized as base64, the form `wg` prints.
+impl serde::Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Key::from_base64(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

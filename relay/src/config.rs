@@ -1,1 +1,290 @@
-//! config
+//! `relay.toml`: what the relay serves and where it keeps its state.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sidecar::IpPrefix;
+
+/// How a prefix reaches the relay from its upstream router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefixMode {
+    /// The prefix is on the uplink's link: the router asks for each address with
+    /// Neighbor Solicitations (IPv6) or ARP (IPv4), and the relay answers them.
+    OnLink,
+    /// The router sends the whole prefix to the relay: no neighbor answers needed.
+    Routed,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Keys, certificate and the peer store live here.
+    pub data_dir: PathBuf,
+    pub wireguard: WireguardSection,
+    pub network: NetworkSection,
+    pub api: ApiSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireguardSection {
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+    /// `host:port` that agents send WireGuard to (what the API hands out).
+    pub endpoint: String,
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// Persistent keepalive the API tells agents to use (seconds); it keeps their NAT open.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Peers get /128s from here.
+    pub ipv6_prefix: IpPrefix,
+    pub ipv6_mode: PrefixMode,
+    /// Optional pool of IPv4 /32s for peers that ask and whose token allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_pool: Option<IpPrefix>,
+    #[serde(default = "default_ipv4_mode")]
+    pub ipv4_mode: PrefixMode,
+    /// The interface towards the upstream router; needed for on-link prefixes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
+    /// Addresses inside the prefix or pool that are never handed out (the router's,
+    /// the relay's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reserved: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_listen_port() -> u16 {
+    51820
+}
+fn default_interface() -> String {
+    "sidecar0".to_string()
+}
+fn default_mtu() -> u16 {
+    1420
+}
+fn default_keepalive() -> u16 {
+    25
+}
+fn default_ipv4_mode() -> PrefixMode {
+    PrefixMode::Routed
+}
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8443)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RelayConfig {
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: RelayConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: families, sizes, names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.network;
+        if n.ipv6_prefix.is_ipv4() {
+            return Err(ConfigError::Invalid(format!(
+                "network.ipv6_prefix {} is not an IPv6 prefix",
+                n.ipv6_prefix
+            )));
+        }
+        if n.ipv6_prefix.len() > 120 {
+            return Err(ConfigError::Invalid(format!(
+                "network.ipv6_prefix {} is too small: use a /120 or larger (a /64 is usual)",
+                n.ipv6_prefix
+            )));
+        }
+        if let Some(pool) = n.ipv4_pool {
+            if !pool.is_ipv4() {
+                return Err(ConfigError::Invalid(format!(
+                    "network.ipv4_pool {pool} is not an IPv4 prefix"
+                )));
+            }
+        }
+        let on_link = n.ipv6_mode == PrefixMode::OnLink
+            || (n.ipv4_pool.is_some() && n.ipv4_mode == PrefixMode::OnLink);
+        if on_link && n.uplink.is_none() {
+            return Err(ConfigError::Invalid(
+                "network.uplink is required for an on-link prefix (the relay answers neighbor solicitations there)".into(),
+            ));
+        }
+        sidecar::uapi::validate_interface_name(&self.wireguard.interface)
+            .map_err(|e| ConfigError::Invalid(format!("wireguard.interface: {e}")))?;
+        if !(1280..=9000).contains(&self.wireguard.mtu) {
+            return Err(ConfigError::Invalid(format!(
+                "wireguard.mtu {} is outside 1280..=9000 (IPv6 needs at least 1280)",
+                self.wireguard.mtu
+            )));
+        }
+        if self.wireguard.endpoint.rsplit_once(':').is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "wireguard.endpoint {:?} must be host:port",
+                self.wireguard.endpoint
+            )));
+        }
+        Ok(())
+    }
+
+    /// The file `init` writes: every setting with a comment saying what it does.
+    pub fn to_commented_toml(&self) -> String {
+        let n = &self.network;
+        let mode = |m: PrefixMode| match m {
+            PrefixMode::OnLink => "on-link",
+            PrefixMode::Routed => "routed",
+        };
+        let mut s = String::new();
+        s.push_str(
+            "# Sidecar relay configuration. `sidecar-relay run --config THIS_FILE` uses it.\n\n",
+        );
+        s.push_str("# Keys, TLS certificate and the peer store live here.\n");
+        s.push_str(&format!(
+            "data_dir = {:?}\n\n",
+            self.data_dir.display().to_string()
+        ));
+        s.push_str("[wireguard]\n");
+        s.push_str("# UDP port for WireGuard.\n");
+        s.push_str(&format!("listen_port = {}\n", self.wireguard.listen_port));
+        s.push_str("# host:port agents send WireGuard to: this relay's public address.\n");
+        s.push_str(&format!("endpoint = {:?}\n", self.wireguard.endpoint));
+        s.push_str("# The TUN interface the relay forwards through.\n");
+        s.push_str(&format!("interface = {:?}\n", self.wireguard.interface));
+        s.push_str("# Inner MTU handed to agents.\n");
+        s.push_str(&format!("mtu = {}\n", self.wireguard.mtu));
+        s.push_str("# Persistent keepalive (seconds) agents are told to use; keeps their NAT mapping open.\n");
+        s.push_str(&format!("keepalive = {}\n\n", self.wireguard.keepalive));
+        s.push_str("[network]\n");
+        s.push_str("# Each peer gets one /128 from this prefix.\n");
+        s.push_str(&format!("ipv6_prefix = \"{}\"\n", n.ipv6_prefix));
+        s.push_str(
+            "# on-link: the prefix is on the uplink's link and the relay answers the router's\n",
+        );
+        s.push_str(
+            "#          Neighbor Solicitations itself. routed: the router routes it to us.\n",
+        );
+        s.push_str(&format!("ipv6_mode = \"{}\"\n", mode(n.ipv6_mode)));
+        s.push_str("# Optional IPv4 /32s for peers that ask (and whose token allows it).\n");
+        match n.ipv4_pool {
+            Some(p) => s.push_str(&format!("ipv4_pool = \"{p}\"\n")),
+            None => s.push_str("# ipv4_pool = \"203.0.113.16/28\"\n"),
+        }
+        s.push_str("# on-link: the relay answers ARP for pool addresses. routed: the router routes the pool to us.\n");
+        s.push_str(&format!("ipv4_mode = \"{}\"\n", mode(n.ipv4_mode)));
+        s.push_str("# Interface towards the upstream router (needed for on-link prefixes).\n");
+        match &n.uplink {
+            Some(u) => s.push_str(&format!("uplink = {u:?}\n")),
+            None => s.push_str("# uplink = \"eth0\"\n"),
+        }
+        s.push_str("# Addresses never handed out (the router's, the relay's own).\n");
+        let reserved: Vec<String> = n.reserved.iter().map(|a| format!("\"{a}\"")).collect();
+        s.push_str(&format!("reserved = [{}]\n\n", reserved.join(", ")));
+        s.push_str("[api]\n");
+        s.push_str("# HTTPS control API (TLS 1.3 only).\n");
+        s.push_str(&format!("listen = \"{}\"\n", self.api.listen));
+        s
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+    pub fn wireguard_key_path(&self) -> PathBuf {
+        self.data_dir.join("wireguard.key")
+    }
+    pub fn tls_key_path(&self) -> PathBuf {
+        self.data_dir.join("tls.key")
+    }
+    pub fn tls_cert_path(&self) -> PathBuf {
+        self.data_dir.join("tls.crt")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> RelayConfig {
+        RelayConfig {
+            data_dir: "/var/lib/sidecar-relay".into(),
+            wireguard: WireguardSection {
+                listen_port: 51820,
+                endpoint: "relay.example.net:51820".into(),
+                interface: "sidecar0".into(),
+                mtu: 1420,
+                keepalive: 25,
+            },
+            network: NetworkSection {
+                ipv6_prefix: "2001:db8:1::/64".parse().unwrap(),
+                ipv6_mode: PrefixMode::OnLink,
+                ipv4_pool: Some("203.0.113.16/28".parse().unwrap()),
+                ipv4_mode: PrefixMode::Routed,
+                uplink: Some("eth0".into()),
+                reserved: vec!["2001:db8:1::1".parse().unwrap()],
+            },
+            api: ApiSection {
+                listen: "[::]:8443".parse().unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn commented_file_round_trips() {
+        let c = sample();
+        let text = c.to_commented_toml();
+        let back: RelayConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        back.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_settings() {
+        let mut c = sample();
+        c.network.uplink = None;
+        assert!(c.validate().unwrap_err().to_string().contains("uplink"));
+        let mut c = sample();
+        c.network.ipv6_prefix = "192.0.2.0/24".parse().unwrap();
+        assert!(c.validate().is_err());
+        let mut c = sample();
+        c.wireguard.mtu = 1000;
+        assert!(c.validate().is_err());
+        let text = sample()
+            .to_commented_toml()
+            .replace("[api]", "[api]\nbogus = 1");
+        assert!(toml::from_str::<RelayConfig>(&text).is_err());
+    }
+}
