@@ -1,1 +1,405 @@
-//! proto
+//! The relay's control API: request and response bodies shared by the relay
+//! (which serves them) and the agent (which calls them).
+//!
+//! Everything here is plain data with a fixed JSON shape; field names are part of
+//! the wire contract, so renaming a field is a breaking API change. Keys travel as
+//! base64 strings and addresses as `addr/len` strings so that the JSON reads the
+//! same as a WireGuard configuration file.
+//!
+//! Unknown fields are ignored on input, so an older relay accepts requests from a
+//! newer agent that sends extra optional fields.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Every API token starts with this, so that a leaked token is recognisable
+/// (secret scanners key on it) and a wrong kind of credential is rejected early.
+pub const TOKEN_PREFIX: &str = "sct_live_";
+
+/// Stable machine-readable error codes carried in [`ApiError::error`].
+/// Clients should branch on these, never on the message text.
+pub mod codes {
+    /// 401: missing, malformed, unknown or revoked bearer token.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// 403: the token is valid but lacks the admin scope.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// 403: registering would exceed the token's `max_peers` or `max_ipv4`.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    /// 404: no such route, peer or token.
+    pub const NOT_FOUND: &str = "not_found";
+    /// 405: the route exists but not with this method.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// 409: the request conflicts with existing state.
+    pub const CONFLICT: &str = "conflict";
+    /// 400: the body is not syntactically valid JSON, or the request is malformed.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// 422: the JSON is well formed but a field is missing, mistyped or invalid.
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// 400: the public key is not base64 of 32 bytes.
+    pub const INVALID_PUBKEY: &str = "invalid_pubkey";
+    /// 413: the request body exceeds the size limit.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// 415: the body is not `application/json`.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// 422: an IPv4 address was requested but this relay has no IPv4 pool.
+    pub const IPV4_UNAVAILABLE: &str = "ipv4_unavailable";
+    /// 503: the relay has no free address left in a pool.
+    pub const POOL_EXHAUSTED: &str = "pool_exhausted";
+    /// 503: the relay is shutting down and accepts no new peers.
+    pub const DRAINING: &str = "draining";
+    /// 500: an internal failure; details are in the relay's log only.
+    pub const INTERNAL: &str = "internal";
+}
+
+/// `POST /v1/peers`: register a WireGuard public key and get addresses for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegisterPeer {
+    /// The peer's WireGuard public key, base64 (32 bytes).
+    pub pubkey: String,
+    /// Also allocate a public IPv4 /32 (counts against `max_ipv4`).
+    #[serde(default)]
+    pub ipv4: bool,
+    /// Free-form label shown in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Container id this peer serves, for lookup after an agent restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// What a registration grants: everything the agent needs to configure its side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Allocation {
+    /// The registered public key, base64.
+    pub pubkey: String,
+    /// The peer's routable IPv6 address, `addr/128`.
+    pub ipv6: String,
+    /// The peer's public IPv4 address, `addr/32`, when one was requested.
+    pub ipv4: Option<String>,
+    /// The relay's WireGuard public key, base64.
+    pub relay_public_key: String,
+    /// Where to send WireGuard packets, `host:port`.
+    pub relay_endpoint: String,
+    /// Persistent keepalive the peer should use, seconds.
+    pub keepalive: u16,
+    /// Tunnel MTU the peer should use.
+    pub mtu: u16,
+    /// True when this request created the peer, false when it already existed.
+    pub created: bool,
+}
+
+/// One registered peer as listed by `GET /v1/peers`.
+///
+/// Carries the allocation fields (so an agent can rebuild its configuration from a
+/// listing alone) plus bookkeeping and live counters from the data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PeerView {
+    /// The peer's public key, base64.
+    pub pubkey: String,
+    /// `addr/128`.
+    pub ipv6: String,
+    /// `addr/32`, if the peer has a public IPv4 address.
+    pub ipv4: Option<String>,
+    /// The relay's WireGuard public key, base64.
+    pub relay_public_key: String,
+    /// `host:port`.
+    pub relay_endpoint: String,
+    /// Seconds.
+    pub keepalive: u16,
+    pub mtu: u16,
+    pub name: Option<String>,
+    pub container: Option<String>,
+    /// When the peer was registered, unix seconds.
+    pub created: u64,
+    /// Last completed WireGuard handshake, unix seconds.
+    pub last_handshake: Option<u64>,
+    /// Bytes received from the peer through the tunnel.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer through the tunnel.
+    pub tx_bytes: u64,
+}
+
+/// `GET /v1/peers` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PeerList {
+    pub peers: Vec<PeerView>,
+}
+
+/// `DELETE /v1/peers` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeletePeer {
+    /// The peer's public key, base64.
+    pub pubkey: String,
+}
+
+/// `POST /v1/admin/tokens` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateToken {
+    /// Human-readable label for the token's owner.
+    pub name: String,
+    /// Most peers this token may register at once.
+    pub max_peers: u32,
+    /// Most of those peers that may hold a public IPv4 address.
+    pub max_ipv4: u32,
+    /// Per-peer bandwidth cap in Mbit/s; none means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbps: Option<u32>,
+}
+
+/// `POST /v1/admin/tokens` response. The secret is shown only this once.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedToken {
+    /// Public identifier, used to revoke the token.
+    pub id: String,
+    /// The bearer secret, starting with `sct_live_`.
+    pub token: String,
+}
+
+/// Keeps the secret out of logs that print the response with `{:?}`.
+impl fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedToken")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `DELETE /v1/admin/tokens` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RevokeToken {
+    pub id: String,
+}
+
+/// `GET /v1/health` response (no authentication).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Health {
+    /// `ok`, or `draining` while the relay shuts down.
+    pub status: String,
+    /// The relay's version.
+    pub version: String,
+    /// Registered peers across all tokens.
+    pub peers: usize,
+    pub uptime_secs: u64,
+}
+
+/// A token's limits, as in `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Limits {
+    pub max_peers: u32,
+    pub max_ipv4: u32,
+    /// Per-peer cap in Mbit/s; none means unlimited.
+    pub bandwidth_mbps: Option<u32>,
+}
+
+/// What a token currently uses, as in `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Usage {
+    pub peers: u32,
+    pub ipv4: u32,
+}
+
+/// `GET /v1/status` response: the calling token's limits and usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Status {
+    pub token_id: String,
+    pub name: String,
+    pub limits: Limits,
+    pub usage: Usage,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApiError {
+    /// Stable snake_case code (see [`codes`]).
+    pub error: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.error)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn to_value<T: Serialize>(v: &T) -> Value {
+        serde_json::to_value(v).unwrap()
+    }
+
+    #[test]
+    fn register_peer_defaults_and_shape() {
+        let minimal: RegisterPeer = serde_json::from_str(r#"{"pubkey":"k"}"#).unwrap();
+        assert_eq!(
+            minimal,
+            RegisterPeer {
+                pubkey: "k".into(),
+                ipv4: false,
+                name: None,
+                container: None
+            }
+        );
+        let full = RegisterPeer {
+            pubkey: "k".into(),
+            ipv4: true,
+            name: Some("web".into()),
+            container: Some("c1".into()),
+        };
+        assert_eq!(
+            to_value(&full),
+            json!({"pubkey": "k", "ipv4": true, "name": "web", "container": "c1"})
+        );
+        // An agent newer than the relay may add fields; they must not be fatal.
+        let extra: RegisterPeer = serde_json::from_str(r#"{"pubkey":"k","future":1}"#).unwrap();
+        assert_eq!(extra.pubkey, "k");
+        assert!(serde_json::from_str::<RegisterPeer>(r#"{"ipv4":true}"#).is_err());
+    }
+
+    #[test]
+    fn allocation_shape() {
+        let a = Allocation {
+            pubkey: "k".into(),
+            ipv6: "2001:db8::1/128".into(),
+            ipv4: None,
+            relay_public_key: "r".into(),
+            relay_endpoint: "relay.example:51820".into(),
+            keepalive: 25,
+            mtu: 1420,
+            created: true,
+        };
+        assert_eq!(
+            to_value(&a),
+            json!({
+                "pubkey": "k", "ipv6": "2001:db8::1/128", "ipv4": null,
+                "relay_public_key": "r", "relay_endpoint": "relay.example:51820",
+                "keepalive": 25, "mtu": 1420, "created": true
+            })
+        );
+        let back: Allocation = serde_json::from_value(to_value(&a)).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn peer_list_shape() {
+        let list = PeerList {
+            peers: vec![PeerView {
+                pubkey: "k".into(),
+                ipv6: "2001:db8::1/128".into(),
+                ipv4: Some("192.0.2.1/32".into()),
+                relay_public_key: "r".into(),
+                relay_endpoint: "h:1".into(),
+                keepalive: 25,
+                mtu: 1420,
+                name: None,
+                container: Some("c".into()),
+                created: 1_700_000_000,
+                last_handshake: Some(1_700_000_100),
+                rx_bytes: 1,
+                tx_bytes: 2,
+            }],
+        };
+        assert_eq!(
+            to_value(&list),
+            json!({"peers": [{
+                "pubkey": "k", "ipv6": "2001:db8::1/128", "ipv4": "192.0.2.1/32",
+                "relay_public_key": "r", "relay_endpoint": "h:1", "keepalive": 25,
+                "mtu": 1420, "name": null, "container": "c", "created": 1_700_000_000u64,
+                "last_handshake": 1_700_000_100u64, "rx_bytes": 1, "tx_bytes": 2
+            }]})
+        );
+    }
+
+    #[test]
+    fn token_shapes() {
+        let create: CreateToken =
+            serde_json::from_str(r#"{"name":"n","max_peers":5,"max_ipv4":1}"#).unwrap();
+        assert_eq!(create.bandwidth_mbps, None);
+        assert_eq!(
+            to_value(&CreateToken {
+                bandwidth_mbps: Some(100),
+                ..create
+            }),
+            json!({"name": "n", "max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": 100})
+        );
+        let created = CreatedToken {
+            id: "i".into(),
+            token: format!("{TOKEN_PREFIX}secret"),
+        };
+        assert_eq!(
+            to_value(&created),
+            json!({"id": "i", "token": "sct_live_secret"})
+        );
+        assert!(!format!("{created:?}").contains("secret"));
+        assert_eq!(
+            to_value(&RevokeToken { id: "i".into() }),
+            json!({"id": "i"})
+        );
+        assert_eq!(
+            to_value(&DeletePeer { pubkey: "k".into() }),
+            json!({"pubkey": "k"})
+        );
+    }
+
+    #[test]
+    fn health_status_and_error_shapes() {
+        assert_eq!(
+            to_value(&Health {
+                status: "ok".into(),
+                version: "0.1.0".into(),
+                peers: 3,
+                uptime_secs: 9
+            }),
+            json!({"status": "ok", "version": "0.1.0", "peers": 3, "uptime_secs": 9})
+        );
+        assert_eq!(
+            to_value(&Status {
+                token_id: "i".into(),
+                name: "n".into(),
+                limits: Limits {
+                    max_peers: 5,
+                    max_ipv4: 1,
+                    bandwidth_mbps: None
+                },
+                usage: Usage { peers: 2, ipv4: 0 },
+            }),
+            json!({
+                "token_id": "i", "name": "n",
+                "limits": {"max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": null},
+                "usage": {"peers": 2, "ipv4": 0}
+            })
+        );
+        let err = ApiError {
+            error: codes::QUOTA_EXCEEDED.into(),
+            message: "max_peers quota of 5 reached".into(),
+        };
+        assert_eq!(
+            to_value(&err),
+            json!({"error": "quota_exceeded", "message": "max_peers quota of 5 reached"})
+        );
+        assert_eq!(
+            err.to_string(),
+            "max_peers quota of 5 reached (quota_exceeded)"
+        );
+    }
+}

@@ -1,1 +1,842 @@
-//! api
+//! The control API: agents register WireGuard peers here and get addresses back.
+//!
+//! HTTPS only (see [`crate::tls`]), bearer tokens from the store, JSON in and out.
+//! Every error, including axum's own rejections and unknown routes, leaves as
+//! `{"error": code, "message": text}` with a stable code from
+//! [`sidecar::proto::codes`]. The OpenAPI document at `/api/openapi.json` is
+//! generated from the handler annotations below, so it cannot drift from the code.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use axum_server::tls_rustls::RustlsConfig;
+use serde::de::DeserializeOwned;
+use sidecar::proto::{
+    codes, Allocation, ApiError, CreateToken, CreatedToken, DeletePeer, Health, Limits, PeerList,
+    PeerView, RegisterPeer, RevokeToken, Status, Usage, TOKEN_PREFIX,
+};
+use sidecar::Key;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord};
+
+/// Request bodies are a few hundred bytes; anything much larger is a mistake or abuse.
+pub const BODY_LIMIT: usize = 16 * 1024;
+/// How long in-flight requests get to finish once shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A connection must send its first request this soon after the TLS handshake,
+/// so idle connections cannot pile up.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
+
+/// The relay's forwarding side, as the API needs it. Implemented by the data
+/// plane; tests use a recording fake.
+///
+/// Calls are made only after the store has durably recorded the change, and are
+/// not retried: implementations must apply them (or queue them) infallibly.
+pub trait DataPlane: Send + Sync + 'static {
+    /// Start forwarding for a peer, or refresh it: called on every successful
+    /// registration, including idempotent re-registrations, because those can
+    /// change the peer's addresses (IPv4 gained, or re-addressed after an address
+    /// plan change). Must be an upsert that keeps a live session.
+    fn add_peer(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>);
+    /// Stop forwarding for a peer (deleted, or its token revoked).
+    fn remove_peer(&self, key: &Key);
+    /// Live counters for a peer: (last handshake in unix seconds, rx bytes, tx
+    /// bytes). `None` if the data plane does not know the key; the API then shows
+    /// the values last persisted in the store.
+    fn peer_stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)>;
+}
+
+/// What every allocation tells the agent about this relay.
+#[derive(Debug, Clone)]
+pub struct RelayInfo {
+    pub public_key: Key,
+    /// `host:port` the agent sends WireGuard packets to.
+    pub endpoint: String,
+    pub keepalive: u16,
+    pub mtu: u16,
+    pub version: &'static str,
+}
+
+/// Shared by all handlers.
+pub struct ApiState {
+    store: Store,
+    dataplane: Arc<dyn DataPlane>,
+    info: RelayInfo,
+    started: Instant,
+    draining: AtomicBool,
+}
+
+impl ApiState {
+    pub fn new(store: Store, dataplane: Arc<dyn DataPlane>, info: RelayInfo) -> ApiState {
+        ApiState {
+            store,
+            dataplane,
+            info,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on, refuse new registrations (503 `draining`) and report
+    /// `draining` on `/v1/health`, so load balancers and agents move elsewhere
+    /// while existing peers keep working.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn info(&self) -> &RelayInfo {
+        &self.info
+    }
+}
+
+/// An error response: an HTTP status plus the JSON body clients see.
+#[derive(Debug, thiserror::Error)]
+#[error("{status} {code}: {message}")]
+pub struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, message)
+    }
+
+    fn invalid_pubkey(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, codes::INVALID_PUBKEY, message)
+    }
+
+    /// The client learns nothing about the cause; the log gets the details.
+    fn internal() -> Failure {
+        Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            "internal error; see the relay's log",
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            error: self.code.to_owned(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Failure {
+        match err {
+            StoreError::Quota { limit, max } => Failure::new(
+                StatusCode::FORBIDDEN,
+                codes::QUOTA_EXCEEDED,
+                format!("quota exceeded: this token's {limit} limit is {max}"),
+            ),
+            StoreError::Ipv4Unavailable => Failure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::IPV4_UNAVAILABLE,
+                err.to_string(),
+            ),
+            StoreError::PoolExhausted { family } => Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::POOL_EXHAUSTED,
+                format!("this relay has no free {family} address left"),
+            ),
+            StoreError::Conflict => {
+                Failure::new(StatusCode::CONFLICT, codes::CONFLICT, err.to_string())
+            }
+            StoreError::NotFound => {
+                Failure::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, err.to_string())
+            }
+            // Revoked between authentication and the store call.
+            StoreError::UnknownToken => Failure::unauthorized("unknown or revoked token"),
+            StoreError::Invalid(message) => Failure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::INVALID_REQUEST,
+                message,
+            ),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                Failure::internal()
+            }
+        }
+    }
+}
+
+/// `Json<T>` whose rejections use the API's error shape and codes.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> Failure {
+    let status = rejection.status();
+    let code = match &rejection {
+        JsonRejection::JsonDataError(_) => codes::INVALID_REQUEST,
+        JsonRejection::JsonSyntaxError(_) => codes::BAD_REQUEST,
+        JsonRejection::MissingJsonContentType(_) => codes::UNSUPPORTED_MEDIA_TYPE,
+        // Body read failures: the length limit (413) or a broken connection.
+        _ => code_for_status(status),
+    };
+    Failure::new(status, code, rejection.body_text())
+}
+
+/// Codes for errors that did not come from our own handlers (axum rejections,
+/// routing), keyed by their status.
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => codes::UNAUTHORIZED,
+        StatusCode::FORBIDDEN => codes::FORBIDDEN,
+        StatusCode::NOT_FOUND => codes::NOT_FOUND,
+        StatusCode::METHOD_NOT_ALLOWED => codes::METHOD_NOT_ALLOWED,
+        StatusCode::CONFLICT => codes::CONFLICT,
+        StatusCode::PAYLOAD_TOO_LARGE => codes::PAYLOAD_TOO_LARGE,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => codes::UNSUPPORTED_MEDIA_TYPE,
+        StatusCode::UNPROCESSABLE_ENTITY => codes::INVALID_REQUEST,
+        s if s.is_server_error() => codes::INTERNAL,
+        _ => codes::BAD_REQUEST,
+    }
+}
+
+/// Where the auth extractor leaves the token id for the request log, which
+/// otherwise never sees who the caller was.
+#[derive(Clone, Default)]
+struct TokenSlot(Arc<OnceLock<String>>);
+
+/// The authenticated caller's token.
+pub struct Caller(pub TokenRecord);
+
+impl FromRequestParts<Arc<ApiState>> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Failure> {
+        let secret = bearer_secret(&parts.headers)?;
+        let token = state
+            .store
+            .authenticate(secret)?
+            .ok_or_else(|| Failure::unauthorized("unknown or revoked token"))?;
+        if let Some(slot) = parts.extensions.get::<TokenSlot>() {
+            let _ = slot.0.set(token.id.clone());
+        }
+        Ok(Caller(token))
+    }
+}
+
+fn bearer_secret(headers: &HeaderMap) -> Result<&str, Failure> {
+    let value = headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| Failure::unauthorized("missing bearer token"))?
+        .to_str()
+        .map_err(|_| Failure::unauthorized("the authorization header is not valid text"))?;
+    let (scheme, secret) = value.split_once(' ').ok_or_else(|| {
+        Failure::unauthorized("the authorization header must be 'Bearer <token>'")
+    })?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Failure::unauthorized(
+            "the authorization header must be 'Bearer <token>'",
+        ));
+    }
+    let secret = secret.trim();
+    if !secret.starts_with(TOKEN_PREFIX) {
+        return Err(Failure::unauthorized(format!(
+            "token must start with {TOKEN_PREFIX}"
+        )));
+    }
+    Ok(secret)
+}
+
+/// The caller's token, which must have the admin scope.
+pub struct Admin(pub TokenRecord);
+
+impl FromRequestParts<Arc<ApiState>> for Admin {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Failure> {
+        let Caller(token) = Caller::from_request_parts(parts, state).await?;
+        if !token.admin {
+            return Err(Failure::new(
+                StatusCode::FORBIDDEN,
+                codes::FORBIDDEN,
+                "this route needs an admin token",
+            ));
+        }
+        Ok(Admin(token))
+    }
+}
+
+fn parse_pubkey(text: &str, info: &RelayInfo) -> Result<Key, Failure> {
+    let key = Key::from_base64(text)
+        .map_err(|e| Failure::invalid_pubkey(format!("pubkey must be base64 of 32 bytes: {e}")))?;
+    if key.is_zero() {
+        return Err(Failure::invalid_pubkey("pubkey must not be all zeros"));
+    }
+    if key == info.public_key {
+        return Err(Failure::invalid_pubkey("pubkey is the relay's own key"));
+    }
+    Ok(key)
+}
+
+fn allocation(peer: &PeerRecord, info: &RelayInfo, created: bool) -> Allocation {
+    Allocation {
+        pubkey: peer.public_key.to_base64(),
+        ipv6: format!("{}/128", peer.ipv6),
+        ipv4: peer.ipv4.map(|a| format!("{a}/32")),
+        relay_public_key: info.public_key.to_base64(),
+        relay_endpoint: info.endpoint.clone(),
+        keepalive: info.keepalive,
+        mtu: info.mtu,
+        created,
+    }
+}
+
+/// The stored view, with the data plane's live counters when it has them (the
+/// store only holds what was last persisted).
+fn peer_view(peer: &PeerRecord, state: &ApiState) -> PeerView {
+    let (last_handshake, rx_bytes, tx_bytes) = state
+        .dataplane
+        .peer_stats(&peer.public_key)
+        .unwrap_or((peer.last_handshake, peer.rx_bytes, peer.tx_bytes));
+    let Allocation {
+        pubkey,
+        ipv6,
+        ipv4,
+        relay_public_key,
+        relay_endpoint,
+        keepalive,
+        mtu,
+        ..
+    } = allocation(peer, &state.info, false);
+    PeerView {
+        pubkey,
+        ipv6,
+        ipv4,
+        relay_public_key,
+        relay_endpoint,
+        keepalive,
+        mtu,
+        name: peer.name.clone(),
+        container: peer.container.clone(),
+        created: peer.created,
+        last_handshake,
+        rx_bytes,
+        tx_bytes,
+    }
+}
+
+/// Runs a store change and its data-plane follow-up on its own task. A client
+/// that disconnects makes hyper drop the handler future; without this, a peer
+/// could be committed to the store but never reach the data plane.
+async fn detached<T, F>(work: F) -> Result<T, Failure>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, Failure>> + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(err) => {
+            tracing::error!(error = %err, "API task failed");
+            Err(Failure::internal())
+        }
+    }
+}
+
+#[utoipa::path(
+    get, path = "/v1/health", tag = "relay",
+    summary = "Liveness and drain state (no authentication)",
+    security(()),
+    responses((status = 200, description = "The relay is up", body = Health)),
+)]
+async fn health(State(state): State<Arc<ApiState>>) -> Json<Health> {
+    let status = if state.is_draining() {
+        "draining"
+    } else {
+        "ok"
+    };
+    Json(Health {
+        status: status.to_owned(),
+        version: state.info.version.to_owned(),
+        peers: state.store.peer_count(),
+        uptime_secs: state.started.elapsed().as_secs(),
+    })
+}
+
+#[utoipa::path(
+    get, path = "/v1/status", tag = "relay",
+    summary = "The calling token's limits and usage",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Limits and usage", body = Status),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+    ),
+)]
+async fn status(
+    State(state): State<Arc<ApiState>>,
+    Caller(token): Caller,
+) -> Result<Json<Status>, Failure> {
+    let usage = state.store.usage(&token.id).map_err(|e| match e {
+        // Revoked since authentication.
+        StoreError::NotFound => Failure::unauthorized("unknown or revoked token"),
+        other => other.into(),
+    })?;
+    Ok(Json(Status {
+        token_id: token.id,
+        name: token.name,
+        limits: Limits {
+            max_peers: token.max_peers,
+            max_ipv4: token.max_ipv4,
+            bandwidth_mbps: token.bandwidth_mbps,
+        },
+        usage: Usage {
+            peers: usage.peers,
+            ipv4: usage.ipv4,
+        },
+    }))
+}
+
+#[utoipa::path(
+    post, path = "/v1/peers", tag = "peers",
+    summary = "Register a WireGuard public key (idempotent)",
+    security(("bearer" = [])),
+    request_body = RegisterPeer,
+    responses(
+        (status = 201, description = "Registered; addresses allocated", body = Allocation),
+        (status = 200, description = "Already registered; the existing allocation", body = Allocation),
+        (status = 400, description = "Malformed JSON or public key", body = ApiError),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "quota_exceeded: max_peers or max_ipv4 reached", body = ApiError),
+        (status = 409, description = "The key or container belongs to another registration", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field, or no IPv4 on this relay", body = ApiError),
+        (status = 503, description = "draining, or an address pool is exhausted", body = ApiError),
+    ),
+)]
+async fn register_peer(
+    State(state): State<Arc<ApiState>>,
+    Caller(token): Caller,
+    ApiJson(req): ApiJson<RegisterPeer>,
+) -> Result<(StatusCode, Json<Allocation>), Failure> {
+    if state.is_draining() {
+        return Err(Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::DRAINING,
+            "this relay is shutting down and accepts no new peers",
+        ));
+    }
+    let registration = Registration {
+        public_key: parse_pubkey(&req.pubkey, &state.info)?,
+        ipv4: req.ipv4,
+        name: req.name,
+        container: req.container,
+    };
+    let task_state = state.clone();
+    let (peer, created) = detached(async move {
+        let (peer, created) = task_state.store.register(&token, registration).await?;
+        task_state.dataplane.add_peer(&peer, token.bandwidth_mbps);
+        Ok((peer, created))
+    })
+    .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(allocation(&peer, &state.info, created))))
+}
+
+#[utoipa::path(
+    get, path = "/v1/peers", tag = "peers",
+    summary = "This token's peers (an admin token sees every peer)",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Peers with live counters", body = PeerList),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+    ),
+)]
+async fn list_peers(
+    State(state): State<Arc<ApiState>>,
+    Caller(token): Caller,
+) -> Result<Json<PeerList>, Failure> {
+    let scope = (!token.admin).then_some(token.id.as_str());
+    let peers = state.store.peers(scope)?;
+    Ok(Json(PeerList {
+        peers: peers.iter().map(|p| peer_view(p, &state)).collect(),
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/v1/peers/by-container/{id}", tag = "peers",
+    summary = "This token's peer registered for a container",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "Container id given at registration")),
+    responses(
+        (status = 200, description = "The peer", body = PeerView),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 404, description = "No peer for this container and token", body = ApiError),
+    ),
+)]
+async fn peer_by_container(
+    State(state): State<Arc<ApiState>>,
+    Caller(token): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<PeerView>, Failure> {
+    match state.store.peer_by_container(&token.id, &id)? {
+        Some(peer) => Ok(Json(peer_view(&peer, &state))),
+        None => Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            "no peer is registered for this container",
+        )),
+    }
+}
+
+#[utoipa::path(
+    delete, path = "/v1/peers", tag = "peers",
+    summary = "Remove one of this token's peers and free its addresses",
+    security(("bearer" = [])),
+    request_body = DeletePeer,
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, description = "Malformed JSON or public key", body = ApiError),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 404, description = "This token has no such peer", body = ApiError),
+    ),
+)]
+async fn delete_peer(
+    State(state): State<Arc<ApiState>>,
+    Caller(token): Caller,
+    ApiJson(req): ApiJson<DeletePeer>,
+) -> Result<StatusCode, Failure> {
+    let key = parse_pubkey(&req.pubkey, &state.info)?;
+    let task_state = state.clone();
+    let removed = detached(async move {
+        let removed = task_state.store.delete_peer(&token.id, &key).await?;
+        if let Some(peer) = &removed {
+            task_state.dataplane.remove_peer(&peer.public_key);
+        }
+        Ok(removed)
+    })
+    .await?;
+    match removed {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
+        None => Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            "this token has no peer with that public key",
+        )),
+    }
+}
+
+#[utoipa::path(
+    post, path = "/v1/admin/tokens", tag = "admin",
+    summary = "Create an API token (the secret is returned only once)",
+    security(("bearer" = [])),
+    request_body = CreateToken,
+    responses(
+        (status = 201, description = "Created", body = CreatedToken),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 422, description = "Missing or invalid field", body = ApiError),
+    ),
+)]
+async fn create_token(
+    State(state): State<Arc<ApiState>>,
+    Admin(_admin): Admin,
+    ApiJson(req): ApiJson<CreateToken>,
+) -> Result<(StatusCode, Json<CreatedToken>), Failure> {
+    let (record, token) = detached(async move {
+        let created = state
+            .store
+            .create_token(
+                &req.name,
+                req.max_peers,
+                req.max_ipv4,
+                req.bandwidth_mbps,
+                false,
+            )
+            .await?;
+        Ok(created)
+    })
+    .await?;
+    tracing::info!(token_id = %record.id, name = %record.name, "token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id: record.id,
+            token,
+        }),
+    ))
+}
+
+#[utoipa::path(
+    delete, path = "/v1/admin/tokens", tag = "admin",
+    summary = "Revoke a token and remove all of its peers at once",
+    security(("bearer" = [])),
+    request_body = RevokeToken,
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 404, description = "No such token", body = ApiError),
+        (status = 409, description = "A token cannot revoke itself", body = ApiError),
+    ),
+)]
+async fn revoke_token(
+    State(state): State<Arc<ApiState>>,
+    Admin(admin): Admin,
+    ApiJson(req): ApiJson<RevokeToken>,
+) -> Result<StatusCode, Failure> {
+    // Admin tokens cannot be created over the API, so revoking the last one
+    // would lock every operator out until someone edits the store by hand.
+    if req.id == admin.id {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            codes::CONFLICT,
+            "a token cannot revoke itself",
+        ));
+    }
+    let id = req.id.clone();
+    let removed = detached(async move {
+        let removed = state.store.revoke_token(&id).await.map_err(|e| match e {
+            StoreError::NotFound => Failure::new(
+                StatusCode::NOT_FOUND,
+                codes::NOT_FOUND,
+                "no token with this id",
+            ),
+            other => other.into(),
+        })?;
+        for peer in &removed {
+            state.dataplane.remove_peer(&peer.public_key);
+        }
+        Ok(removed.len())
+    })
+    .await?;
+    tracing::info!(token_id = %req.id, peers_removed = removed, "token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The serialized OpenAPI document, built once with the router.
+#[derive(Clone)]
+struct OpenApiJson(Bytes);
+
+#[utoipa::path(
+    get, path = "/api/openapi.json", tag = "relay",
+    summary = "This document",
+    security(()),
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")),
+)]
+async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/json")], doc.0)
+}
+
+async fn not_found(uri: Uri) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        codes::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sidecar relay control API",
+        description = "Register WireGuard peers and get a routable IPv6 /128 (and optionally an IPv4 /32) for each. \
+                       Every error is `{\"error\": code, \"message\": text}`."
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "relay", description = "Relay state"),
+        (name = "peers", description = "WireGuard peers and their addresses"),
+        (name = "admin", description = "Token management (admin tokens only)"),
+    ),
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(format!("An API token starting with {TOKEN_PREFIX}")))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document for the routes [`router`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(status))
+        .routes(routes!(register_peer, list_peers, delete_peer))
+        .routes(routes!(peer_by_container))
+        .routes(routes!(create_token, revoke_token))
+        .routes(routes!(openapi_json))
+}
+
+/// The control API with all its middleware, ready for [`serve`].
+pub fn router(state: Arc<ApiState>) -> Router {
+    let (router, doc) = api_routes().split_for_parts();
+    // Serializing our own static document cannot fail; if it ever did, the
+    // relay must not start with a broken API description.
+    let doc = serde_json::to_vec(&doc).expect("the OpenAPI document serializes");
+    router
+        .fallback(not_found)
+        .layer(Extension(OpenApiJson(Bytes::from(doc))))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(outcome))
+        .with_state(state)
+}
+
+/// Outermost layer: gives every error the JSON shape and the bearer challenge,
+/// and logs one line per request (never the token secret, only its id).
+async fn outcome(mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let slot = TokenSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let started = Instant::now();
+
+    let mut response = json_errors(next.run(req).await).await;
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_CHALLENGE));
+    }
+
+    let token_id = slot.0.get().map_or("-", String::as_str);
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status.is_server_error() {
+        tracing::warn!(%method, %path, status = status.as_u16(), %token_id, elapsed_ms, "api request");
+    } else {
+        tracing::info!(%method, %path, status = status.as_u16(), %token_id, elapsed_ms, "api request");
+    }
+    response
+}
+
+/// Rewrites error responses that are not JSON yet (axum's plain-text
+/// rejections, the empty 405) into the API's error shape, keeping their status
+/// and headers such as `Allow`.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Rejection texts are one line; the cap only guards against surprises.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    parts.headers.remove(CONTENT_TYPE);
+    parts.headers.remove(CONTENT_LENGTH);
+    let body = ApiError {
+        error: code_for_status(status).to_owned(),
+        message,
+    };
+    (parts, Json(body)).into_response()
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves, then lets
+/// in-flight requests finish for up to [`SHUTDOWN_GRACE`] before closing.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let server = axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(tls))?
+        .handle(handle.clone())
+        .first_request_timeout(FIRST_REQUEST_TIMEOUT)
+        // Failed handshakes are routine on a public port (scanners); keep them
+        // out of the default log level.
+        .accept_error_handler(|addr, err| {
+            tracing::debug!(peer = ?addr, error = %err, "TLS accept failed");
+        });
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    });
+    let result = server.serve(router.into_make_service()).await;
+    watcher.abort();
+    result
+}

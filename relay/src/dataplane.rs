@@ -1,1 +1,217 @@
-//! dataplane
+//! The relay's data plane: the engine on the WireGuard port, one TUN device towards
+//! the kernel, a route per peer address into it, and kernel forwarding between the
+//! TUN device and the uplink.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Context, Result};
+use parking_lot::RwLock;
+use sidecar::tun::TunDevice;
+use sidecar::tunnel::Tunnel;
+use sidecar::udp::UdpTransport;
+use sidecar::wg::{Device, DeviceControl, DeviceUpdate, PeerUpdate};
+use sidecar::{route, IpPrefix, Key};
+
+use crate::config::RelayConfig;
+use crate::store::PeerRecord;
+
+/// The addresses currently handed out, for the neighbor responder.
+#[derive(Default)]
+pub struct OwnedAddresses {
+    v6: RwLock<HashSet<Ipv6Addr>>,
+    v4: RwLock<HashSet<Ipv4Addr>>,
+}
+
+impl OwnedAddresses {
+    pub fn owns_v6(&self, a: Ipv6Addr) -> bool {
+        self.v6.read().contains(&a)
+    }
+    pub fn owns_v4(&self, a: Ipv4Addr) -> bool {
+        self.v4.read().contains(&a)
+    }
+    fn insert(&self, a: IpAddr) {
+        match a {
+            IpAddr::V6(a) => self.v6.write().insert(a),
+            IpAddr::V4(a) => self.v4.write().insert(a),
+        };
+    }
+    fn remove(&self, a: IpAddr) {
+        match a {
+            IpAddr::V6(a) => self.v6.write().remove(&a),
+            IpAddr::V4(a) => self.v4.write().remove(&a),
+        };
+    }
+}
+
+pub struct RelayDataPlane {
+    tunnel: Tunnel,
+    ifindex: u32,
+    owned: Arc<OwnedAddresses>,
+}
+
+impl RelayDataPlane {
+    /// Turns on forwarding, binds the WireGuard port and creates the TUN device.
+    /// Must run inside a tokio runtime.
+    pub fn start(config: &RelayConfig, private_key: Key) -> Result<RelayDataPlane> {
+        enable_forwarding(config.network.uplink.as_deref())?;
+        let socket = UdpTransport::bind(config.wireguard.listen_port).with_context(|| {
+            format!(
+                "cannot listen on WireGuard UDP port {}",
+                config.wireguard.listen_port
+            )
+        })?;
+        let name = &config.wireguard.interface;
+        let tun = TunDevice::create(name, config.wireguard.mtu).with_context(|| {
+            format!(
+                "cannot create TUN interface {name} (needs root or CAP_NET_ADMIN and /dev/net/tun)"
+            )
+        })?;
+        let ifindex = tun
+            .if_index()
+            .context("cannot read the TUN interface index")?;
+        let device = Arc::new(Device::with_private_key(private_key));
+        let tunnel = Tunnel::start(device, tun, socket);
+        Ok(RelayDataPlane {
+            tunnel,
+            ifindex,
+            owned: Arc::new(OwnedAddresses::default()),
+        })
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        self.tunnel.device()
+    }
+
+    pub fn control(&self) -> Arc<dyn DeviceControl> {
+        self.tunnel.control()
+    }
+
+    pub fn owned(&self) -> Arc<OwnedAddresses> {
+        self.owned.clone()
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.tunnel.listen_port()
+    }
+
+    /// Puts a registered peer on the data plane (or refreshes it), keeping any live
+    /// session and learned endpoint.
+    pub fn add(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>) {
+        let addrs = peer_prefixes(peer);
+        let before = self.prefixes_of(&peer.public_key);
+        let mut update = PeerUpdate::new(peer.public_key);
+        update.replace_allowed_ips = true;
+        update.allowed_ips = addrs.clone();
+        if let Err(e) = self.device().apply(&DeviceUpdate {
+            peers: vec![update],
+            ..Default::default()
+        }) {
+            tracing::error!(peer = %peer.public_key, error = %e, "cannot add peer to the data plane");
+            return;
+        }
+        self.device()
+            .set_peer_rate(&peer.public_key, bandwidth_mbps.filter(|m| *m > 0));
+        for &prefix in &addrs {
+            match route::add_route(prefix, self.ifindex, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    tracing::error!(%prefix, error = %e, "cannot route peer address to the TUN device")
+                }
+            }
+            self.owned.insert(prefix.addr());
+        }
+        // A re-registration can re-address a peer: retire what it no longer has.
+        for stale in before.into_iter().filter(|p| !addrs.contains(p)) {
+            self.unroute(stale);
+        }
+        tracing::info!(peer = %peer.public_key, ipv6 = %peer.ipv6, ipv4 = ?peer.ipv4, bandwidth_mbps = ?bandwidth_mbps, "peer on the data plane");
+    }
+
+    /// Takes a peer off the data plane: no more traffic, routes and neighbor answers gone.
+    pub fn remove(&self, key: &Key) {
+        let prefixes = self.prefixes_of(key);
+        self.device().remove_peer(key);
+        for prefix in prefixes {
+            self.unroute(prefix);
+        }
+        tracing::info!(peer = %key, "peer off the data plane");
+    }
+
+    fn prefixes_of(&self, key: &Key) -> Vec<IpPrefix> {
+        self.device()
+            .peer_info(key)
+            .map(|p| p.config.allowed_ips)
+            .unwrap_or_default()
+    }
+
+    fn unroute(&self, prefix: IpPrefix) {
+        self.owned.remove(prefix.addr());
+        if let Err(e) = route::delete_route(prefix, self.ifindex) {
+            tracing::debug!(%prefix, error = %e, "route already gone");
+        }
+    }
+
+    /// (last handshake as unix seconds, rx bytes, tx bytes)
+    pub fn stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)> {
+        let peer = self.device().peer(key)?;
+        let handshake = peer
+            .last_handshake()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        Some((handshake, peer.rx_bytes(), peer.tx_bytes()))
+    }
+}
+
+fn peer_prefixes(peer: &PeerRecord) -> Vec<IpPrefix> {
+    let mut v = vec![IpPrefix::host(IpAddr::V6(peer.ipv6))];
+    if let Some(v4) = peer.ipv4 {
+        v.push(IpPrefix::host(IpAddr::V4(v4)));
+    }
+    v
+}
+
+/// Forwarding in this network namespace only. With IPv6 forwarding on, the kernel
+/// stops accepting router advertisements unless `accept_ra` is 2, which would drop
+/// a SLAAC-configured uplink's default route: keep it.
+fn enable_forwarding(uplink: Option<&str>) -> Result<()> {
+    if let Some(uplink) = uplink {
+        let ra = format!("/proc/sys/net/ipv6/conf/{uplink}/accept_ra");
+        if std::path::Path::new(&ra).exists() {
+            std::fs::write(&ra, "2").with_context(|| format!("cannot write {ra}"))?;
+        } else {
+            anyhow::bail!("uplink interface {uplink} does not exist");
+        }
+    }
+    for path in [
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+        "/proc/sys/net/ipv4/ip_forward",
+    ] {
+        std::fs::write(path, "1").with_context(|| format!("cannot enable forwarding ({path})"))?;
+    }
+    Ok(())
+}
+
+impl crate::api::DataPlane for RelayDataPlane {
+    fn add_peer(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>) {
+        self.add(peer, bandwidth_mbps);
+    }
+    fn remove_peer(&self, key: &Key) {
+        self.remove(key);
+    }
+    fn peer_stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)> {
+        self.stats(key)
+    }
+}
+
+impl crate::neighbor::OwnedAddresses for OwnedAddresses {
+    fn owns_v6(&self, a: Ipv6Addr) -> bool {
+        OwnedAddresses::owns_v6(self, a)
+    }
+    fn owns_v4(&self, a: Ipv4Addr) -> bool {
+        OwnedAddresses::owns_v4(self, a)
+    }
+}

@@ -1,12 +1,559 @@
-use clap::Parser;
+//! `sidecar-relay`: hands out public addresses to WireGuard peers and forwards them.
 
-/// Sidecar relay: gives each registered WireGuard peer its own routable IPv6 /128
-/// (and optionally an IPv4 /32), forwards and shapes its traffic.
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sidecar::{IpPrefix, Key};
+use sidecar_relay::api::{self, ApiState, RelayInfo};
+use sidecar_relay::config::{
+    ApiSection, NetworkSection, PrefixMode, RelayConfig, WireguardSection,
+};
+use sidecar_relay::dataplane::RelayDataPlane;
+use sidecar_relay::neighbor::NeighborResponder;
+use sidecar_relay::store::{AddressPlan, Store};
+use sidecar_relay::tls::Identity;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+/// Where `run` without `--config` keeps its state.
+const DEFAULT_DATA_DIR: &str = "/var/lib/sidecar-relay";
+
+/// How often live peer counters are written back to the store.
+const USAGE_SYNC: Duration = Duration::from_secs(30);
+
 #[derive(Parser, Debug)]
-#[command(name = "sidecar-relay", version, about, long_about = None)]
-struct Cli {}
+#[command(
+    name = "sidecar-relay",
+    version,
+    about = "Gives each registered WireGuard peer its own routable IPv6 /128 (and optionally an IPv4 /32)",
+    long_about = "Gives each registered WireGuard peer its own routable IPv6 /128 (and optionally \
+        an IPv4 /32), forwards and shapes its traffic, and serves the HTTPS control API agents \
+        register through.\n\nStart with `sidecar-relay run` (embedded defaults: a data directory, \
+        generated keys and certificate, a random ULA /64) or `sidecar-relay init` to write a \
+        configuration for a real prefix.\n\nLogging follows RUST_LOG (default: info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write relay.toml, the WireGuard key, a TLS key and self-signed certificate into
+    /// a new directory, and print the admin token (once) and the certificate pin.
+    Init(InitArgs),
+    /// Run the relay. Without --config: embedded defaults in the data directory
+    /// (created and remembered on first start).
+    Run {
+        /// relay.toml written by `init`.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory for the embedded defaults (ignored with --config).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Directory for relay.toml, keys, certificate and the peer store.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// IPv6 prefix peers get /128s from (an on-link /64 or a routed prefix).
+    #[arg(long, value_name = "PREFIX")]
+    ipv6_prefix: IpPrefix,
+    /// on-link: the relay answers the router's Neighbor Solicitations on --uplink.
+    /// routed: the router routes the prefix to the relay.
+    #[arg(long, value_enum, default_value = "on-link")]
+    ipv6_mode: Mode,
+    /// Optional IPv4 pool for /32s.
+    #[arg(long, value_name = "PREFIX")]
+    ipv4_pool: Option<IpPrefix>,
+    #[arg(long, value_enum, default_value = "routed")]
+    ipv4_mode: Mode,
+    /// Interface towards the upstream router (required for on-link prefixes).
+    #[arg(long, value_name = "IFACE")]
+    uplink: Option<String>,
+    /// Public host:port agents send WireGuard to; the host also names the TLS certificate.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: String,
+    /// Address for the HTTPS control API.
+    #[arg(long, value_name = "ADDR", default_value = "[::]:8443")]
+    api_listen: SocketAddr,
+    /// WireGuard UDP port (defaults to the endpoint's port).
+    #[arg(long)]
+    listen_port: Option<u16>,
+    /// Addresses inside the prefix or pool never handed out (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    reserve: Vec<IpAddr>,
+    /// Name of the relay's TUN interface (also names its `wg show` socket).
+    #[arg(long, value_name = "NAME", default_value = "sidecar0")]
+    interface: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Mode {
+    OnLink,
+    Routed,
+}
+
+impl From<Mode> for PrefixMode {
+    fn from(m: Mode) -> PrefixMode {
+        match m {
+            Mode::OnLink => PrefixMode::OnLink,
+            Mode::Routed => PrefixMode::Routed,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,boringtun=warn,sled=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Init(args) => init(args).await,
+            Command::Run { config, data_dir } => run(config.as_deref(), &data_dir).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn init(args: InitArgs) -> Result<()> {
+    let port = match args.listen_port {
+        Some(p) => p,
+        None => endpoint_port(&args.endpoint)?,
+    };
+    let config = RelayConfig {
+        data_dir: std::path::absolute(&args.dir)
+            .with_context(|| format!("cannot resolve {}", args.dir.display()))?,
+        wireguard: WireguardSection {
+            listen_port: port,
+            endpoint: args.endpoint.clone(),
+            interface: args.interface,
+            mtu: 1420,
+            keepalive: 25,
+        },
+        network: NetworkSection {
+            ipv6_prefix: args.ipv6_prefix.network(),
+            ipv6_mode: args.ipv6_mode.into(),
+            ipv4_pool: args.ipv4_pool.map(|p| p.network()),
+            ipv4_mode: args.ipv4_mode.into(),
+            uplink: args.uplink,
+            reserved: args.reserve,
+        },
+        api: ApiSection {
+            listen: args.api_listen,
+        },
+    };
+    config.validate()?;
+    let path = args.dir.join("relay.toml");
+    if path.exists() {
+        bail!(
+            "{} exists already: init writes a new relay; run it with `sidecar-relay run --config {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let setup = prepare(&config).await?;
+    std::fs::write(&path, config.to_commented_toml())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("wrote {}", path.display());
+    print_credentials(&config, &setup, true);
+    println!(
+        "start it with: sidecar-relay run --config {}",
+        path.display()
+    );
     Ok(())
+}
+
+/// Keys, certificate and store for a configuration; creates what is missing.
+struct Setup {
+    private_key: Key,
+    identity: Identity,
+    store: Store,
+    /// Set when the store had no admin token and this start made one.
+    new_tokens: Option<NewTokens>,
+}
+
+struct NewTokens {
+    admin: String,
+    agent: String,
+}
+
+async fn prepare(config: &RelayConfig) -> Result<Setup> {
+    create_private_dir(&config.data_dir)?;
+    let private_key = load_or_create_key(&config.wireguard_key_path())?;
+    let host = endpoint_host(&config.wireguard.endpoint);
+    let (identity, fresh_cert) = Identity::load_or_generate(
+        &config.tls_cert_path(),
+        &config.tls_key_path(),
+        &[host.to_string()],
+    )
+    .context("TLS certificate")?;
+    if fresh_cert {
+        tracing::info!(path = %config.tls_cert_path().display(), "generated a self-signed TLS certificate");
+    }
+    let store = Store::open(&config.store_dir(), plan(config)).with_context(|| {
+        format!(
+            "cannot open the peer store in {}",
+            config.store_dir().display()
+        )
+    })?;
+    let new_tokens = if store.tokens()?.iter().any(|t| t.admin) {
+        None
+    } else {
+        let (_, admin) = store
+            .create_token("admin", 10_000, 1_000, None, true)
+            .await
+            .context("cannot create the admin token")?;
+        let (_, agent) = store
+            .create_token("default", 100, 10, None, false)
+            .await
+            .context("cannot create the default agent token")?;
+        Some(NewTokens { admin, agent })
+    };
+    Ok(Setup {
+        private_key,
+        identity,
+        store,
+        new_tokens,
+    })
+}
+
+fn plan(config: &RelayConfig) -> AddressPlan {
+    AddressPlan {
+        ipv6: config.network.ipv6_prefix,
+        ipv4_pool: config.network.ipv4_pool,
+        reserved: config.network.reserved.clone(),
+    }
+}
+
+fn print_credentials(config: &RelayConfig, setup: &Setup, first: bool) {
+    let pin = setup
+        .identity
+        .pin()
+        .unwrap_or_else(|e| format!("(unavailable: {e})"));
+    println!("relay public key: {}", setup.private_key.public_key());
+    println!("wireguard endpoint: {}", config.wireguard.endpoint);
+    println!(
+        "addresses: {} ({:?})",
+        config.network.ipv6_prefix, config.network.ipv6_mode
+    );
+    if let Some(pool) = config.network.ipv4_pool {
+        println!("ipv4 pool: {pool} ({:?})", config.network.ipv4_mode);
+    }
+    println!("certificate pin: {pin}");
+    let api = api_url(config);
+    match &setup.new_tokens {
+        Some(tokens) => {
+            println!("admin token (shown once, stored hashed): {}", tokens.admin);
+            println!("agent token \"default\" (shown once): {}", tokens.agent);
+            println!();
+            println!("agent command line:");
+            println!(
+                "  sidecar-agent run --relay {api} --token {} --pin '{pin}'",
+                tokens.agent
+            );
+        }
+        None if first => {}
+        None => {
+            println!("tokens were shown when this data directory was created; make a new agent token with");
+            println!(
+                "  curl --pinnedpubkey '{pin}' -k -H 'Authorization: Bearer <admin token>' -H 'Content-Type: application/json' \\\n    -d '{{\"name\":\"agent\",\"max_peers\":100,\"max_ipv4\":0}}' {api}/v1/admin/tokens"
+            );
+            println!("agent command line: sidecar-agent run --relay {api} --token <agent token> --pin '{pin}'");
+        }
+    }
+}
+
+fn api_url(config: &RelayConfig) -> String {
+    let host = endpoint_host(&config.wireguard.endpoint);
+    let port = config.api.listen.port();
+    if host.contains(':') {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    }
+}
+
+async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
+    let config = match config_path {
+        Some(path) => RelayConfig::load(path)?,
+        None => default_config(data_dir)?,
+    };
+    let setup = prepare(&config).await?;
+    if config_path.is_none() || setup.new_tokens.is_some() {
+        print_credentials(&config, &setup, false);
+    }
+
+    let dataplane = Arc::new(RelayDataPlane::start(&config, setup.private_key)?);
+    let store = setup.store.clone();
+    let mut loaded = 0;
+    for peer in store.peers(None)? {
+        if !store.in_plan(&peer) {
+            tracing::warn!(peer = %peer.public_key, ipv6 = %peer.ipv6, "peer's address is outside the configured prefix; it gets a new one when it registers again");
+            continue;
+        }
+        let bandwidth = store.token(&peer.token_id)?.and_then(|t| t.bandwidth_mbps);
+        dataplane.add(&peer, bandwidth);
+        loaded += 1;
+    }
+    tracing::info!(peers = loaded, "restored peers from the store");
+
+    let neighbor = start_neighbor_responder(&config, &dataplane)?;
+    let uapi = sidecar::uapi::UapiServer::bind(&config.wireguard.interface, dataplane.control())
+        .await
+        .with_context(|| format!("cannot serve `wg show {}`", config.wireguard.interface))?;
+
+    let state = Arc::new(ApiState::new(
+        store.clone(),
+        dataplane.clone(),
+        RelayInfo {
+            public_key: setup.private_key.public_key(),
+            endpoint: config.wireguard.endpoint.clone(),
+            keepalive: config.wireguard.keepalive,
+            mtu: config.wireguard.mtu,
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    ));
+    let listener = std::net::TcpListener::bind(config.api.listen)
+        .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;
+    listener.set_nonblocking(true)?;
+    let tls = Arc::new(setup.identity.server_config()?);
+    tracing::info!(
+        api = %config.api.listen,
+        wireguard_port = dataplane.listen_port(),
+        interface = %config.wireguard.interface,
+        "relay running"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_task = {
+        let mut rx = stop_rx.clone();
+        let router = api::router(state.clone());
+        tokio::spawn(async move {
+            api::serve(listener, tls, router, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
+    let uapi_task = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(uapi.run(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    };
+    let usage_task = tokio::spawn(sync_usage(store.clone(), dataplane.clone()));
+
+    wait_for_signal().await?;
+    // Drain: refuse registrations, let requests in flight finish, persist, exit 0.
+    state.start_draining();
+    let _ = stop_tx.send(true);
+    match api_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "control API ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "control API task failed"),
+        Ok(Ok(())) => {}
+    }
+    let _ = uapi_task.await;
+    usage_task.abort();
+    write_usage(&store, &dataplane).await;
+    store.flush().await.context("cannot flush the peer store")?;
+    drop(neighbor);
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+fn start_neighbor_responder(
+    config: &RelayConfig,
+    dataplane: &RelayDataPlane,
+) -> Result<Option<NeighborResponder>> {
+    let n = &config.network;
+    let v6 = n.ipv6_mode == PrefixMode::OnLink;
+    let v4 = n.ipv4_pool.is_some() && n.ipv4_mode == PrefixMode::OnLink;
+    let (Some(uplink), true) = (n.uplink.as_deref(), v6 || v4) else {
+        return Ok(None);
+    };
+    let responder = NeighborResponder::start(uplink, dataplane.owned(), v6, v4)
+        .with_context(|| format!("cannot answer neighbor solicitations on {uplink}"))?;
+    Ok(Some(responder))
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    Ok(())
+}
+
+async fn sync_usage(store: Store, dataplane: Arc<RelayDataPlane>) {
+    let mut tick = tokio::time::interval(USAGE_SYNC);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        write_usage(&store, &dataplane).await;
+    }
+}
+
+async fn write_usage(store: &Store, dataplane: &RelayDataPlane) {
+    let peers = match store.peers(None) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list peers to record usage");
+            return;
+        }
+    };
+    for peer in peers {
+        if let Some((handshake, rx, tx)) = dataplane.stats(&peer.public_key) {
+            if let Err(e) = store
+                .record_usage(&peer.public_key, handshake, rx, tx)
+                .await
+            {
+                tracing::warn!(peer = %peer.public_key, error = %e, "cannot record usage");
+            }
+        }
+    }
+}
+
+/// The embedded defaults: a random ULA /64, routed (no uplink needed), remembered in
+/// `DIR/relay.toml` so restarts keep the same prefix and so the same addresses.
+fn default_config(data_dir: &Path) -> Result<RelayConfig> {
+    let path = data_dir.join("relay.toml");
+    if path.exists() {
+        tracing::info!(config = %path.display(), "using the configuration saved at first start");
+        return Ok(RelayConfig::load(&path)?);
+    }
+    let host = local_address();
+    let config = RelayConfig {
+        data_dir: std::path::absolute(data_dir)
+            .with_context(|| format!("cannot resolve {}", data_dir.display()))?,
+        wireguard: WireguardSection {
+            listen_port: 51820,
+            endpoint: match host {
+                IpAddr::V6(a) => format!("[{a}]:51820"),
+                IpAddr::V4(a) => format!("{a}:51820"),
+            },
+            interface: "sidecar0".into(),
+            mtu: 1420,
+            keepalive: 25,
+        },
+        network: NetworkSection {
+            ipv6_prefix: random_ula_64(),
+            ipv6_mode: PrefixMode::Routed,
+            ipv4_pool: None,
+            ipv4_mode: PrefixMode::Routed,
+            uplink: None,
+            reserved: Vec::new(),
+        },
+        api: ApiSection {
+            listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8443),
+        },
+    };
+    config.validate()?;
+    create_private_dir(data_dir)?;
+    std::fs::write(&path, config.to_commented_toml())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!(
+        "first start with embedded defaults: wrote {}",
+        path.display()
+    );
+    println!(
+        "chose {} (a random unique local /64, routed: route it to this host to reach peers)",
+        config.network.ipv6_prefix
+    );
+    Ok(config)
+}
+
+/// RFC 4193: fd00::/8 with a random 40-bit global ID and subnet 0.
+fn random_ula_64() -> IpPrefix {
+    let mut bytes = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes[1..6]);
+    bytes[0] = 0xfd;
+    IpPrefix::new(IpAddr::V6(Ipv6Addr::from(bytes)), 64).expect("64 is a valid IPv6 length")
+}
+
+/// The address this host would use towards the outside, for the endpoint that agents
+/// are told; connecting a UDP socket sends nothing.
+fn local_address() -> IpAddr {
+    let probe = |bind: &str, to: &str| -> Option<IpAddr> {
+        let s = UdpSocket::bind(bind).ok()?;
+        s.connect(to).ok()?;
+        s.local_addr().ok().map(|a| a.ip())
+    };
+    probe("0.0.0.0:0", "192.0.2.1:9")
+        .or_else(|| probe("[::]:0", "[2001:db8::1]:9"))
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+fn endpoint_host(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+fn endpoint_port(endpoint: &str) -> Result<u16> {
+    endpoint
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .with_context(|| format!("endpoint {endpoint:?} must be host:port"))
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+fn load_or_create_key(path: &Path) -> Result<Key> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return Key::from_base64(text.trim())
+            .with_context(|| format!("{} does not hold a WireGuard key", path.display()));
+    }
+    let key = Key::generate_private();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{}", key.to_base64())?;
+    file.sync_all()?;
+    tracing::info!(path = %path.display(), "generated the relay's WireGuard key");
+    Ok(key)
 }

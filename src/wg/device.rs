@@ -409,26 +409,34 @@ impl Device {
         let mut out: Vec<PeerInfo> = state
             .peers
             .values()
-            .map(|p| {
-                let mut allowed_ips: Vec<_> = state.routes.prefixes_of(p).collect();
-                allowed_ips.sort();
-                PeerInfo {
-                    config: PeerConfig {
-                        public_key: p.public_key,
-                        preshared_key: *p.preshared_key.read(),
-                        endpoint: p.endpoint(),
-                        persistent_keepalive: p.persistent_keepalive(),
-                        allowed_ips,
-                    },
-                    last_handshake: p.last_handshake(),
-                    rx_bytes: p.rx_bytes(),
-                    tx_bytes: p.tx_bytes(),
-                    rx_dropped_source: p.rx_dropped_source(),
-                }
-            })
+            .map(|p| Self::info_of(&state, p))
             .collect();
         out.sort_by_key(|p| p.config.public_key);
         out
+    }
+
+    /// One peer's configuration and counters.
+    pub fn peer_info(&self, key: &Key) -> Option<PeerInfo> {
+        let state = self.state.read();
+        state.peers.get(key).map(|p| Self::info_of(&state, p))
+    }
+
+    fn info_of(state: &State, p: &PeerRef) -> PeerInfo {
+        let mut allowed_ips: Vec<_> = state.routes.prefixes_of(p).collect();
+        allowed_ips.sort();
+        PeerInfo {
+            config: PeerConfig {
+                public_key: p.public_key,
+                preshared_key: *p.preshared_key.read(),
+                endpoint: p.endpoint(),
+                persistent_keepalive: p.persistent_keepalive(),
+                allowed_ips,
+            },
+            last_handshake: p.last_handshake(),
+            rx_bytes: p.rx_bytes(),
+            tx_bytes: p.tx_bytes(),
+            rx_dropped_source: p.rx_dropped_source(),
+        }
     }
 
     /// The peer whose allowed IPs hold `dst`.
