@@ -537,9 +537,7 @@ impl Store {
             tx.revoking.remove(id.as_bytes())?;
             Ok(removed)
         })?;
-        self.inner
-            .peer_count
-            .fetch_sub(removed.len(), Ordering::Relaxed);
+        self.uncount(removed.len());
         Ok(removed)
     }
 
@@ -670,7 +668,7 @@ impl Store {
             let removed = this.txn(|tx| remove_peer(tx, plan, &key, &token_id))?;
             this.inner.db.flush()?;
             if removed.is_some() {
-                this.inner.peer_count.fetch_sub(1, Ordering::Relaxed);
+                this.uncount(1);
             }
             Ok(removed)
         })
@@ -834,6 +832,17 @@ impl Store {
             problems.truncate(20);
             Err(StoreError::Corrupt(problems.join("; ")))
         }
+    }
+
+    /// Saturating, because `open` finishes interrupted revocations before it has
+    /// counted the peers.
+    fn uncount(&self, n: usize) {
+        let _ = self
+            .inner
+            .peer_count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(n))
+            });
     }
 
     /// Runs `f` as one transaction over all trees.
