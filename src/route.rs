@@ -26,9 +26,43 @@ use crate::prefix::IpPrefix;
 /// Bring the link up first ([`set_link_up`]): the kernel refuses a route through
 /// a down device (`ENETDOWN`, for IPv4 and IPv6 alike).
 pub fn add_route(prefix: IpPrefix, ifindex: u32, metric: Option<u32>) -> io::Result<()> {
+    add_route_in_table(prefix, ifindex, metric, MAIN_TABLE)
+}
+
+/// The kernel's main routing table.
+pub const MAIN_TABLE: u32 = libc::RT_TABLE_MAIN as u32;
+
+/// As [`add_route`], into routing table `table` (used with [`add_source_rule`] for
+/// policy routing by source address).
+pub fn add_route_in_table(
+    prefix: IpPrefix,
+    ifindex: u32,
+    metric: Option<u32>,
+    table: u32,
+) -> io::Result<()> {
     let seq = next_seq();
     request(
-        &route_message(RouteOp::Add, prefix, ifindex, metric, seq)?,
+        &route_message(RouteOp::Add, prefix, ifindex, metric, table, seq)?,
+        seq,
+    )
+}
+
+/// Adds a policy rule `from SOURCE lookup TABLE` at `priority`, like
+/// `ip rule add from SOURCE lookup TABLE priority PRIORITY`. Packets from the given
+/// source then use that table's routes instead of the main table's.
+pub fn add_source_rule(source: IpPrefix, table: u32, priority: u32) -> io::Result<()> {
+    let seq = next_seq();
+    request(
+        &rule_message(RouteOp::Add, source, table, priority, seq),
+        seq,
+    )
+}
+
+/// Removes a rule added with [`add_source_rule`].
+pub fn delete_source_rule(source: IpPrefix, table: u32, priority: u32) -> io::Result<()> {
+    let seq = next_seq();
+    request(
+        &rule_message(RouteOp::Delete, source, table, priority, seq),
         seq,
     )
 }
@@ -38,7 +72,7 @@ pub fn add_route(prefix: IpPrefix, ifindex: u32, metric: Option<u32>) -> io::Res
 pub fn delete_route(prefix: IpPrefix, ifindex: u32) -> io::Result<()> {
     let seq = next_seq();
     request(
-        &route_message(RouteOp::Delete, prefix, ifindex, None, seq)?,
+        &route_message(RouteOp::Delete, prefix, ifindex, None, MAIN_TABLE, seq)?,
         seq,
     )
 }
@@ -142,6 +176,7 @@ fn route_message(
     prefix: IpPrefix,
     ifindex: u32,
     metric: Option<u32>,
+    table: u32,
     seq: u32,
 ) -> io::Result<Vec<u8>> {
     if ifindex == 0 {
@@ -178,7 +213,7 @@ fn route_message(
         prefix.len(),
         0, // src_len
         0, // tos
-        libc::RT_TABLE_MAIN,
+        table_byte(table),
         protocol,
         scope,
         libc::RTN_UNICAST,
@@ -199,8 +234,59 @@ fn route_message(
     if let Some(metric) = metric {
         msg.push_attr(libc::RTA_PRIORITY, &metric.to_ne_bytes());
     }
+    if table != MAIN_TABLE {
+        msg.push_attr(libc::RTA_TABLE, &table.to_ne_bytes());
+    }
     Ok(msg.finish())
 }
+
+/// The one-byte table field of the headers; tables past 255 travel in an attribute.
+fn table_byte(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(libc::RT_TABLE_UNSPEC)
+}
+
+fn rule_message(op: RouteOp, source: IpPrefix, table: u32, priority: u32, seq: u32) -> Vec<u8> {
+    let source = source.network();
+    let (family, addr_bytes): (u8, Vec<u8>) = match source.addr() {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let request = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    let (msg_type, flags) = match op {
+        RouteOp::Add => (
+            libc::RTM_NEWRULE,
+            request | (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16,
+        ),
+        RouteOp::Delete => (libc::RTM_DELRULE, request),
+    };
+    // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags.
+    let header = [
+        family,
+        0,
+        source.len(),
+        0,
+        table_byte(table),
+        0,
+        0,
+        FR_ACT_TO_TBL,
+        0,
+        0,
+        0,
+        0,
+    ];
+    let mut msg = MessageBuilder::new(msg_type, flags, seq);
+    msg.push_header(&header);
+    msg.push_attr(FRA_SRC, &addr_bytes);
+    msg.push_attr(FRA_TABLE, &table.to_ne_bytes());
+    msg.push_attr(FRA_PRIORITY, &priority.to_ne_bytes());
+    msg.finish()
+}
+
+/// From linux/fib_rules.h (not all of them are in the libc crate).
+const FR_ACT_TO_TBL: u8 = 1;
+const FRA_SRC: u16 = 2;
+const FRA_PRIORITY: u16 = 6;
+const FRA_TABLE: u16 = 15;
 
 fn link_up_message(ifindex: u32, seq: u32) -> io::Result<Vec<u8>> {
     let index = i32::try_from(ifindex)
@@ -387,7 +473,7 @@ mod tests {
     #[test]
     fn add_message_layout() {
         let prefix: IpPrefix = "192.0.2.77/24".parse().unwrap();
-        let msg = route_message(RouteOp::Add, prefix, 7, Some(50), 42).unwrap();
+        let msg = route_message(RouteOp::Add, prefix, 7, Some(50), MAIN_TABLE, 42).unwrap();
         assert_eq!(msg.len() % 4, 0);
         assert_eq!(
             u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize,
@@ -418,7 +504,7 @@ mod tests {
     #[test]
     fn delete_message_and_default_route() {
         let prefix: IpPrefix = "::/0".parse().unwrap();
-        let msg = route_message(RouteOp::Delete, prefix, 3, None, 1).unwrap();
+        let msg = route_message(RouteOp::Delete, prefix, 3, None, MAIN_TABLE, 1).unwrap();
         assert_eq!(u16::from_ne_bytes([msg[4], msg[5]]), libc::RTM_DELROUTE);
         let rt = &msg[NLMSG_HDRLEN..NLMSG_HDRLEN + RTMSG_LEN];
         assert_eq!(rt[0], libc::AF_INET6 as u8);
@@ -427,7 +513,7 @@ mod tests {
             attrs(&msg, RTMSG_LEN),
             vec![(libc::RTA_OIF, 3u32.to_ne_bytes().to_vec())]
         );
-        assert!(route_message(RouteOp::Add, prefix, 0, None, 1).is_err());
+        assert!(route_message(RouteOp::Add, prefix, 0, None, MAIN_TABLE, 1).is_err());
     }
 
     #[test]
@@ -551,6 +637,21 @@ mod tests {
             assert!(!ipv6_routes().iter().any(|r| r.0 == v6));
             assert!(delete_route(v4, lo).is_err());
             assert!(delete_route(v6, lo).is_err());
+
+            // Policy routing by source: a rule into a table of its own.
+            let any6: IpPrefix = "::/0".parse().unwrap();
+            add_route_in_table(any6, lo, None, 51820).unwrap();
+            let again = add_route_in_table(any6, lo, None, 51820).unwrap_err();
+            assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+            let src: IpPrefix = "2001:db8:1::7/128".parse().unwrap();
+            add_source_rule(src, 51820, 100).unwrap();
+            let again = add_source_rule(src, 51820, 100).unwrap_err();
+            assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+            let src4: IpPrefix = "192.0.2.7/32".parse().unwrap();
+            add_source_rule(src4, 51820, 100).unwrap();
+            delete_source_rule(src, 51820, 100).unwrap();
+            delete_source_rule(src4, 51820, 100).unwrap();
+            assert!(delete_source_rule(src, 51820, 100).is_err());
         })
         .join()
         .unwrap();
