@@ -9,11 +9,11 @@
 //! removed by [`Lab`]'s `Drop`, even when an assertion fails. Needs root.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -106,8 +106,8 @@ impl Lab {
             &["ip", "-n", x, "link", "set", "lo", "up"],
             &["ip", "-n", r, "link", "add", ROUTER_IF, "address", ROUTER_MAC, "type", "veth",
               "peer", "name", UPLINK, "address", RELAY_MAC, "netns", x],
-            // Short reachability so that the test can watch a STALE entry being
-            // re-confirmed by a unicast probe within a second or two.
+            // Short reachability so that the router re-confirms the entry with unicast
+            // probes within a second or two.
             &["ip", "netns", "exec", r, "sysctl", "-qw",
               &format!("net.ipv6.neigh.{ROUTER_IF}.base_reachable_time_ms=500")],
             &["ip", "netns", "exec", r, "sysctl", "-qw",
@@ -190,17 +190,29 @@ fn state(entry: &str) -> &str {
     entry.split_whitespace().last().unwrap_or("")
 }
 
+/// The allocated addresses, remembering every address the responder asked about.
+#[derive(Default)]
 struct Owned {
     v6: Vec<Ipv6Addr>,
     v4: Vec<Ipv4Addr>,
+    asked: Mutex<Vec<IpAddr>>,
+}
+
+impl Owned {
+    fn was_asked(&self, addr: &str) -> bool {
+        let addr: IpAddr = addr.parse().unwrap();
+        self.asked.lock().unwrap().contains(&addr)
+    }
 }
 
 impl OwnedAddresses for Owned {
     fn owns_v6(&self, addr: Ipv6Addr) -> bool {
+        self.asked.lock().unwrap().push(addr.into());
         self.v6.contains(&addr)
     }
 
     fn owns_v4(&self, addr: Ipv4Addr) -> bool {
+        self.asked.lock().unwrap().push(addr.into());
         self.v4.contains(&addr)
     }
 }
@@ -239,7 +251,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(ns: &str, owned: Owned) -> Running {
+    fn start(ns: &str, owned: Arc<Owned>) -> Running {
         let ns = ns.to_owned();
         let (started_tx, started_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -250,8 +262,7 @@ impl Running {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let responder = match NeighborResponder::start(UPLINK, Arc::new(owned), true, true)
-                {
+                let responder = match NeighborResponder::start(UPLINK, owned, true, true) {
                     Ok(r) => Arc::new(r),
                     Err(e) => {
                         let _ = started_tx.send(Err(e));
@@ -309,13 +320,12 @@ fn router_resolves_owned_addresses_through_the_responder() {
         "uplink starts without all-multicast"
     );
 
-    let mut running = Running::start(
-        &lab.relay,
-        Owned {
-            v6: vec![OWNED_V6.parse().unwrap()],
-            v4: vec![OWNED_V4.parse().unwrap()],
-        },
-    );
+    let owned = Arc::new(Owned {
+        v6: vec![OWNED_V6.parse().unwrap()],
+        v4: vec![OWNED_V4.parse().unwrap()],
+        ..Owned::default()
+    });
+    let mut running = Running::start(&lab.relay, Arc::clone(&owned));
     let responder = running.get();
     assert_eq!(responder.mac(), RELAY_MAC_BYTES);
     assert_eq!(responder.uplink(), UPLINK);
@@ -338,28 +348,22 @@ fn router_resolves_owned_addresses_through_the_responder() {
     );
     assert!(responder.answered() >= 1);
 
-    // A reachability probe for a STALE entry is unicast to the target and our MAC; a
-    // REACHABLE entry after one more packet means that probe was answered too
-    // (unanswered, the entry would go FAILED).
-    assert!(
-        wait_until(Duration::from_secs(5), || state(
-            &lab.router_neighbor(OWNED_V6)
-        ) == "STALE"),
-        "entry never went STALE: `{}`",
-        lab.router_neighbor(OWNED_V6)
-    );
+    // With a 500 ms base reachable time the router soon re-confirms the entry with
+    // reachability probes, which Linux unicasts to the target at our MAC (only an
+    // unresolved entry solicits the multicast group). Unanswered, three of them turn
+    // the entry FAILED; answered, it goes back to REACHABLE.
     let answered = responder.answered();
-    lab.ping_from_router(&["-c1", "-W1", OWNED_V6]);
     assert!(
-        wait_until(Duration::from_secs(4), || {
+        wait_until(Duration::from_secs(5), || {
             let entry = lab.router_neighbor(OWNED_V6);
-            state(&entry) == "REACHABLE" && entry.contains(RELAY_MAC)
+            responder.answered() > answered
+                && state(&entry) == "REACHABLE"
+                && entry.contains(RELAY_MAC)
         }),
         "unicast probe not answered: `{}`; stats {:?}",
         lab.router_neighbor(OWNED_V6),
         responder.stats()
     );
-    assert!(responder.answered() > answered);
 
     // IPv4: the router's ARP request is answered the same way.
     lab.ping_from_router(&["-c1", "-W1", OWNED_V4]);
@@ -374,8 +378,19 @@ fn router_resolves_owned_addresses_through_the_responder() {
     );
     assert!(responder.stats().arp_answered >= 1);
 
-    // Addresses we do not own: the requests reach the responder and go unanswered.
-    let before = responder.stats();
+    // Back to a calm default so that re-probing does not blur what follows.
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.router,
+        "sysctl",
+        "-qw",
+        &format!("net.ipv6.neigh.{ROUTER_IF}.base_reachable_time_ms=30000"),
+    ]);
+
+    // Addresses we do not own: the requests reach the responder, which consults the
+    // allocation, and go unanswered.
     lab.ping_from_router(&["-c1", "-W1", FOREIGN_V6]);
     lab.ping_from_router(&["-c1", "-W1", FOREIGN_V4]);
     for addr in [FOREIGN_V6, FOREIGN_V4] {
@@ -385,11 +400,7 @@ fn router_resolves_owned_addresses_through_the_responder() {
             "{addr} must stay unresolved: `{entry}`"
         );
     }
-    let after = responder.stats();
-    assert!(after.solicitations > before.solicitations, "{after:?}");
-    assert!(after.arp_requests > before.arp_requests, "{after:?}");
-    assert_eq!(after.answered, before.answered);
-    assert_eq!(after.arp_answered, before.arp_answered);
+    assert!(owned.was_asked(FOREIGN_V6) && owned.was_asked(FOREIGN_V4));
     // Once the router gives up, the entry is FAILED for good.
     assert!(
         wait_until(Duration::from_secs(5), || state(
@@ -399,18 +410,18 @@ fn router_resolves_owned_addresses_through_the_responder() {
         lab.router_neighbor(FOREIGN_V6)
     );
 
-    // The kernel filter keeps ordinary traffic away: 20 echo requests per family to
+    // The kernel filter keeps ordinary traffic away: 100 echo requests per family to
     // the relay's own addresses cost at most the odd solicitation for them.
     let before = responder.stats();
-    lab.ping_from_router(&["-c20", "-i0.01", "-W1", "2001:db8:1::2"]);
-    lab.ping_from_router(&["-c20", "-i0.01", "-W1", "192.0.2.2"]);
+    lab.ping_from_router(&["-c100", "-i0.002", "-W1", "2001:db8:1::2"]);
+    lab.ping_from_router(&["-c100", "-i0.002", "-W1", "192.0.2.2"]);
     let after = responder.stats();
     assert!(
-        after.solicitations - before.solicitations <= 3,
+        after.solicitations - before.solicitations <= 10,
         "echo traffic reached the IPv6 socket: {before:?} -> {after:?}"
     );
     assert!(
-        after.arp_requests - before.arp_requests <= 3,
+        after.arp_requests - before.arp_requests <= 10,
         "echo traffic reached the ARP socket: {before:?} -> {after:?}"
     );
     assert_eq!(after.send_errors, 0);
@@ -428,12 +439,7 @@ fn router_resolves_owned_addresses_through_the_responder() {
 fn start_refuses_unusable_uplinks() {
     require_root();
     let lab = Lab::new();
-    let owned = || -> Arc<dyn OwnedAddresses> {
-        Arc::new(Owned {
-            v6: Vec::new(),
-            v4: Vec::new(),
-        })
-    };
+    let owned = || -> Arc<dyn OwnedAddresses> { Arc::new(Owned::default()) };
 
     let (missing, loopback, no_family, ok) = in_netns(&lab.relay, move || {
         (
