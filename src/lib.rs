@@ -6,6 +6,7 @@
 
 pub mod key;
 pub mod neighbor;
+pub mod netstack;
 pub mod pin;
 pub mod prefix;
 pub mod proto;

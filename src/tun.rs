@@ -49,6 +49,23 @@ impl TunDevice {
         })
     }
 
+    /// Wraps a device built elsewhere (for example in another network namespace,
+    /// where name-based calls such as [`TunDevice::if_index`] no longer work from
+    /// here). Must run inside a tokio runtime.
+    pub fn from_sync(
+        dev: tun_rs::SyncDevice,
+        name: &str,
+        mtu: u16,
+        offload: bool,
+    ) -> io::Result<TunDevice> {
+        Ok(TunDevice {
+            dev: AsyncDevice::new(dev)?,
+            name: name.to_string(),
+            mtu,
+            offload,
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -148,6 +165,11 @@ impl TunWriter {
         }
         buf.truncate(Self::OFFSET + len);
         self.count += 1;
+    }
+
+    /// `start..start + len` of the current slot, without keeping it.
+    pub fn uncommitted(&self, start: usize, len: usize) -> &[u8] {
+        &self.bufs[self.count][Self::OFFSET + start..Self::OFFSET + start + len]
     }
 
     pub fn is_full(&self) -> bool {

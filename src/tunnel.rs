@@ -1,9 +1,11 @@
-//! The driver that joins a [`Device`] to a TUN device and a UDP socket: one task
-//! encrypts what the TUN device gives, one decrypts what the socket gives, one runs
-//! the timers. Each works a batch at a time with buffers allocated once.
+//! The driver that joins a [`Device`] to a TUN device (or a userspace stand-in for
+//! one, see [`PacketLink`]) and a UDP socket: one task encrypts what the TUN device
+//! gives, one decrypts what the socket gives, one runs the timers. Each works a
+//! batch at a time with buffers allocated once.
 
 use std::fmt::Write as _;
-use std::io::IoSliceMut;
+use std::future::Future;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,9 +37,36 @@ struct IoCounters {
     udp_recv_errors: AtomicU64,
 }
 
+/// Where decrypted packets go when there is no TUN device.
+pub trait Deliver: Send + Sync + 'static {
+    /// Takes one decrypted IP packet. Must not block.
+    fn deliver(&self, packet: &[u8]);
+}
+
+/// A userspace stand-in for the TUN device (a TCP/IP stack in the process).
+pub trait PacketLink: Deliver {
+    /// Waits for the next packet to encrypt and copies it into `buf`.
+    fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    fn mtu(&self) -> u16;
+}
+
+enum Link {
+    Tun(TunDevice),
+    User { deliver: Arc<dyn Deliver>, mtu: u16 },
+}
+
+impl Link {
+    fn mtu(&self) -> u16 {
+        match self {
+            Link::Tun(t) => t.mtu(),
+            Link::User { mtu, .. } => *mtu,
+        }
+    }
+}
+
 struct Shared {
     device: Arc<Device>,
-    tun: Arc<TunDevice>,
+    link: Link,
     socket: watch::Sender<Arc<UdpTransport>>,
     /// Serializes listen-port changes.
     rebind: Mutex<()>,
@@ -63,17 +92,34 @@ impl Tunnel {
             listen_port = socket.local_port(),
             "tunnel up"
         );
-        let (tx, _) = watch::channel(Arc::new(socket));
-        let shared = Arc::new(Shared {
-            device,
-            tun: Arc::new(tun),
-            socket: tx,
-            rebind: Mutex::new(()),
-            counters: IoCounters::default(),
-            shaping: Notify::new(),
-        });
+        let shared = Shared::new(device, Link::Tun(tun), socket);
+        let outbound = tokio::spawn(outbound(shared.clone()));
+        Tunnel::with_tasks(shared, outbound)
+    }
+
+    /// Starts the data path over a userspace link instead of a TUN device.
+    pub fn start_with_link<L: PacketLink>(
+        device: Arc<Device>,
+        link: Arc<L>,
+        socket: UdpTransport,
+    ) -> Tunnel {
+        tracing::info!(
+            mtu = link.mtu(),
+            listen_port = socket.local_port(),
+            "tunnel up (userspace network stack)"
+        );
+        let user = Link::User {
+            deliver: link.clone(),
+            mtu: link.mtu(),
+        };
+        let shared = Shared::new(device, user, socket);
+        let outbound = tokio::spawn(outbound_link(shared.clone(), link));
+        Tunnel::with_tasks(shared, outbound)
+    }
+
+    fn with_tasks(shared: Arc<Shared>, outbound: JoinHandle<()>) -> Tunnel {
         let tasks = vec![
-            tokio::spawn(outbound(shared.clone())),
+            outbound,
             tokio::spawn(inbound(shared.clone())),
             tokio::spawn(timers(shared.clone())),
             tokio::spawn(shaper(shared.clone())),
@@ -83,10 +129,6 @@ impl Tunnel {
 
     pub fn device(&self) -> &Arc<Device> {
         &self.shared.device
-    }
-
-    pub fn tun(&self) -> &TunDevice {
-        &self.shared.tun
     }
 
     pub fn listen_port(&self) -> u16 {
@@ -113,6 +155,35 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+impl Shared {
+    fn new(device: Arc<Device>, link: Link, socket: UdpTransport) -> Arc<Shared> {
+        let (tx, _) = watch::channel(Arc::new(socket));
+        Arc::new(Shared {
+            device,
+            link,
+            socket: tx,
+            rebind: Mutex::new(()),
+            counters: IoCounters::default(),
+            shaping: Notify::new(),
+        })
+    }
+
+    /// Hands a decrypted packet on: into the TUN writer's batch, or to the
+    /// userspace link at once.
+    /// The packet is `start..start + len` of the writer's current slot.
+    async fn to_link(&self, writer: &mut TunWriter, start: usize, len: usize) {
+        match &self.link {
+            Link::Tun(_) => {
+                writer.commit(start, len);
+                if writer.is_full() {
+                    flush_tun(self, writer).await;
+                }
+            }
+            Link::User { deliver, .. } => deliver.deliver(writer.uncommitted(start, len)),
+        }
     }
 }
 
@@ -241,13 +312,16 @@ impl GsoBatch {
 
 /// TUN -> encrypt -> UDP.
 async fn outbound(shared: Arc<Shared>) {
-    let mtu = shared.tun.mtu();
+    let Link::Tun(tun) = &shared.link else {
+        return;
+    };
+    let mtu = tun.mtu();
     let mut reader = TunReader::new(mtu);
     let slot = (usize::from(mtu).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
     let mut out = vec![0u8; slot * tun_rs::IDEAL_BATCH_SIZE + MIN_OUT_BUF];
     let mut rx = shared.socket.subscribe();
     loop {
-        let n = match reader.read(&shared.tun).await {
+        let n = match reader.read(tun).await {
             Ok(n) => n,
             Err(e) => {
                 let c = shared
@@ -285,6 +359,36 @@ async fn outbound(shared: Arc<Shared>) {
             end += len;
         }
         batch.flush(&shared, &socket, &out, end).await;
+    }
+}
+
+/// Userspace link -> encrypt -> UDP, one packet at a time (the userspace stack
+/// produces packets one by one anyway).
+async fn outbound_link<L: PacketLink>(shared: Arc<Shared>, link: Arc<L>) {
+    let mtu = usize::from(link.mtu()).max(1500);
+    let mut packet = vec![0u8; mtu];
+    let mut out = vec![0u8; (mtu + DATA_OVERHEAD).max(MIN_OUT_BUF)];
+    loop {
+        let n = match link.recv(&mut packet).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                tracing::debug!("userspace link closed");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "userspace link dropped a packet");
+                continue;
+            }
+        };
+        match shared.device.encapsulate(&packet[..n], &mut out) {
+            Action::Send { to, datagram } => {
+                let len = datagram.len();
+                let socket = shared.socket.borrow().clone();
+                send(&shared, &socket, to, &out[..len], None).await;
+            }
+            Action::Shaped => shared.shaping.notify_one(),
+            _ => {}
+        }
     }
 }
 
@@ -333,12 +437,8 @@ async fn inbound(shared: Arc<Shared>) {
                 let base = slot.as_ptr() as usize;
                 match shared.device.decapsulate(m.addr, datagram, slot) {
                     Action::Tunnel(packet) => {
-                        let start = packet.as_ptr() as usize - base;
-                        let len = packet.len();
-                        writer.commit(start, len);
-                        if writer.is_full() {
-                            flush_tun(&shared, &mut writer).await;
-                        }
+                        let (start, len) = (packet.as_ptr() as usize - base, packet.len());
+                        shared.to_link(&mut writer, start, len).await;
                     }
                     Action::Send { to, datagram } => {
                         let len = datagram.len();
@@ -366,7 +466,10 @@ async fn inbound(shared: Arc<Shared>) {
 }
 
 async fn flush_tun(shared: &Shared, writer: &mut TunWriter) {
-    if let Err(e) = writer.flush(&shared.tun).await {
+    let Link::Tun(tun) = &shared.link else {
+        return;
+    };
+    if let Err(e) = writer.flush(tun).await {
         let c = shared
             .counters
             .tun_write_errors
@@ -381,7 +484,7 @@ async fn flush_tun(shared: &Shared, writer: &mut TunWriter) {
 async fn shaper(shared: Arc<Shared>) {
     let mut released = Released::default();
     let mut writer = TunWriter::new();
-    let slot = (usize::from(shared.tun.mtu()).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
+    let slot = (usize::from(shared.link.mtu()).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
     let mut out = vec![0u8; slot];
     loop {
         let next = shared.device.release_shaped(&mut released);
@@ -398,10 +501,7 @@ async fn shaper(shared: Arc<Shared>) {
         }
         for (_, packet) in &released.ingress {
             writer.slot(packet.len()).copy_from_slice(packet);
-            writer.commit(0, packet.len());
-            if writer.is_full() {
-                flush_tun(&shared, &mut writer).await;
-            }
+            shared.to_link(&mut writer, 0, packet.len()).await;
         }
         flush_tun(&shared, &mut writer).await;
         shared.device.recycle_shaped(&mut released);

@@ -1,4 +1,10 @@
-//! Sidecar agent library: configuration parsing and helpers used by the `sidecar-agent` binary.
+//! Sidecar agent library: what the `sidecar-agent` binary is made of.
 
+pub mod container_net;
+pub mod labels;
+pub mod manager;
+pub mod netstack_link;
+pub mod relay_client;
 pub mod resolve;
+pub mod state;
 pub mod wgquick;

@@ -11,19 +11,59 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "sidecar-agent",
     version,
-    about = "Userspace WireGuard: bring up wg-quick configurations without the kernel module",
-    long_about = "Userspace WireGuard for hosts and sandboxes without the kernel module.\n\n\
-        `up` brings up a wg-quick configuration file entirely in userspace and serves the \
-        standard WireGuard userspace API, so the stock `wg` tool can inspect and change it.\n\n\
-        Logging follows RUST_LOG (default: info)."
+    about = "Gives labeled Docker containers their own public address through a Sidecar relay",
+    long_about = "Gives every Docker container labeled sidecar.enable=true its own routable IPv6 \
+        /128 (and IPv4 /32 with sidecar.ipv4=true) through a WireGuard tunnel to a Sidecar relay, \
+        entirely in userspace.\n\n\
+        `run` watches Docker and wires up labeled containers; `status` shows them. \
+        `up` brings up a plain wg-quick configuration file in userspace and serves the standard \
+        WireGuard userspace API, so the stock `wg` tool can inspect and change it.\n\n\
+        Labels: sidecar.enable=true, sidecar.ipv4=true, sidecar.relay=URL (pin one relay), \
+        sidecar.bandwidth=MBPS.\n\nLogging follows RUST_LOG (default: info)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// Default place for per-container keys and the status snapshot.
+const DEFAULT_STATE_DIR: &str = "/var/lib/sidecar-agent";
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Watch Docker and give each container labeled sidecar.enable=true its own
+    /// WireGuard peer on the relay and its own public address.
+    Run {
+        /// The relay's control API, https://HOST:PORT.
+        #[arg(long, env = "SIDECAR_RELAY", value_name = "URL")]
+        relay: String,
+        /// Agent token from the relay (starts with sct_live_).
+        #[arg(
+            long,
+            env = "SIDECAR_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
+        token: String,
+        /// The relay certificate's pin, sha256//BASE64 (printed by the relay).
+        #[arg(long, env = "SIDECAR_PIN", value_name = "PIN")]
+        pin: String,
+        /// Docker socket (default: DOCKER_HOST or /var/run/docker.sock).
+        #[arg(long, value_name = "PATH")]
+        docker: Option<String>,
+        /// Where per-container keys (so addresses survive restarts) and status live.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// tun: a TUN device in each container; netstack: a userspace stack in the
+        /// agent forwarding every port to the container; auto: tun where possible.
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: sidecar_agent::manager::Mode,
+    },
+    /// One row per managed container: name, addresses, mode, latest handshake, bytes.
+    Status {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Bring up a WireGuard interface from a wg-quick configuration file and run it
     /// until SIGINT or SIGTERM, then remove everything that was added.
     Up {
@@ -64,6 +104,25 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Up { config, interface } => up::run(&config, interface.as_deref()).await,
+            Command::Run {
+                relay,
+                token,
+                pin,
+                docker,
+                state_dir,
+                mode,
+            } => {
+                let client = sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
+                sidecar_agent::manager::run(sidecar_agent::manager::Settings {
+                    relay_url: client.url().to_string(),
+                    relay: client,
+                    docker_socket: docker,
+                    state_dir,
+                    mode,
+                })
+                .await
+            }
+            Command::Status { state_dir } => sidecar_agent::manager::print_status(&state_dir),
             Command::Metrics { interface } => metrics(&interface).await,
         }
     });

@@ -1,0 +1,118 @@
+//! A TUN device inside a container's network namespace, carrying its public
+//! addresses, with policy routing so that traffic from those addresses leaves
+//! through the tunnel while the container's Docker networking keeps working.
+
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use sidecar::route;
+use sidecar::IpPrefix;
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+/// Routing table for traffic from the public addresses (the WireGuard port number,
+/// a value nothing else in a container uses).
+pub const TABLE: u32 = 51820;
+/// Rule priority: before the main table (32766), after local (0).
+const RULE_PRIORITY: u32 = 10_000;
+
+/// A device created in another namespace. Its file descriptor works from any
+/// namespace; name-based calls (MTU, addresses) only work inside its own.
+pub struct ContainerTun {
+    pub device: SyncDevice,
+    pub offload: bool,
+}
+
+/// Creates `name` in the namespace `netns` (an open `/proc/PID/ns/net`), assigns
+/// `addrs`, and routes: a default IPv6 route through it (containers rarely have
+/// their own IPv6), and for each address a rule sending its replies through it.
+///
+/// Runs on a short-lived thread of its own: `setns` changes the calling thread's
+/// namespace, and no tokio worker may ever be moved.
+pub fn create_in_namespace(
+    netns: &File,
+    name: &str,
+    mtu: u16,
+    addrs: &[IpPrefix],
+) -> io::Result<ContainerTun> {
+    let fd = netns.as_raw_fd();
+    let name = name.to_string();
+    let addrs = addrs.to_vec();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: fd is an open namespace file for the duration of the call,
+                // and setns only affects this thread, which ends right after.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                setup(&name, mtu, &addrs)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace setup thread panicked")))
+    })
+}
+
+fn setup(name: &str, mtu: u16, addrs: &[IpPrefix]) -> io::Result<ContainerTun> {
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .offload(offload)
+            .build_sync()
+    };
+    let (device, offload) = match build(true) {
+        Ok(d) => (d, true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (build(false)?, false),
+        Err(e) => return Err(e),
+    };
+    let offload = offload && device.tcp_gso();
+    if addrs.iter().any(|a| !a.is_ipv4()) {
+        // Docker turns IPv6 off in containers by default; adding the /128 fails
+        // (EACCES) until it is on for this device.
+        enable_ipv6(name)?;
+    }
+    for addr in addrs {
+        match addr.addr() {
+            IpAddr::V4(a) => device.add_address_v4(a, addr.len())?,
+            IpAddr::V6(a) => device.add_address_v6(a, addr.len())?,
+        }
+    }
+    let ifindex = device.if_index()?;
+    route::set_link_up(ifindex)?;
+    for addr in addrs {
+        let any: IpPrefix = if addr.is_ipv4() { "0.0.0.0/0" } else { "::/0" }
+            .parse()
+            .expect("literal prefix");
+        ignore_exists(route::add_route_in_table(any, ifindex, None, TABLE))?;
+        ignore_exists(route::add_source_rule(
+            IpPrefix::host(addr.addr()),
+            TABLE,
+            RULE_PRIORITY,
+        ))?;
+        if !addr.is_ipv4() {
+            // Outgoing IPv6 from the container uses the public address.
+            ignore_exists(route::add_route(any, ifindex, None))?;
+        }
+    }
+    Ok(ContainerTun { device, offload })
+}
+
+fn ignore_exists(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// `/proc/sys/net` follows the calling thread's namespace.
+fn enable_ipv6(name: &str) -> io::Result<()> {
+    for path in [
+        format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"),
+        "/proc/sys/net/ipv6/conf/lo/disable_ipv6".to_string(),
+    ] {
+        std::fs::write(&path, "0")?;
+    }
+    Ok(())
+}

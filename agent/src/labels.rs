@@ -1,0 +1,150 @@
+//! The Docker labels a container opts in with.
+
+use std::collections::HashMap;
+
+pub const ENABLE: &str = "sidecar.enable";
+pub const IPV4: &str = "sidecar.ipv4";
+pub const RELAY: &str = "sidecar.relay";
+pub const BANDWIDTH: &str = "sidecar.bandwidth";
+
+/// Highest per-container rate a label may ask for, in Mbit/s.
+const MAX_BANDWIDTH_MBPS: u32 = 100_000;
+
+/// What a container asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Labels {
+    pub enable: bool,
+    pub ipv4: bool,
+    /// The relay this container must use (its URL or host), if pinned.
+    pub relay: Option<String>,
+    pub bandwidth_mbps: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("label {label}={value:?}: {reason}")]
+pub struct LabelError {
+    pub label: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+fn boolean(label: &'static str, value: &str) -> Result<bool, LabelError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" | "" => Ok(false),
+        _ => Err(LabelError {
+            label,
+            value: value.to_string(),
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+impl Labels {
+    /// Reads the `sidecar.*` labels; other labels are ignored. A bad value is an
+    /// error naming the label, never a silent default.
+    pub fn parse(labels: &HashMap<String, String>) -> Result<Labels, LabelError> {
+        let mut out = Labels::default();
+        if let Some(v) = labels.get(ENABLE) {
+            out.enable = boolean(ENABLE, v)?;
+        }
+        if let Some(v) = labels.get(IPV4) {
+            out.ipv4 = boolean(IPV4, v)?;
+        }
+        if let Some(v) = labels.get(RELAY) {
+            let v = v.trim();
+            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(LabelError {
+                    label: RELAY,
+                    value: v.to_string(),
+                    reason: "expected a relay URL such as https://relay.example:8443".into(),
+                });
+            }
+            out.relay = Some(v.trim_end_matches('/').to_string());
+        }
+        if let Some(v) = labels.get(BANDWIDTH) {
+            let mbps: u32 = v.trim().parse().map_err(|_| LabelError {
+                label: BANDWIDTH,
+                value: v.to_string(),
+                reason: "expected a whole number of Mbit/s".into(),
+            })?;
+            if mbps == 0 || mbps > MAX_BANDWIDTH_MBPS {
+                return Err(LabelError {
+                    label: BANDWIDTH,
+                    value: v.to_string(),
+                    reason: format!("expected 1..={MAX_BANDWIDTH_MBPS} Mbit/s"),
+                });
+            }
+            out.bandwidth_mbps = Some(mbps);
+        }
+        Ok(out)
+    }
+
+    /// Whether `relay` (this agent's relay URL) is the one the container asked for.
+    pub fn accepts_relay(&self, relay: &str) -> bool {
+        match &self.relay {
+            None => true,
+            Some(want) => {
+                let want = want.strip_prefix("https://").unwrap_or(want);
+                let have = relay
+                    .strip_prefix("https://")
+                    .unwrap_or(relay)
+                    .trim_end_matches('/');
+                have == want || have.rsplit_once(':').is_some_and(|(host, _)| host == want)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_all_labels() {
+        let l = Labels::parse(&map(&[
+            ("sidecar.enable", "true"),
+            ("sidecar.ipv4", "TRUE"),
+            ("sidecar.relay", "https://relay.example:8443/"),
+            ("sidecar.bandwidth", "50"),
+            ("com.example.other", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            l,
+            Labels {
+                enable: true,
+                ipv4: true,
+                relay: Some("https://relay.example:8443".into()),
+                bandwidth_mbps: Some(50),
+            }
+        );
+        assert!(l.accepts_relay("https://relay.example:8443"));
+        assert!(!l.accepts_relay("https://other.example:8443"));
+        let by_host = Labels {
+            relay: Some("relay.example".into()),
+            ..Labels::default()
+        };
+        assert!(by_host.accepts_relay("https://relay.example:8443"));
+    }
+
+    #[test]
+    fn bad_values_name_the_label() {
+        let e = Labels::parse(&map(&[("sidecar.enable", "maybe")])).unwrap_err();
+        assert_eq!(e.label, "sidecar.enable");
+        assert!(e.to_string().contains("expected true or false"));
+        for bad in ["fast", "0", "-3", "1000000"] {
+            let e = Labels::parse(&map(&[("sidecar.bandwidth", bad)])).unwrap_err();
+            assert_eq!(e.label, "sidecar.bandwidth", "{bad}");
+        }
+        assert!(Labels::parse(&map(&[("sidecar.relay", "two words")])).is_err());
+        assert!(!Labels::parse(&map(&[])).unwrap().enable);
+    }
+}

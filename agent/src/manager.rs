@@ -1,0 +1,602 @@
+//! `sidecar-agent run`: follows Docker and gives every container labeled
+//! `sidecar.enable=true` its own WireGuard peer on the relay and its own address.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::Docker;
+use futures_util::StreamExt;
+use sidecar::proto::{Allocation, RegisterPeer};
+use sidecar::tun::TunDevice;
+use sidecar::tunnel::Tunnel;
+use sidecar::udp::UdpTransport;
+use sidecar::wg::{Device, PeerConfig};
+use sidecar::{IpPrefix, Key};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::container_net;
+use crate::labels::{self, Labels};
+use crate::relay_client::RelayClient;
+use crate::state::{StateDir, StatusRow};
+
+/// The interface name inside each container.
+const CONTAINER_IFACE: &str = "sidecar0";
+/// How often the status snapshot is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How long to wait before retrying a container whose setup failed transiently.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// A TUN device in the container; netstack where none can be made.
+    Auto,
+    /// A TUN device in the container's network namespace.
+    Tun,
+    /// A userspace TCP/IP stack in the agent that forwards to the container.
+    Netstack,
+}
+
+pub struct Settings {
+    pub relay: RelayClient,
+    pub relay_url: String,
+    pub docker_socket: Option<String>,
+    pub state_dir: PathBuf,
+    pub mode: Mode,
+}
+
+/// One container the agent looks after.
+struct Managed {
+    name: String,
+    row: StatusRow,
+    /// The data path; dropping it stops the tunnel and removes the TUN device.
+    running: Option<Running>,
+    /// Set after a transient failure: when to try again.
+    retry_at: Option<Instant>,
+}
+
+struct Running {
+    tunnel: Tunnel,
+    relay_key: Key,
+    /// Kept open so the namespace outlives a racing container exit until we notice.
+    _netns: Option<File>,
+}
+
+pub async fn run(settings: Settings) -> Result<()> {
+    let state = StateDir::open(&settings.state_dir).with_context(|| {
+        format!(
+            "cannot use state directory {}",
+            settings.state_dir.display()
+        )
+    })?;
+    let docker = connect_docker(settings.docker_socket.as_deref()).await?;
+    let mut agent = Agent {
+        settings,
+        state,
+        docker,
+        containers: HashMap::new(),
+    };
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    loop {
+        agent.reconcile().await;
+        let mut events = agent.events();
+        let mut tick = tokio::time::interval(STATUS_EVERY);
+        loop {
+            tokio::select! {
+                _ = term.recv() => return agent.shutdown("SIGTERM"),
+                _ = int.recv() => return agent.shutdown("SIGINT"),
+                _ = tick.tick() => {
+                    agent.retry_due().await;
+                    agent.write_status();
+                }
+                event = events.next() => match event {
+                    Some(Ok(e)) => agent.handle_event(e).await,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "Docker event stream failed; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("Docker event stream ended (daemon restart?); reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+        // Events fired while disconnected are lost: wait, then list and reconcile.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match connect_docker(agent.settings.docker_socket.as_deref()).await {
+            Ok(d) => agent.docker = d,
+            Err(e) => tracing::warn!(error = %e, "cannot reconnect to Docker yet"),
+        }
+    }
+}
+
+async fn connect_docker(socket: Option<&str>) -> Result<Docker> {
+    let docker = match socket {
+        Some(path) => Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION),
+        None => Docker::connect_with_unix_defaults(),
+    }
+    .context("cannot connect to Docker")?;
+    // Older engines refuse a client that claims a newer API than theirs.
+    docker
+        .negotiate_version()
+        .await
+        .context("cannot talk to the Docker engine (is dockerd running, and is --docker right?)")
+}
+
+struct Agent {
+    settings: Settings,
+    state: StateDir,
+    docker: Docker,
+    containers: HashMap<String, Managed>,
+}
+
+impl Agent {
+    fn events(
+        &self,
+    ) -> impl futures_util::Stream<Item = Result<bollard::models::EventMessage, bollard::errors::Error>>
+    {
+        let filters = HashMap::from([
+            ("type", vec!["container"]),
+            ("event", vec!["start", "die", "destroy"]),
+            ("label", vec!["sidecar.enable"]),
+        ]);
+        self.docker
+            .events(Some(EventsOptionsBuilder::new().filters(&filters).build()))
+    }
+
+    /// Brings what we run in line with what Docker runs.
+    async fn reconcile(&mut self) {
+        let filters = HashMap::from([("label", vec!["sidecar.enable"])]);
+        let list = match self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(false)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list containers");
+                return;
+            }
+        };
+        let running: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+        let gone: Vec<String> = self
+            .containers
+            .keys()
+            .filter(|id| !running.contains(id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.stop(&id, "no longer running");
+        }
+        for id in running {
+            if self.containers.get(&id).is_none_or(|m| m.running.is_none()) {
+                self.start(&id).await;
+            }
+        }
+        self.write_status();
+    }
+
+    async fn handle_event(&mut self, event: bollard::models::EventMessage) {
+        let Some(id) = event.actor.as_ref().and_then(|a| a.id.clone()) else {
+            return;
+        };
+        match event.action.as_deref() {
+            Some("start") => self.start(&id).await,
+            Some("die") => self.stop(&id, "container stopped"),
+            Some("destroy") => self.destroy(&id).await,
+            _ => {}
+        }
+        self.write_status();
+    }
+
+    async fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(_, m)| m.running.is_none() && m.retry_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.start(&id).await;
+        }
+    }
+
+    async fn start(&mut self, id: &str) {
+        let began = Instant::now();
+        match self.set_up(id).await {
+            Ok(Some(managed)) => {
+                tracing::info!(
+                    container = %short(id),
+                    name = %managed.name,
+                    ipv6 = ?managed.row.ipv6,
+                    ipv4 = ?managed.row.ipv4,
+                    mode = ?managed.row.mode,
+                    took_ms = began.elapsed().as_millis() as u64,
+                    "container is reachable at its public address"
+                );
+                self.containers.insert(id.to_string(), managed);
+            }
+            Ok(None) => {}
+            Err(failure) => {
+                tracing::warn!(container = %short(id), error = %failure.error, "container not set up");
+                let entry = self
+                    .containers
+                    .entry(id.to_string())
+                    .or_insert_with(|| Managed {
+                        name: failure.name.clone(),
+                        row: StatusRow {
+                            container: id.to_string(),
+                            name: failure.name.clone(),
+                            ..StatusRow::default()
+                        },
+                        running: None,
+                        retry_at: None,
+                    });
+                entry.running = None;
+                entry.row.state = "error".into();
+                entry.row.error = Some(failure.error.clone());
+                entry.retry_at = (!failure.permanent).then(|| Instant::now() + RETRY_AFTER);
+            }
+        }
+    }
+
+    /// Inspects, registers and wires up one container. `Ok(None)`: not ours.
+    async fn set_up(&self, id: &str) -> Result<Option<Managed>, Failure> {
+        let info = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| Failure::transient("", format!("cannot inspect: {e}")))?;
+        let name = info
+            .name
+            .clone()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string();
+        let fail = |permanent: bool, e: String| Failure {
+            name: name.clone(),
+            error: e,
+            permanent,
+        };
+        let label_map = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let labels = Labels::parse(&label_map).map_err(|e| fail(true, e.to_string()))?;
+        if !labels.enable {
+            return Ok(None);
+        }
+        if !labels.accepts_relay(&self.settings.relay_url) {
+            return Err(fail(
+                true,
+                format!(
+                    "label {} asks for relay {:?}; this agent serves {}",
+                    labels::RELAY,
+                    labels.relay.as_deref().unwrap_or_default(),
+                    self.settings.relay_url
+                ),
+            ));
+        }
+        let pid = info
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| fail(false, "container is not running".into()))?;
+        // Open the namespace first: the pid can go away while we register.
+        let netns = File::open(format!("/proc/{pid}/ns/net")).map_err(|e| {
+            fail(
+                false,
+                format!("cannot open the container's network namespace: {e}"),
+            )
+        })?;
+        let key = self
+            .state
+            .container_key(id)
+            .map_err(|e| fail(false, format!("cannot read or create its key: {e}")))?;
+        let alloc = self
+            .settings
+            .relay
+            .register(&RegisterPeer {
+                pubkey: key.public_key().to_base64(),
+                ipv4: labels.ipv4,
+                name: (!name.is_empty()).then(|| name.clone()),
+                container: Some(id.to_string()),
+            })
+            .await
+            .map_err(|e| fail(e.is_permanent(), format!("registration failed: {e}")))?;
+        let (addrs, relay_key, endpoint) = parse_allocation(&alloc)
+            .await
+            .map_err(|e| fail(false, e.to_string()))?;
+        let device = Arc::new(Device::with_private_key(key));
+        let mut peer = PeerConfig::new(relay_key);
+        peer.endpoint = Some(endpoint);
+        peer.persistent_keepalive = Some(alloc.keepalive).filter(|k| *k > 0);
+        peer.allowed_ips = vec![
+            "::/0".parse().expect("literal"),
+            "0.0.0.0/0".parse().expect("literal"),
+        ];
+        device.set_peer(&peer);
+        if let Some(mbps) = labels.bandwidth_mbps {
+            device.set_peer_rate(&relay_key, Some(mbps));
+        }
+        let socket = UdpTransport::bind(0)
+            .map_err(|e| fail(false, format!("cannot open a UDP socket: {e}")))?;
+
+        let tun = match self.settings.mode {
+            Mode::Tun | Mode::Auto => {
+                match container_net::create_in_namespace(&netns, CONTAINER_IFACE, alloc.mtu, &addrs)
+                {
+                    Ok(t) => Some(t),
+                    Err(e) if self.settings.mode == Mode::Auto && tun_unavailable(&e) => {
+                        tracing::info!(container = %short(id), error = %e, "no TUN device possible in the container; using netstack mode");
+                        None
+                    }
+                    Err(e) => {
+                        return Err(fail(
+                            false,
+                            format!("cannot create the TUN device in the container: {e}"),
+                        ))
+                    }
+                }
+            }
+            Mode::Netstack => None,
+        };
+        let (tunnel, mode) = match tun {
+            Some(t) => {
+                let tun = TunDevice::from_sync(t.device, CONTAINER_IFACE, alloc.mtu, t.offload)
+                    .map_err(|e| fail(false, format!("cannot drive the TUN device: {e}")))?;
+                (Tunnel::start(device, tun, socket), "tun")
+            }
+            None => {
+                let targets = container_addresses(&info);
+                let netstack = crate::netstack_link::start(&addrs, targets, alloc.mtu)
+                    .map_err(|e| fail(false, format!("cannot start netstack mode: {e}")))?;
+                (
+                    Tunnel::start_with_link(device, netstack, socket),
+                    "netstack",
+                )
+            }
+        };
+        Ok(Some(Managed {
+            name: name.clone(),
+            row: StatusRow {
+                container: id.to_string(),
+                name,
+                state: "active".into(),
+                ipv6: Some(alloc.ipv6.clone()),
+                ipv4: alloc.ipv4.clone(),
+                mode: Some(mode.into()),
+                ..StatusRow::default()
+            },
+            running: Some(Running {
+                tunnel,
+                relay_key,
+                _netns: Some(netns),
+            }),
+            retry_at: None,
+        }))
+    }
+
+    /// The container stopped: its namespace (and TUN device) is gone; stop the tunnel.
+    fn stop(&mut self, id: &str, why: &str) {
+        if let Some(m) = self.containers.get_mut(id) {
+            if let Some(running) = m.running.take() {
+                running.tunnel.stop();
+                tracing::info!(container = %short(id), name = %m.name, why, "tunnel stopped");
+            }
+            m.row.state = "stopped".into();
+            m.row.error = None;
+            m.retry_at = None;
+        }
+    }
+
+    /// The container is gone for good: give its address back and forget its key.
+    async fn destroy(&mut self, id: &str) {
+        self.stop(id, "container removed");
+        let Some(m) = self.containers.remove(id) else {
+            return;
+        };
+        match self.state.container_key(id) {
+            Ok(key) => {
+                if let Err(e) = self
+                    .settings
+                    .relay
+                    .deregister(&key.public_key().to_base64())
+                    .await
+                {
+                    tracing::warn!(container = %short(id), error = %e, "cannot deregister from the relay");
+                    return;
+                }
+                if let Err(e) = self.state.remove_key(id) {
+                    tracing::warn!(container = %short(id), error = %e, "cannot remove its key");
+                }
+                tracing::info!(container = %short(id), name = %m.name, "deregistered");
+            }
+            Err(e) => tracing::warn!(container = %short(id), error = %e, "cannot read its key"),
+        }
+    }
+
+    fn write_status(&mut self) {
+        let mut rows: Vec<StatusRow> = Vec::new();
+        for m in self.containers.values_mut() {
+            if let Some(r) = &m.running {
+                if let Some(p) = r.tunnel.device().peer(&r.relay_key) {
+                    m.row.latest_handshake = p
+                        .last_handshake()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs());
+                    m.row.rx_bytes = p.rx_bytes();
+                    m.row.tx_bytes = p.tx_bytes();
+                }
+            }
+            rows.push(m.row.clone());
+        }
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Err(e) = self.state.write_status(&rows) {
+            tracing::warn!(error = %e, "cannot write the status file");
+        }
+    }
+
+    /// Stops every tunnel; registrations stay so addresses come back on restart.
+    fn shutdown(mut self, signal: &str) -> Result<()> {
+        tracing::info!(signal, containers = self.containers.len(), "shutting down");
+        let ids: Vec<String> = self.containers.keys().cloned().collect();
+        for id in ids {
+            self.stop(&id, "agent stopping");
+        }
+        self.write_status();
+        Ok(())
+    }
+}
+
+struct Failure {
+    name: String,
+    error: String,
+    permanent: bool,
+}
+
+impl Failure {
+    fn transient(name: &str, error: String) -> Failure {
+        Failure {
+            name: name.to_string(),
+            error,
+            permanent: false,
+        }
+    }
+}
+
+/// Addresses to assign, the relay's key and its WireGuard endpoint.
+async fn parse_allocation(alloc: &Allocation) -> Result<(Vec<IpPrefix>, Key, SocketAddr)> {
+    let mut addrs = vec![alloc
+        .ipv6
+        .parse::<IpPrefix>()
+        .map_err(|e| anyhow!("relay sent a bad IPv6 allocation {:?}: {e}", alloc.ipv6))?];
+    if let Some(v4) = &alloc.ipv4 {
+        addrs.push(
+            v4.parse::<IpPrefix>()
+                .map_err(|e| anyhow!("relay sent a bad IPv4 allocation {v4:?}: {e}"))?,
+        );
+    }
+    let relay_key = Key::from_base64(&alloc.relay_public_key)
+        .map_err(|e| anyhow!("relay sent a bad public key: {e}"))?;
+    let endpoint = tokio::net::lookup_host(alloc.relay_endpoint.as_str())
+        .await
+        .with_context(|| format!("cannot resolve the relay endpoint {}", alloc.relay_endpoint))?
+        .next()
+        .ok_or_else(|| anyhow!("relay endpoint {} has no address", alloc.relay_endpoint))?;
+    Ok((addrs, relay_key, endpoint))
+}
+
+/// The container's own addresses on its Docker networks (netstack forwards there).
+fn container_addresses(
+    info: &bollard::models::ContainerInspectResponse,
+) -> (Option<IpAddr>, Option<IpAddr>) {
+    let mut v4 = None;
+    let mut v6 = None;
+    let networks = info
+        .network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref());
+    for net in networks.into_iter().flat_map(|n| n.values()) {
+        if v4.is_none() {
+            v4 = net.ip_address.as_deref().and_then(|a| a.parse().ok());
+        }
+        if v6.is_none() {
+            v6 = net
+                .global_ipv6_address
+                .as_deref()
+                .and_then(|a| a.parse().ok());
+        }
+    }
+    (v6, v4)
+}
+
+/// The errors that mean "this host cannot make a TUN device there", as opposed to
+/// a real failure.
+fn tun_unavailable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM)
+            | Some(libc::EACCES)
+            | Some(libc::ENOENT)
+            | Some(libc::ENODEV)
+            | Some(libc::EOPNOTSUPP)
+    )
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// `sidecar-agent status`.
+pub fn print_status(state_dir: &std::path::Path) -> Result<()> {
+    let state = StateDir::open(state_dir)?;
+    let rows = state.read_status().with_context(|| {
+        format!(
+            "no status in {} (is `sidecar-agent run` running with this --state-dir?)",
+            state_dir.display()
+        )
+    })?;
+    let age = std::fs::metadata(state.status_path())
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    println!(
+        "{:<20} {:<10} {:<42} {:<18} {:<9} {:<16} {:>12} {:>12}",
+        "NAME", "STATE", "IPV6", "IPV4", "MODE", "HANDSHAKE", "BYTES IN", "BYTES OUT"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for r in &rows {
+        let handshake = match r.latest_handshake {
+            Some(t) => format!("{}s ago", now.saturating_sub(t)),
+            None => "never".into(),
+        };
+        println!(
+            "{:<20} {:<10} {:<42} {:<18} {:<9} {:<16} {:>12} {:>12}",
+            truncate(&r.name, 20),
+            r.state,
+            r.ipv6.as_deref().unwrap_or("-"),
+            r.ipv4.as_deref().unwrap_or("-"),
+            r.mode.as_deref().unwrap_or("-"),
+            handshake,
+            r.rx_bytes,
+            r.tx_bytes
+        );
+        if let Some(e) = &r.error {
+            println!("    error: {e}");
+        }
+    }
+    if let Some(age) = age.filter(|a| *a > Duration::from_secs(10)) {
+        println!(
+            "(snapshot is {}s old: the agent may not be running)",
+            age.as_secs()
+        );
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}

@@ -1,0 +1,309 @@
+//! The relay's control API, over HTTPS with the relay's key pinned.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sidecar::pin::{client_config, PinMismatch};
+use sidecar::proto::{Allocation, ApiError, DeletePeer, PeerView, RegisterPeer, TOKEN_PREFIX};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A request that takes longer than this has failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest response body we read.
+const MAX_BODY: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("relay URL {0:?} must look like https://HOST:PORT")]
+    BadUrl(String),
+    #[error("the token must start with {TOKEN_PREFIX} (it looks like {0}); copy the agent token the relay printed")]
+    BadToken(String),
+    #[error("{0}")]
+    Pin(#[from] sidecar::pin::PinError),
+    #[error("cannot reach the relay at {url}: {source}")]
+    Connect { url: String, source: std::io::Error },
+    #[error("the relay's certificate does not match --pin: {0}")]
+    PinMismatch(PinMismatch),
+    #[error("TLS with the relay at {url} failed: {source}")]
+    Tls { url: String, source: std::io::Error },
+    #[error("HTTP with the relay failed: {0}")]
+    Http(String),
+    #[error("the relay did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("relay refused ({status}): {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the relay ({status}): {body}")]
+    Unexpected { status: u16, body: String },
+}
+
+impl ClientError {
+    /// Errors that will not go away by asking again.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::Api { status, .. } => (400..500).contains(status) && *status != 429,
+            ClientError::BadUrl(_)
+            | ClientError::BadToken(_)
+            | ClientError::Pin(_)
+            | ClientError::PinMismatch(_) => true,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RelayClient {
+    url: String,
+    host: String,
+    port: u16,
+    token: String,
+    connector: TlsConnector,
+}
+
+impl std::fmt::Debug for RelayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayClient")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Refuses the most common install mistake up front: a token that is not an agent
+/// token at all (a pin, a public key, a truncated paste).
+pub fn check_token(token: &str) -> Result<(), ClientError> {
+    if token.starts_with(TOKEN_PREFIX) && token.len() > TOKEN_PREFIX.len() {
+        return Ok(());
+    }
+    let shown: String = token.chars().take(12).collect();
+    Err(ClientError::BadToken(format!("{shown}…")))
+}
+
+impl RelayClient {
+    pub fn new(url: &str, token: &str, pin: &str) -> Result<RelayClient, ClientError> {
+        check_token(token)?;
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| ClientError::BadUrl(url.to_string()))?
+            .trim_end_matches('/');
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| ClientError::BadUrl(url.to_string()))?;
+        let mut config = client_config(pin)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(RelayClient {
+            url: format!("https://{rest}"),
+            host,
+            port,
+            token: token.to_string(),
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub async fn register(&self, req: &RegisterPeer) -> Result<Allocation, ClientError> {
+        self.call(Method::POST, "/v1/peers", Some(req)).await
+    }
+
+    pub async fn deregister(&self, pubkey: &str) -> Result<(), ClientError> {
+        let body = DeletePeer {
+            pubkey: pubkey.to_string(),
+        };
+        match self
+            .call::<_, serde_json::Value>(Method::DELETE, "/v1/peers", Some(&body))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already gone is what we wanted.
+            Err(ClientError::Api { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn peer_by_container(&self, id: &str) -> Result<Option<PeerView>, ClientError> {
+        match self
+            .call::<(), PeerView>(Method::GET, &format!("/v1/peers/by-container/{id}"), None)
+            .await
+        {
+            Ok(p) => Ok(Some(p)),
+            Err(ClientError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body))
+            .await
+            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
+    }
+
+    async fn exchange<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.url.clone(),
+                source,
+            })?;
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|_| ClientError::BadUrl(self.url.clone()))?;
+        let tls = self.connector.connect(name, tcp).await.map_err(|source| {
+            match pin_mismatch(&source) {
+                Some(m) => ClientError::PinMismatch(m),
+                None => ClientError::Tls {
+                    url: self.url.clone(),
+                    source,
+                },
+            }
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let payload = match body {
+            Some(b) => {
+                Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Http(e.to_string()))?)
+            }
+            None => Bytes::new(),
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, format!("{}:{}", self.host, self.port))
+            .header(AUTHORIZATION, format!("Bearer {}", self.token));
+        if body.is_some() {
+            request = request.header(CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(payload))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = response.status();
+        let bytes = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        driver.abort();
+        decode(status, &bytes)
+    }
+}
+
+fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+    if status.is_success() {
+        let body = if body.is_empty() {
+            b"null".as_slice()
+        } else {
+            body
+        };
+        return serde_json::from_slice(body).map_err(|_| ClientError::Unexpected {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(body).chars().take(200).collect(),
+        });
+    }
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => Err(ClientError::Api {
+            status: status.as_u16(),
+            code: e.error,
+            message: e.message,
+        }),
+        Err(_) => Err(ClientError::Unexpected {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(body).chars().take(200).collect(),
+        }),
+    }
+}
+
+fn pin_mismatch(e: &std::io::Error) -> Option<PinMismatch> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) = inner else {
+        return None;
+    };
+    other.0.downcast_ref::<PinMismatch>().cloned()
+}
+
+fn split_host_port(s: &str) -> Option<(String, u16)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:")?;
+        return Some((host.to_string(), port.parse().ok()?));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    if host.is_empty() || host.contains(':') {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_prefix_is_checked() {
+        assert!(check_token("sct_live_abc").is_ok());
+        let err = check_token("sha256//abcdefghijkl").unwrap_err();
+        assert!(
+            err.to_string().contains("must start with sct_live_"),
+            "{err}"
+        );
+        assert!(check_token("sct_live_").is_err());
+        assert!(err.is_permanent());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(split_host_port("relay:8443"), Some(("relay".into(), 8443)));
+        assert_eq!(
+            split_host_port("[2001:db8::1]:8443"),
+            Some(("2001:db8::1".into(), 8443))
+        );
+        assert_eq!(split_host_port("2001:db8::1:8443"), None);
+        assert_eq!(split_host_port("relay"), None);
+        let pin = "sha256//AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        assert!(RelayClient::new("http://relay:1", "sct_live_x", pin).is_err());
+        assert!(RelayClient::new("https://relay:1", "sct_live_x", pin).is_ok());
+        assert!(matches!(
+            RelayClient::new("https://relay:1", "sct_live_x", "nope"),
+            Err(ClientError::Pin(_))
+        ));
+    }
+
+    #[test]
+    fn decodes_api_errors() {
+        let r: Result<serde_json::Value, _> = decode(
+            StatusCode::FORBIDDEN,
+            br#"{"error":"quota_exceeded","message":"max_peers reached"}"#,
+        );
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("quota_exceeded"));
+        assert!(e.is_permanent());
+        let r: Result<serde_json::Value, _> = decode(StatusCode::BAD_GATEWAY, b"<html>");
+        assert!(!r.unwrap_err().is_permanent());
+    }
+}

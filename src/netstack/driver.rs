@@ -1,0 +1,513 @@
+//! The task that owns the stack.
+//!
+//! Each round: take every queued inbound packet (TCP through smoltcp one packet at a
+//! time, UDP and pings answered directly), service the flows whose wakers fired,
+//! let smoltcp transmit, and move the outbound packets to the shared queue. Between
+//! rounds the task sleeps until input arrives, a flow becomes ready, the output queue
+//! drains, or smoltcp's next timer (`poll_delay`) is due.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand_core::{OsRng, RngCore};
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+
+use super::device::StackDevice;
+use super::packet::{self, Inbound, TcpSegment};
+use super::tcp::{Events, TcpConn, Verdict};
+use super::udp::{self, UdpFlow};
+use super::wake::FlowWake;
+use super::{Counters, NetstackConfig, Shared, OUTPUT_CAPACITY};
+
+/// Per-direction socket buffer: with window scaling this is the most a client can
+/// have in flight per connection, so it bounds single-connection throughput.
+const TCP_BUFFER: usize = 256 * 1024;
+/// Connections in the stack at once; the buffers of a busy one cost 512 KiB.
+const MAX_TCP_CONNECTIONS: usize = 2048;
+/// Connections waiting for their upstream connect, so a SYN flood cannot turn into
+/// an unbounded number of connects to the container.
+const MAX_CONNECTING: usize = 512;
+const MAX_UDP_FLOWS: usize = 2048;
+/// Idle connections are probed this often, so that clients which vanished (the peer
+/// went away without a FIN) do not hold their buffers forever...
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// ...and are reset after this long without hearing from them.
+const TCP_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often idle UDP flows are looked for.
+const UDP_SWEEP: Duration = Duration::from_secs(1);
+/// While the output queue is full smoltcp always wants to transmit now; poll less
+/// eagerly and let the consumer's wake-up bring us back.
+const BLOCKED_POLL: Duration = Duration::from_millis(10);
+/// Longest sleep when smoltcp has no timer pending.
+const IDLE_POLL: Duration = Duration::from_secs(60);
+
+type Key = (IpEndpoint, IpEndpoint);
+
+pub(super) struct Driver {
+    shared: Arc<Shared>,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dev: StackDevice,
+    epoch: Instant,
+    public: Vec<IpAddress>,
+    target_for_v4: IpAddr,
+    target_for_v6: IpAddr,
+    mtu: usize,
+    tcp: HashMap<u64, TcpConn>,
+    tcp_by_key: HashMap<Key, u64>,
+    connecting: usize,
+    udp: HashMap<u64, UdpFlow>,
+    udp_by_key: HashMap<Key, u64>,
+    next_id: u64,
+    next_udp_sweep: Instant,
+    /// The output queue was full at the end of the last round.
+    blocked: bool,
+    // Scratch buffers swapped with the shared queues, so a round allocates nothing.
+    inbox: VecDeque<Vec<u8>>,
+    ready: Vec<u64>,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+impl Driver {
+    pub(super) fn new(config: &NetstackConfig, shared: Arc<Shared>) -> io::Result<Driver> {
+        let mut public: Vec<IpAddress> = Vec::new();
+        for &ip in &config.public {
+            let addr = IpAddress::from(ip);
+            if !addr.is_unicast() {
+                return Err(invalid(format!("public address {ip} is not unicast")));
+            }
+            if !public.contains(&addr) {
+                public.push(addr);
+            }
+        }
+        if public.is_empty() {
+            return Err(invalid("netstack needs at least one public address".into()));
+        }
+        let target_for_v6 = config.target_v6.or(config.target_v4);
+        let target_for_v4 = config.target_v4.or(config.target_v6);
+        let (Some(target_for_v4), Some(target_for_v6)) = (target_for_v4, target_for_v6) else {
+            return Err(invalid("netstack needs a target address".into()));
+        };
+        let has_v6 = public.iter().any(|a| matches!(a, IpAddress::Ipv6(_)));
+        let min_mtu = if has_v6 { 1280 } else { 576 };
+        if config.mtu < min_mtu {
+            return Err(invalid(format!(
+                "mtu {} is below the minimum of {min_mtu}",
+                config.mtu
+            )));
+        }
+
+        let mtu = usize::from(config.mtu);
+        let mut dev = StackDevice::new(mtu);
+        let mut iface_config = Config::new(HardwareAddress::Ip);
+        // smoltcp derives TCP initial sequence numbers from this; the default of 0
+        // makes them predictable.
+        iface_config.random_seed = OsRng.next_u64();
+        let epoch = Instant::now();
+        let mut iface = Interface::new(iface_config, &mut dev, smoltcp::time::Instant::ZERO);
+        let mut full = false;
+        iface.update_ip_addrs(|addrs| {
+            for addr in &public {
+                let prefix = match addr {
+                    IpAddress::Ipv4(_) => 32,
+                    IpAddress::Ipv6(_) => 128,
+                };
+                full |= addrs.push(IpCidr::new(*addr, prefix)).is_err();
+            }
+        });
+        if full {
+            return Err(invalid(format!(
+                "netstack takes at most {} public addresses",
+                iface.ip_addrs().len()
+            )));
+        }
+
+        Ok(Driver {
+            shared,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            dev,
+            epoch,
+            public,
+            target_for_v4,
+            target_for_v6,
+            mtu,
+            tcp: HashMap::new(),
+            tcp_by_key: HashMap::new(),
+            connecting: 0,
+            udp: HashMap::new(),
+            udp_by_key: HashMap::new(),
+            next_id: 0,
+            next_udp_sweep: epoch,
+            blocked: false,
+            inbox: VecDeque::new(),
+            ready: Vec::new(),
+        })
+    }
+
+    pub(super) async fn run(mut self) {
+        // Even if a bug makes this task panic, `recv` callers must learn that the
+        // stack is gone instead of waiting forever.
+        let _stop_on_exit = StopOnExit(self.shared.clone());
+        let sleep = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(sleep);
+        while !self.shared.stopped() {
+            if self.round() {
+                // More work is already waiting. Yield anyway so the round does not
+                // monopolise a worker thread (tokio's budget does not apply: the task
+                // runs unconstrained so I/O is never refused in the middle of a round).
+                tokio::task::yield_now().await;
+                continue;
+            }
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.next_delay());
+            tokio::select! {
+                biased;
+                () = self.shared.wake.notified() => {}
+                () = &mut sleep => {}
+            }
+        }
+        self.shutdown();
+    }
+
+    /// One pass over everything that is ready; true when more work is waiting.
+    fn round(&mut self) -> bool {
+        let now = self.smol_now();
+        let clock = Instant::now();
+        self.dev.tx.budget =
+            OUTPUT_CAPACITY.saturating_sub(self.shared.output.lock().packets.len());
+
+        std::mem::swap(&mut *self.shared.input.lock(), &mut self.inbox);
+        while let Some(packet) = self.inbox.pop_front() {
+            self.handle_packet(now, clock, packet);
+        }
+        self.service_ready(clock);
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.expire_udp(clock);
+        let more_output = self.flush();
+
+        more_output
+            || !self.shared.ready.lock().is_empty()
+            || !self.shared.input.lock().is_empty()
+    }
+
+    fn smol_now(&self) -> smoltcp::time::Instant {
+        let micros = i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX);
+        smoltcp::time::Instant::from_micros(micros)
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let now = self.smol_now();
+        let mut delay = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map_or(IDLE_POLL, |d| Duration::from_micros(d.total_micros()));
+        if self.blocked {
+            delay = delay.max(BLOCKED_POLL);
+        }
+        if !self.udp.is_empty() {
+            delay = delay.min(self.next_udp_sweep.saturating_duration_since(Instant::now()));
+        }
+        delay
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    fn handle_packet(&mut self, now: smoltcp::time::Instant, clock: Instant, packet: Vec<u8>) {
+        let public = &self.public;
+        match packet::classify(&packet, |addr| public.contains(addr)) {
+            Err(packet::Malformed) => Counters::bump(&self.counters().dropped_malformed),
+            Ok(Inbound::Unsupported) => Counters::bump(&self.counters().dropped_unsupported),
+            Ok(Inbound::Echo(reply)) => {
+                if reply.len() <= self.mtu && self.dev.tx.push(reply) {
+                    Counters::bump(&self.counters().icmp_echoes);
+                } else {
+                    Counters::bump(&self.counters().dropped_limits);
+                }
+            }
+            Ok(Inbound::Udp {
+                local,
+                remote,
+                payload,
+            }) => self.udp_input(clock, (local, remote), &packet[payload]),
+            Ok(Inbound::Tcp(segment)) => self.tcp_input(now, segment, packet),
+        }
+    }
+
+    fn tcp_input(&mut self, now: smoltcp::time::Instant, segment: TcpSegment, packet: Vec<u8>) {
+        let key = (segment.local, segment.remote);
+        let known = self.tcp_by_key.get(&key).copied();
+        if segment.opens && known.is_none() {
+            self.accept(now, key, packet);
+            return;
+        }
+        // Anything else, including segments for no connection (smoltcp answers those
+        // with RST), is smoltcp's business.
+        self.dev.rx = Some(packet);
+        self.iface
+            .poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        if let (true, Some(id)) = (segment.rst, known) {
+            // A RST in SYN-RECEIVED sends the socket back to LISTEN, where it would
+            // take the next SYN for its port as if it were a fresh listener. Drop it
+            // before any other packet comes in.
+            let handle = self.tcp[&id].handle;
+            if self.sockets.get::<tcp::Socket>(handle).state() == State::Listen {
+                self.remove_tcp(id);
+            }
+        }
+    }
+
+    /// A SYN for a connection we do not have: there is no listen-on-every-port socket
+    /// in smoltcp, so create a listener for exactly this SYN and hold its SYN-ACK until
+    /// the container accepted the upstream connection.
+    fn accept(&mut self, now: smoltcp::time::Instant, key: Key, packet: Vec<u8>) {
+        if self.tcp.len() >= MAX_TCP_CONNECTIONS || self.connecting >= MAX_CONNECTING {
+            Counters::bump(&self.counters().dropped_limits);
+            return;
+        }
+        let (local, remote) = key;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        let listen = IpListenEndpoint {
+            addr: Some(local.addr),
+            port: local.port,
+        };
+        if socket.listen(listen).is_err() {
+            Counters::bump(&self.counters().dropped_malformed);
+            return;
+        }
+        socket.pause_synack(true);
+        // Data from upstream arrives in the chunks the container wrote; holding small
+        // ones back for Nagle would only add latency.
+        socket.set_nagle_enabled(false);
+        socket.set_keep_alive(Some(TCP_KEEPALIVE.into()));
+        socket.set_timeout(Some(TCP_TIMEOUT.into()));
+        let handle = self.sockets.add(socket);
+
+        self.dev.rx = Some(packet);
+        self.iface
+            .poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        if socket.state() != State::SynReceived || socket.remote_endpoint() != Some(remote) {
+            // smoltcp rejected the SYN (bad options, say); classify() let it through.
+            self.sockets.remove(handle);
+            Counters::bump(&self.counters().dropped_malformed);
+            return;
+        }
+
+        let id = self.next_flow_id();
+        let target = SocketAddr::new(self.target_for(&local.addr), local.port);
+        let conn = TcpConn::new(handle, key, FlowWake::new(id, self.shared.clone()), target);
+        // The first poll of the connect future registers its waker.
+        conn.wake.wake();
+        tracing::trace!(client = %remote, port = local.port, %target, "new TCP connection");
+        self.tcp.insert(id, conn);
+        self.tcp_by_key.insert(key, id);
+        self.connecting += 1;
+        self.update_gauges();
+    }
+
+    fn udp_input(&mut self, clock: Instant, key: Key, payload: &[u8]) {
+        let id = match self.udp_by_key.get(&key) {
+            Some(&id) => id,
+            None => match self.open_udp(clock, key) {
+                Some(id) => id,
+                None => {
+                    Counters::bump(&self.counters().dropped_limits);
+                    return;
+                }
+            },
+        };
+        if let Some(flow) = self.udp.get_mut(&id) {
+            if !flow.send(payload, clock) {
+                Counters::bump(&self.shared.counters.dropped_limits);
+            }
+        }
+    }
+
+    fn open_udp(&mut self, clock: Instant, key: Key) -> Option<u64> {
+        if self.udp.len() >= MAX_UDP_FLOWS {
+            return None;
+        }
+        let (local, remote) = key;
+        let target = SocketAddr::new(self.target_for(&local.addr), local.port);
+        let id = self.next_flow_id();
+        let wake = FlowWake::new(id, self.shared.clone());
+        let flow = match UdpFlow::open(key, target, wake, clock) {
+            Ok(flow) => flow,
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "cannot open upstream UDP socket");
+                return None;
+            }
+        };
+        // The first poll of the socket registers interest in replies.
+        flow.wake.wake();
+        tracing::trace!(client = %remote, port = local.port, %target, "new UDP flow");
+        self.udp.insert(id, flow);
+        self.udp_by_key.insert(key, id);
+        Counters::bump(&self.counters().udp_flows_opened);
+        self.update_gauges();
+        Some(id)
+    }
+
+    fn service_ready(&mut self, clock: Instant) {
+        let mut ready = std::mem::take(&mut self.ready);
+        std::mem::swap(&mut *self.shared.ready.lock(), &mut ready);
+        for &id in &ready {
+            if self.tcp.contains_key(&id) {
+                self.service_tcp(id);
+            } else if let Some(flow) = self.udp.get_mut(&id) {
+                flow.wake.rearm();
+                let delivery = flow.service(&mut self.dev.tx, self.mtu, clock);
+                self.shared
+                    .counters
+                    .dropped_limits
+                    .fetch_add(delivery.dropped, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        ready.clear();
+        self.ready = ready;
+    }
+
+    fn service_tcp(&mut self, id: u64) {
+        let Some(conn) = self.tcp.get_mut(&id) else {
+            return;
+        };
+        conn.wake.rearm();
+        let was_connecting = conn.is_connecting();
+        let mut events = Events::default();
+        let verdict = conn.service(
+            self.sockets.get_mut::<tcp::Socket>(conn.handle),
+            &mut events,
+        );
+        if was_connecting && !conn.is_connecting() {
+            self.connecting -= 1;
+        }
+        if events.opened {
+            Counters::bump(&self.counters().tcp_opened);
+        }
+        if events.refused {
+            Counters::bump(&self.counters().tcp_refused);
+        }
+        if verdict == Verdict::Remove {
+            self.remove_tcp(id);
+        }
+    }
+
+    fn remove_tcp(&mut self, id: u64) {
+        let Some(mut conn) = self.tcp.remove(&id) else {
+            return;
+        };
+        if conn.is_connecting() {
+            self.connecting -= 1;
+        }
+        conn.close_upstream();
+        self.sockets.remove(conn.handle);
+        self.tcp_by_key.remove(&conn.key);
+        self.update_gauges();
+    }
+
+    fn expire_udp(&mut self, clock: Instant) {
+        if clock < self.next_udp_sweep {
+            return;
+        }
+        self.next_udp_sweep = clock + UDP_SWEEP;
+        let before = self.udp.len();
+        let by_key = &mut self.udp_by_key;
+        self.udp.retain(|_, flow| {
+            let live = clock.duration_since(flow.last_active) < udp::IDLE_TIMEOUT;
+            if !live {
+                by_key.remove(&flow.key);
+            }
+            live
+        });
+        if self.udp.len() != before {
+            self.update_gauges();
+        }
+    }
+
+    /// Moves this round's packets to the output queue; true when smoltcp was held
+    /// back although the consumer has already made room.
+    fn flush(&mut self) -> bool {
+        let tx = &mut self.dev.tx;
+        let mut output = self.shared.output.lock();
+        let was_empty = output.packets.is_empty();
+        output.packets.extend(tx.packets.drain(..));
+        let mut retry = false;
+        self.blocked = false;
+        if std::mem::take(&mut tx.exhausted) {
+            // `recv` wakes us once the queue is half empty; if it already is, the
+            // consumer has no reason to, so go again ourselves.
+            if output.packets.len() > OUTPUT_CAPACITY / 2 {
+                output.blocked = true;
+                self.blocked = true;
+            } else {
+                retry = true;
+            }
+        }
+        let has_packets = !output.packets.is_empty();
+        drop(output);
+        if was_empty && has_packets {
+            self.shared.output_ready.notify_one();
+        }
+        let dropped = std::mem::take(&mut self.dev.tx_dropped);
+        if dropped > 0 {
+            self.shared
+                .counters
+                .dropped_limits
+                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+        }
+        retry
+    }
+
+    fn shutdown(&mut self) {
+        for (_, mut conn) in self.tcp.drain() {
+            conn.close_upstream();
+        }
+        self.tcp_by_key.clear();
+        self.udp.clear();
+        self.udp_by_key.clear();
+        self.connecting = 0;
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counters = self.counters();
+        counters.tcp_active.store(self.tcp.len() as u64, Relaxed);
+        counters.udp_flows_active.store(self.udp.len() as u64, Relaxed);
+    }
+
+    fn next_flow_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn target_for(&self, public: &IpAddress) -> IpAddr {
+        match public {
+            IpAddress::Ipv4(_) => self.target_for_v4,
+            IpAddress::Ipv6(_) => self.target_for_v6,
+        }
+    }
+}
+
+struct StopOnExit(Arc<Shared>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
