@@ -1,10 +1,11 @@
 //! Driving the `sidecar-agent` binary: locating or building it, writing its wg-quick style
 //! config, starting it inside a namespace and reading its metrics.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::netns::Netns;
@@ -16,14 +17,25 @@ use super::{unique_name, wait_until};
 /// profile directory, brought up to date with cargo first (so a stale binary is
 /// never measured or tested).
 pub fn agent_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(locate_or_build).clone()
+    workspace_bin("sidecar-agent", "sidecar-agent", "SIDECAR_AGENT_BIN")
 }
 
-fn locate_or_build() -> PathBuf {
-    if let Some(bin) = std::env::var_os("SIDECAR_AGENT_BIN") {
+/// Binary `bin` of workspace package `package`: `$env_var` if set, else the one in this
+/// test executable's profile directory, built (or brought up to date) with cargo once per
+/// test process.
+pub fn workspace_bin(package: &str, bin: &str, env_var: &str) -> PathBuf {
+    static BINS: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    // Held across the build so concurrent tests wait for one cargo run, not start several.
+    let mut bins = BINS.lock().unwrap_or_else(|e| e.into_inner());
+    bins.entry(format!("{package}/{bin}"))
+        .or_insert_with(|| locate_or_build(package, bin, env_var))
+        .clone()
+}
+
+fn locate_or_build(package: &str, bin_name: &str, env_var: &str) -> PathBuf {
+    if let Some(bin) = std::env::var_os(env_var) {
         let bin = PathBuf::from(bin);
-        assert!(bin.is_file(), "SIDECAR_AGENT_BIN={bin:?} does not exist");
+        assert!(bin.is_file(), "{env_var}={bin:?} does not exist");
         return bin;
     }
     // Test and bench executables live in <target>/<profile>/deps/.
@@ -34,11 +46,11 @@ fn locate_or_build() -> PathBuf {
         .expect("test executable is in <target>/<profile>/deps");
     let target_dir = profile_dir.parent().expect("profile dir has a parent");
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
-    let bin = profile_dir.join("sidecar-agent");
+    let bin = profile_dir.join(bin_name);
     {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "sidecar-agent", "--target-dir"])
+        cmd.args(["build", "-p", package, "--bin", bin_name, "--target-dir"])
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if release {
@@ -49,7 +61,7 @@ fn locate_or_build() -> PathBuf {
     }
     assert!(
         bin.is_file(),
-        "{bin:?} is missing after building it; set SIDECAR_AGENT_BIN to the binary"
+        "{bin:?} is missing after building it; set {env_var} to the binary"
     );
     bin
 }

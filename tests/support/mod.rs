@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod netns;
 pub mod process;
+pub mod relay;
 pub mod traffic;
 pub mod tunnel;
 pub mod wg;

@@ -1,0 +1,472 @@
+//! The relay's HTTPS control API end to end: the real binary, curl pinned to its
+//! certificate, and the data plane's reaction to what the API is told.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::Ipv6Addr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use support::relay::{ApiResponse, Relay, RelayOptions, Topology, API_PORT, RELAY_TOOLS};
+use support::traffic::{ping_until_reply, ping_with};
+use support::{require_tools, wait_until, BASE_TOOLS};
+
+fn require() {
+    require_tools(BASE_TOOLS);
+    require_tools(RELAY_TOOLS);
+}
+
+/// A random (valid: any 32 bytes but zero are a Curve25519 public key) key in base64.
+fn random_pubkey() -> String {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .expect("read /dev/urandom");
+    bytes[0] |= 1;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn ipv6_of(r: &ApiResponse) -> Ipv6Addr {
+    r.json["ipv6"]
+        .as_str()
+        .and_then(|a| a.strip_suffix("/128"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no ipv6 /128 in {r:?}"))
+}
+
+fn assert_unauthorized(r: &ApiResponse, what: &str) {
+    assert_eq!(r.status, 401, "{what}: {r:?}");
+    assert_eq!(r.error(), "unauthorized", "{what}: {r:?}");
+    let challenge = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with("Bearer"),
+        "{what}: 401 without a Bearer challenge: {r:?}"
+    );
+}
+
+#[test]
+fn health_and_authentication_errors() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let from = &topo.router;
+
+    let health = relay.request(from, "GET", "/v1/health", None, None);
+    assert_eq!(health.status, 200, "{health:?}");
+    assert_eq!(health.json["status"], "ok", "{health:?}");
+
+    let none = relay.request(from, "GET", "/v1/status", None, None);
+    assert_unauthorized(&none, "no token");
+
+    let wrong_prefix = relay.call(from, "GET", "/v1/status", "abc123notatoken", None);
+    assert_unauthorized(&wrong_prefix, "token without prefix");
+    assert!(
+        wrong_prefix.message().contains("sct_live_"),
+        "the message must say which prefix tokens have: {wrong_prefix:?}"
+    );
+
+    let unknown = relay.call(
+        from,
+        "GET",
+        "/v1/status",
+        "sct_live_thisisnotatokenthisrelayissued",
+        None,
+    );
+    assert_unauthorized(&unknown, "unknown token");
+
+    let default = &relay.creds.default_token;
+    let status = relay.call(from, "GET", "/v1/status", default, None);
+    assert_eq!(status.status, 200, "{status:?}");
+    assert_eq!(status.json["limits"]["max_peers"], 100, "{status:?}");
+    assert_eq!(status.json["limits"]["max_ipv4"], 10, "{status:?}");
+
+    let not_admin = relay.call(
+        from,
+        "POST",
+        "/v1/admin/tokens",
+        default,
+        Some(&json!({"name": "x", "max_peers": 1, "max_ipv4": 0})),
+    );
+    assert_eq!(not_admin.status, 403, "{not_admin:?}");
+    assert_eq!(not_admin.error(), "forbidden", "{not_admin:?}");
+}
+
+#[test]
+fn quotas_are_enforced() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: true });
+    let from = &topo.router;
+
+    let (_, two) = relay.create_token("two-peers", 2, 1, None);
+    for _ in 0..2 {
+        let r = relay.register(from, &two, &random_pubkey(), false);
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    let third = relay.register(from, &two, &random_pubkey(), false);
+    assert_eq!(third.status, 403, "{third:?}");
+    assert_eq!(third.error(), "quota_exceeded", "{third:?}");
+    assert!(third.message().contains("max_peers"), "{third:?}");
+    let status = relay.call(from, "GET", "/v1/status", &two, None);
+    assert_eq!(status.json["usage"]["peers"], 2, "{status:?}");
+
+    let (_, no_v4) = relay.create_token("no-ipv4", 5, 0, None);
+    let r = relay.register(from, &no_v4, &random_pubkey(), true);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.error(), "quota_exceeded", "{r:?}");
+    assert!(r.message().contains("max_ipv4"), "{r:?}");
+    // The same token may still register IPv6-only peers.
+    let r = relay.register(from, &no_v4, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "{r:?}");
+    assert!(r.json["ipv4"].is_null(), "{r:?}");
+}
+
+#[test]
+fn registration_details_and_request_errors() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let from = &topo.router;
+    let token = relay.creds.default_token.clone();
+    let auth = format!("Bearer {token}");
+
+    // Idempotent registration with a container label, found again by it.
+    let key = random_pubkey();
+    let body = json!({"pubkey": key, "ipv4": false, "name": "web", "container": "web-1"});
+    let first = relay.call(from, "POST", "/v1/peers", &token, Some(&body));
+    assert_eq!(first.status, 201, "{first:?}");
+    assert_eq!(first.json["created"], true, "{first:?}");
+    assert_eq!(first.json["relay_endpoint"], "192.0.2.2:51820", "{first:?}");
+    let again = relay.call(from, "POST", "/v1/peers", &token, Some(&body));
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.json["created"], false, "{again:?}");
+    assert_eq!(again.json["ipv6"], first.json["ipv6"]);
+    let found = relay.call(from, "GET", "/v1/peers/by-container/web-1", &token, None);
+    assert_eq!(found.status, 200, "{found:?}");
+    assert_eq!(
+        found.json["pubkey"].as_str(),
+        Some(key.as_str()),
+        "{found:?}"
+    );
+    assert_eq!(found.json["ipv6"], first.json["ipv6"]);
+    let missing = relay.call(from, "GET", "/v1/peers/by-container/nope", &token, None);
+    assert_eq!((missing.status, missing.error()), (404, "not_found"));
+
+    // The same key under another token.
+    let (_, other) = relay.create_token("other", 5, 0, None);
+    let taken = relay.register(from, &other, &key, false);
+    assert_eq!(
+        (taken.status, taken.error()),
+        (409, "conflict"),
+        "{taken:?}"
+    );
+
+    let post = |content_type: &str, text: &str| {
+        relay.request_raw(
+            from,
+            "POST",
+            "/v1/peers",
+            Some(&auth),
+            Some((content_type, text)),
+        )
+    };
+    let cases = [
+        (post("", &body.to_string()), 415, "unsupported_media_type"),
+        (
+            post("text/plain", &body.to_string()),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            post("application/json", "{\"pubkey\": "),
+            400,
+            "bad_request",
+        ),
+        (
+            post("application/json", "{\"ipv4\": true}"),
+            422,
+            "invalid_request",
+        ),
+        (
+            post("application/json", "{\"pubkey\": \"not-a-key\"}"),
+            400,
+            "invalid_pubkey",
+        ),
+        (
+            post(
+                "application/json",
+                &format!("{{\"pubkey\": \"{}\"}}", "A".repeat(20_000)),
+            ),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (i, (r, status, code)) in cases.iter().enumerate() {
+        assert_eq!((r.status, r.error()), (*status, *code), "case {i}: {r:?}");
+        assert!(!r.message().is_empty(), "case {i}: no message: {r:?}");
+    }
+}
+
+#[test]
+fn concurrent_registrations_get_distinct_addresses() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let keys: Vec<String> = (0..30).map(|_| random_pubkey()).collect();
+    let token = relay.creds.default_token.clone();
+
+    let results: Vec<ApiResponse> = std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .iter()
+            .map(|k| s.spawn(|| relay.register(&topo.router, &token, k, false)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("registration thread"))
+            .collect()
+    });
+    let mut addrs = HashSet::new();
+    for (key, r) in keys.iter().zip(&results) {
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(r.json["pubkey"].as_str(), Some(key.as_str()));
+        let a = ipv6_of(r);
+        assert_eq!(
+            a.segments()[..4],
+            [0x2001, 0xdb8, 1, 0],
+            "{a} outside the prefix"
+        );
+        addrs.insert(a);
+    }
+    assert_eq!(
+        addrs.len(),
+        30,
+        "30 registrations must get 30 distinct /128s"
+    );
+
+    let listed = relay.list_peers(&token);
+    assert_eq!(listed.len(), 30, "{listed:?}");
+    assert_eq!(relay.dump().len(), 30, "every peer is on the data plane");
+}
+
+#[test]
+fn delete_and_revoke_stop_traffic_at_once() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let (revoked_id, revoked) = relay.create_token("to-revoke", 5, 0, None);
+    let (site_a, site_b, site_c) = (topo.client_site(), topo.client_site(), topo.client_site());
+    let a = site_a.connect(&relay, &relay.creds.default_token, false);
+    let b = site_b.connect(&relay, &revoked, false);
+    let c = site_c.connect(&relay, &revoked, false);
+    for client in [&a, &b, &c] {
+        assert!(
+            ping_until_reply(&topo.remote, client.ipv6(), Duration::from_secs(15)),
+            "remote never reached {}",
+            client.ipv6()
+        );
+    }
+
+    let del = relay.call(
+        &site_a.ns,
+        "DELETE",
+        "/v1/peers",
+        &relay.creds.default_token,
+        Some(&json!({"pubkey": a.keys.public})),
+    );
+    assert_eq!(del.status, 204, "{del:?}");
+    let p = ping_with(&topo.remote, a.ipv6(), "-c 3 -i 0.2 -W 1");
+    assert_eq!(p.received, 0, "a deleted peer still answers:\n{}", p.output);
+    assert!(relay.peer(&a.keys.public).is_none(), "still in wg show");
+    assert!(!relay
+        .list_peers(&relay.creds.default_token)
+        .iter()
+        .any(|(k, _)| *k == a.keys.public));
+    // Deleting again: nothing left to delete.
+    let again = relay.call(
+        &site_a.ns,
+        "DELETE",
+        "/v1/peers",
+        &relay.creds.default_token,
+        Some(&json!({"pubkey": a.keys.public})),
+    );
+    assert_eq!(again.status, 404, "{again:?}");
+
+    // The others are unaffected.
+    for client in [&b, &c] {
+        let p = ping_with(&topo.remote, client.ipv6(), "-c 2 -i 0.2 -W 2");
+        assert!(p.all_received(), "{}", p.output);
+    }
+
+    let revoke = relay.call(
+        &topo.router,
+        "DELETE",
+        "/v1/admin/tokens",
+        &relay.creds.admin_token,
+        Some(&json!({"id": revoked_id})),
+    );
+    assert_eq!(revoke.status, 204, "{revoke:?}");
+    for client in [&b, &c] {
+        let p = ping_with(&topo.remote, client.ipv6(), "-c 3 -i 0.2 -W 1");
+        assert_eq!(
+            p.received, 0,
+            "a peer of a revoked token still answers:\n{}",
+            p.output
+        );
+        assert!(
+            relay.peer(&client.keys.public).is_none(),
+            "still in wg show"
+        );
+    }
+    let r = relay.call(&site_b.ns, "GET", "/v1/status", &revoked, None);
+    assert_unauthorized(&r, "revoked token");
+}
+
+/// `POST /v1/peers` whose body is only sent when `send` is called, so the request is
+/// in flight at a moment the test chooses.
+struct SlowRegistration {
+    child: std::process::Child,
+    body: String,
+}
+
+impl SlowRegistration {
+    fn start(relay: &Relay, from: &support::Netns, token: &str, pubkey: &str) -> Self {
+        let mut cmd = relay.curl(from, "POST", Some(&format!("Bearer {token}")));
+        // Upload from stdin streams it (chunked): curl sends the headers at once and the
+        // body when stdin has it.
+        cmd.args(["-H", "Content-Type: application/json", "-H", "Expect:"])
+            .args(["-T", "-"])
+            .arg(relay.url("/v1/peers"));
+        let child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn curl");
+        SlowRegistration {
+            child,
+            body: json!({"pubkey": pubkey, "ipv4": false}).to_string(),
+        }
+    }
+
+    fn send(mut self) -> ApiResponse {
+        {
+            let mut stdin = self.child.stdin.take().expect("stdin is piped");
+            let _ = stdin.write_all(self.body.as_bytes());
+        }
+        let out = self.child.wait_with_output().expect("wait for curl");
+        ApiResponse::from_curl_output(
+            &String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+fn draining_refuses_registrations_and_loses_none_acknowledged() {
+    require();
+    let topo = Topology::new();
+    let mut relay = Relay::start(&topo, &RelayOptions::default());
+    // The default token's 100 peers would run out before the relay is stopped.
+    let (_, token) = relay.create_token("drain", 100_000, 0, None);
+    let site = topo.client_site();
+    let client = site.connect(&relay, &token, false);
+    assert!(ping_until_reply(
+        &topo.remote,
+        client.ipv6(),
+        Duration::from_secs(15)
+    ));
+
+    // A registration in flight (headers sent, body pending) when SIGTERM arrives.
+    let slow_key = random_pubkey();
+    let slow = SlowRegistration::start(&relay, &site.ns, &token, &slow_key);
+    let connected = wait_until(Duration::from_secs(5), || {
+        !relay
+            .ns()
+            .try_exec(&format!("ss -Htn state established sport = :{API_PORT}"))
+            .stdout
+            .is_empty()
+    });
+    assert!(connected, "the slow registration never connected");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Registrations keep coming from four clients until the relay stops answering.
+    let acked: Arc<Mutex<Vec<(String, Ipv6Addr)>>> = Arc::default();
+    let outcomes: Arc<Mutex<Vec<ApiResponse>>> = Arc::default();
+    let sigterm_sent = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let key = random_pubkey();
+                let r = relay.register(&topo.router, &token, &key, false);
+                match r.status {
+                    201 => acked.lock().unwrap().push((key, ipv6_of(&r))),
+                    _ => {
+                        outcomes.lock().unwrap().push(r);
+                        if sigterm_sent.load(std::sync::atomic::Ordering::SeqCst) {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        sigterm_sent.store(true, std::sync::atomic::Ordering::SeqCst);
+        relay.signal(libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        let refused = slow.send();
+        assert_eq!(
+            refused.status, 503,
+            "a registration completed while draining: {refused:?}"
+        );
+        assert_eq!(refused.error(), "draining", "{refused:?}");
+    });
+    let status = relay
+        .wait_exit(Duration::from_secs(20))
+        .expect("relay did not exit within 20 s of SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status}:\n{}", relay.log_tail(30));
+    let outcomes = outcomes.lock().unwrap().clone();
+    for r in &outcomes {
+        assert!(
+            r.status == 0 || (r.status == 503 && r.error() == "draining"),
+            "while draining a registration must be refused or not answered: {r:?}"
+        );
+    }
+    eprintln!(
+        "after SIGTERM: {} registrations got 503 draining, {} no answer ({:?})",
+        outcomes.iter().filter(|r| r.status == 503).count(),
+        outcomes.iter().filter(|r| r.status == 0).count(),
+        outcomes
+            .iter()
+            .filter(|r| r.status == 0)
+            .map(|r| r.curl_error.trim())
+            .collect::<HashSet<_>>()
+    );
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 4,
+        "too few registrations before SIGTERM: {}",
+        acked.len()
+    );
+
+    relay.run();
+    let listed: HashSet<(String, String)> = relay.list_peers(&token).into_iter().collect();
+    for (key, addr) in &acked {
+        assert!(
+            listed.contains(&(key.clone(), format!("{addr}/128"))),
+            "acknowledged registration {key} ({addr}) lost across the restart"
+        );
+    }
+    assert!(
+        !listed.iter().any(|(k, _)| *k == slow_key),
+        "the refused registration was stored"
+    );
+    eprintln!(
+        "{} registrations acknowledged before SIGTERM, all present after restart",
+        acked.len()
+    );
+}
