@@ -50,6 +50,9 @@ pub struct Lane {
 struct Queue {
     packets: VecDeque<Vec<u8>>,
     bytes: usize,
+    /// Bytes charged to no cell yet: carried so that the long-run rate is exact
+    /// rather than rounded up to whole cells per packet.
+    carry: usize,
     /// Buffers of released packets, reused so the steady state does not allocate.
     spare: Vec<Vec<u8>>,
 }
@@ -57,6 +60,17 @@ struct Queue {
 fn cells(len: usize) -> NonZeroU32 {
     let n = len.div_ceil(CELL).max(1);
     NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
+}
+
+impl Queue {
+    /// Whole cells to charge for `len` more bytes, keeping the remainder for later.
+    /// `None` when the bytes fit in what is carried (nothing to charge yet).
+    fn charge(&self, len: usize) -> (Option<NonZeroU32>, usize) {
+        let total = self.carry + len;
+        let whole = total / CELL;
+        let n = NonZeroU32::new(u32::try_from(whole).unwrap_or(u32::MAX));
+        (n, total % CELL)
+    }
 }
 
 impl Lane {
@@ -83,8 +97,12 @@ impl Lane {
     /// Offers a packet. Packets already waiting go first, so order is kept.
     pub fn offer(&self, packet: &[u8]) -> Admit {
         let mut q = self.queue.lock();
-        if q.packets.is_empty() && matches!(self.limiter.check_n(cells(packet.len())), Ok(Ok(()))) {
-            return Admit::Now;
+        if q.packets.is_empty() {
+            let (n, carry) = q.charge(packet.len());
+            if n.is_none_or(|n| matches!(self.limiter.check_n(n), Ok(Ok(())))) {
+                q.carry = carry;
+                return Admit::Now;
+            }
         }
         if q.bytes + packet.len() > self.max_bytes {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -104,8 +122,14 @@ impl Lane {
         let mut q = self.queue.lock();
         loop {
             let len = q.packets.front()?.len();
-            match self.limiter.check_n(cells(len)) {
+            let (n, carry) = q.charge(len);
+            let verdict = match n {
+                None => Ok(Ok(())),
+                Some(n) => self.limiter.check_n(n),
+            };
+            match verdict {
                 Ok(Ok(())) => {
+                    q.carry = carry;
                     q.bytes -= len;
                     if let Some(p) = q.packets.pop_front() {
                         out.push(p);
@@ -234,6 +258,23 @@ mod tests {
         let secs = start.elapsed().as_secs_f64();
         // 1 MB at 2 MB/s, minus the 64 KiB burst: about 0.47 s.
         assert!((0.40..0.60).contains(&secs), "took {secs:.3} s");
+    }
+
+    #[test]
+    fn charges_exact_bytes_over_time() {
+        let mut q = Queue::default();
+        let mut cells = 0u64;
+        for _ in 0..1000 {
+            let (n, carry) = q.charge(1420);
+            cells += n.map_or(0, |n| u64::from(n.get()));
+            q.carry = carry;
+        }
+        assert_eq!(cells * CELL as u64 + q.carry as u64, 1_420_000);
+        // A tiny packet is carried, not charged a whole cell.
+        let mut q = Queue::default();
+        assert_eq!(q.charge(40), (None, 40));
+        q.carry = 40;
+        assert_eq!(q.charge(40).0.map(|n| n.get()), Some(1));
     }
 
     #[test]

@@ -155,6 +155,23 @@ impl RelayDataPlane {
         }
     }
 
+    /// Where the peer was last seen, if anywhere.
+    pub fn endpoint(&self, key: &Key) -> Option<std::net::SocketAddr> {
+        self.device().peer(key)?.endpoint()
+    }
+
+    /// Restores the endpoint a peer had before a restart, so traffic for it starts
+    /// a handshake towards it at once (its NAT mapping is usually still open).
+    pub fn restore_endpoint(&self, key: &Key, endpoint: std::net::SocketAddr) {
+        let mut update = PeerUpdate::new(*key);
+        update.update_only = true;
+        update.endpoint = Some(endpoint);
+        let _ = self.device().apply(&DeviceUpdate {
+            peers: vec![update],
+            ..Default::default()
+        });
+    }
+
     /// (last handshake as unix seconds, rx bytes, tx bytes)
     pub fn stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)> {
         let peer = self.device().peer(key)?;

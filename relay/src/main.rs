@@ -23,7 +23,7 @@ use tracing_subscriber::EnvFilter;
 const DEFAULT_DATA_DIR: &str = "/var/lib/sidecar-relay";
 
 /// How often live peer counters are written back to the store.
-const USAGE_SYNC: Duration = Duration::from_secs(30);
+const USAGE_SYNC: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -323,6 +323,9 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         }
         let bandwidth = store.token(&peer.token_id)?.and_then(|t| t.bandwidth_mbps);
         dataplane.add(&peer, bandwidth);
+        if let Some(endpoint) = peer.endpoint {
+            dataplane.restore_endpoint(&peer.public_key, endpoint);
+        }
         loaded += 1;
     }
     tracing::info!(peers = loaded, "restored peers from the store");
@@ -436,7 +439,13 @@ async fn write_usage(store: &Store, dataplane: &RelayDataPlane) {
     for peer in peers {
         if let Some((handshake, rx, tx)) = dataplane.stats(&peer.public_key) {
             if let Err(e) = store
-                .record_usage(&peer.public_key, handshake, rx, tx)
+                .record_usage(
+                    &peer.public_key,
+                    handshake,
+                    rx,
+                    tx,
+                    dataplane.endpoint(&peer.public_key),
+                )
                 .await
             {
                 tracing::warn!(peer = %peer.public_key, error = %e, "cannot record usage");

@@ -72,7 +72,7 @@ mod plan;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -143,6 +143,10 @@ pub struct PeerRecord {
     pub last_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The peer's WireGuard endpoint as last seen, so a restarted relay can reach a
+    /// peer behind NAT at once instead of waiting for the peer to handshake again.
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// A request to register (or re-register) a peer.
@@ -688,6 +692,7 @@ impl Store {
         last_handshake: Option<u64>,
         rx_bytes: u64,
         tx_bytes: u64,
+        endpoint: Option<SocketAddr>,
     ) -> Result<(), StoreError> {
         let peers = &self.inner.trees.peers;
         // Compare-and-swap, not a blind write: a blind write could resurrect a peer
@@ -697,11 +702,12 @@ impl Store {
                 return Ok(());
             };
             let mut rec: PeerRecord = decode("peer", &current)?;
-            let before = (rec.last_handshake, rec.rx_bytes, rec.tx_bytes);
+            let before = (rec.last_handshake, rec.rx_bytes, rec.tx_bytes, rec.endpoint);
             rec.last_handshake = last_handshake.or(rec.last_handshake);
             rec.rx_bytes = rx_bytes;
             rec.tx_bytes = tx_bytes;
-            if before == (rec.last_handshake, rec.rx_bytes, rec.tx_bytes) {
+            rec.endpoint = endpoint.or(rec.endpoint);
+            if before == (rec.last_handshake, rec.rx_bytes, rec.tx_bytes, rec.endpoint) {
                 return Ok(());
             }
             let new = encode(&rec)?;
@@ -1004,6 +1010,7 @@ fn register_tx(
         last_handshake: None,
         rx_bytes: 0,
         tx_bytes: 0,
+        endpoint: None,
     };
     tx.peers.insert(&key.0[..], encode(&rec).abort()?)?;
     tx.token_peers

@@ -203,9 +203,11 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![cert], key)?;
-    // axum-server does not set ALPN; without it every client falls back to
-    // HTTP/1.1 even though the server speaks h2.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: an HTTP/2 server that answers an error before reading the
+    // request body resets the stream, and common curl versions then drop the
+    // answer ("Stream error in the HTTP/2 framing layer"). The API is small
+    // requests; multiplexing buys nothing.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

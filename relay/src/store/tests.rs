@@ -563,17 +563,34 @@ async fn record_usage_updates_counters() {
     let tok = token(&store, 10, 10).await;
     store.register(&tok, reg(key(1), false)).await.unwrap();
     store
-        .record_usage(&key(1), Some(1000), 10, 20)
+        .record_usage(
+            &key(1),
+            Some(1000),
+            10,
+            20,
+            Some("203.0.113.2:4000".parse().unwrap()),
+        )
         .await
         .unwrap();
-    store.record_usage(&key(1), None, 11, 21).await.unwrap();
+    store
+        .record_usage(&key(1), None, 11, 21, None)
+        .await
+        .unwrap();
     let rec = store.peer(&key(1)).unwrap().unwrap();
     assert_eq!(
-        (rec.last_handshake, rec.rx_bytes, rec.tx_bytes),
-        (Some(1000), 11, 21)
+        (rec.last_handshake, rec.rx_bytes, rec.tx_bytes, rec.endpoint),
+        (
+            Some(1000),
+            11,
+            21,
+            Some("203.0.113.2:4000".parse().unwrap())
+        )
     );
     // A peer that is gone is not brought back.
-    store.record_usage(&key(2), Some(1), 1, 1).await.unwrap();
+    store
+        .record_usage(&key(2), Some(1), 1, 1, None)
+        .await
+        .unwrap();
     assert_eq!(store.peer(&key(2)).unwrap(), None);
     // Statistics do not disturb re-registration.
     let (again, created) = store.register(&tok, reg(key(1), false)).await.unwrap();
