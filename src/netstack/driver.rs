@@ -38,6 +38,10 @@ const MAX_UDP_FLOWS: usize = 2048;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// ...and are reset after this long without hearing from them.
 const TCP_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a connection stays in TIME-WAIT. smoltcp would keep it 10 s with both
+/// buffers; long enough for the delayed ACK of the client's FIN and one retransmission
+/// of that FIN is all that matters here (the upstream side is closed at once).
+const TIME_WAIT: Duration = Duration::from_secs(2);
 /// How often idle UDP flows are looked for.
 const UDP_SWEEP: Duration = Duration::from_secs(1);
 /// While the output queue is full smoltcp always wants to transmit now; poll less
@@ -65,6 +69,8 @@ pub(super) struct Driver {
     udp_by_key: HashMap<Key, u64>,
     next_id: u64,
     next_udp_sweep: Instant,
+    /// Connections in TIME-WAIT, oldest first, with the time they may go.
+    time_wait: VecDeque<(Instant, u64)>,
     /// The output queue was full at the end of the last round.
     blocked: bool,
     // Scratch buffers swapped with the shared queues, so a round allocates nothing.
@@ -147,6 +153,7 @@ impl Driver {
             udp_by_key: HashMap::new(),
             next_id: 0,
             next_udp_sweep: epoch,
+            time_wait: VecDeque::new(),
             blocked: false,
             inbox: VecDeque::new(),
             ready: Vec::new(),
@@ -192,12 +199,11 @@ impl Driver {
         }
         self.service_ready(clock);
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.expire_time_wait(clock);
         self.expire_udp(clock);
         let more_output = self.flush();
 
-        more_output
-            || !self.shared.ready.lock().is_empty()
-            || !self.shared.input.lock().is_empty()
+        more_output || !self.shared.ready.lock().is_empty() || !self.shared.input.lock().is_empty()
     }
 
     fn smol_now(&self) -> smoltcp::time::Instant {
@@ -214,8 +220,14 @@ impl Driver {
         if self.blocked {
             delay = delay.max(BLOCKED_POLL);
         }
+        if let Some(&(until, _)) = self.time_wait.front() {
+            delay = delay.min(until.saturating_duration_since(Instant::now()));
+        }
         if !self.udp.is_empty() {
-            delay = delay.min(self.next_udp_sweep.saturating_duration_since(Instant::now()));
+            delay = delay.min(
+                self.next_udp_sweep
+                    .saturating_duration_since(Instant::now()),
+            );
         }
         delay
     }
@@ -261,8 +273,10 @@ impl Driver {
             // A RST in SYN-RECEIVED sends the socket back to LISTEN, where it would
             // take the next SYN for its port as if it were a fresh listener. Drop it
             // before any other packet comes in.
-            let handle = self.tcp[&id].handle;
-            if self.sockets.get::<tcp::Socket>(handle).state() == State::Listen {
+            let listening = self.tcp.get(&id).is_some_and(|conn| {
+                self.sockets.get::<tcp::Socket>(conn.handle).state() == State::Listen
+            });
+            if listening {
                 self.remove_tcp(id);
             }
         }
@@ -368,7 +382,7 @@ impl Driver {
         std::mem::swap(&mut *self.shared.ready.lock(), &mut ready);
         for &id in &ready {
             if self.tcp.contains_key(&id) {
-                self.service_tcp(id);
+                self.service_tcp(clock, id);
             } else if let Some(flow) = self.udp.get_mut(&id) {
                 flow.wake.rearm();
                 let delivery = flow.service(&mut self.dev.tx, self.mtu, clock);
@@ -382,7 +396,7 @@ impl Driver {
         self.ready = ready;
     }
 
-    fn service_tcp(&mut self, id: u64) {
+    fn service_tcp(&mut self, clock: Instant, id: u64) {
         let Some(conn) = self.tcp.get_mut(&id) else {
             return;
         };
@@ -396,13 +410,32 @@ impl Driver {
         if was_connecting && !conn.is_connecting() {
             self.connecting -= 1;
         }
+        let counters = &self.shared.counters;
         if events.opened {
-            Counters::bump(&self.counters().tcp_opened);
+            Counters::bump(&counters.tcp_opened);
         }
         if events.refused {
-            Counters::bump(&self.counters().tcp_refused);
+            Counters::bump(&counters.tcp_refused);
         }
-        if verdict == Verdict::Remove {
+        match verdict {
+            Verdict::Keep => {}
+            Verdict::Linger => {
+                if !conn.lingering {
+                    conn.lingering = true;
+                    conn.close_upstream();
+                    self.time_wait.push_back((clock + TIME_WAIT, id));
+                }
+            }
+            Verdict::Remove => self.remove_tcp(id),
+        }
+    }
+
+    fn expire_time_wait(&mut self, clock: Instant) {
+        while let Some(&(until, id)) = self.time_wait.front() {
+            if until > clock {
+                break;
+            }
+            self.time_wait.pop_front();
             self.remove_tcp(id);
         }
     }
@@ -478,6 +511,7 @@ impl Driver {
             conn.close_upstream();
         }
         self.tcp_by_key.clear();
+        self.time_wait.clear();
         self.udp.clear();
         self.udp_by_key.clear();
         self.connecting = 0;
@@ -488,7 +522,9 @@ impl Driver {
         use std::sync::atomic::Ordering::Relaxed;
         let counters = self.counters();
         counters.tcp_active.store(self.tcp.len() as u64, Relaxed);
-        counters.udp_flows_active.store(self.udp.len() as u64, Relaxed);
+        counters
+            .udp_flows_active
+            .store(self.udp.len() as u64, Relaxed);
     }
 
     fn next_flow_id(&mut self) -> u64 {

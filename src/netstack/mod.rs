@@ -10,10 +10,17 @@
 //! so the data path takes no locks beyond the two packet queues. Each TCP connection
 //! and UDP flow has its own [`Waker`](std::task::Waker) that both smoltcp and tokio
 //! wake; the task then services only the flows that are ready.
+//!
+//! TCP goes through smoltcp, with a listener made for each SYN and its SYN-ACK held
+//! until the container accepted the upstream connection (a refused or timed-out
+//! connect becomes a RST). UDP and echo requests bypass smoltcp: they are parsed and
+//! answered with `smoltcp::wire`, since a smoltcp UDP socket serves one port only.
+//! Not handled: IP fragments, ICMP errors (no path MTU discovery), UDP replies
+//! larger than the MTU; all are dropped and counted.
 
 mod device;
-mod link;
 mod driver;
+mod link;
 mod packet;
 mod tcp;
 mod udp;

@@ -7,8 +7,8 @@ use std::ops::Range;
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6Message, Icmpv6Packet, Icmpv6Repr, IpAddress,
-    IpEndpoint, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket,
-    TcpRepr, UdpPacket, UdpRepr, IPV4_HEADER_LEN, IPV6_HEADER_LEN, UDP_HEADER_LEN,
+    IpEndpoint, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, TcpRepr,
+    UdpPacket, UdpRepr, IPV4_HEADER_LEN, IPV6_HEADER_LEN, UDP_HEADER_LEN,
 };
 
 /// Hop limit of the packets we originate (Linux's default).
@@ -124,7 +124,11 @@ pub(super) fn classify(
     }
 }
 
-fn echo_v4(ip: &Ipv4Repr, payload: &[u8], caps: &ChecksumCapabilities) -> Result<Inbound, Malformed> {
+fn echo_v4(
+    ip: &Ipv4Repr,
+    payload: &[u8],
+    caps: &ChecksumCapabilities,
+) -> Result<Inbound, Malformed> {
     let icmp = Icmpv4Packet::new_checked(payload)?;
     if icmp.msg_type() != Icmpv4Message::EchoRequest {
         return Ok(Inbound::Unsupported);
@@ -158,7 +162,11 @@ fn echo_v4(ip: &Ipv4Repr, payload: &[u8], caps: &ChecksumCapabilities) -> Result
     Ok(Inbound::Echo(out))
 }
 
-fn echo_v6(ip: &Ipv6Repr, payload: &[u8], caps: &ChecksumCapabilities) -> Result<Inbound, Malformed> {
+fn echo_v6(
+    ip: &Ipv6Repr,
+    payload: &[u8],
+    caps: &ChecksumCapabilities,
+) -> Result<Inbound, Malformed> {
     let icmp = Icmpv6Packet::new_checked(payload)?;
     if icmp.msg_type() != Icmpv6Message::EchoRequest {
         return Ok(Inbound::Unsupported);

@@ -48,6 +48,9 @@ enum Upstream {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Verdict {
     Keep,
+    /// Finished, but in TIME-WAIT: the ACK of the client's FIN may still be waiting
+    /// for its delayed-ACK timer, and a lost one must be answered again.
+    Linger,
     Remove,
 }
 
@@ -71,6 +74,8 @@ pub(super) struct TcpConn {
     client_done: bool,
     /// Upstream's EOF was turned into our FIN.
     upstream_done: bool,
+    /// In the driver's TIME-WAIT queue.
+    pub(super) lingering: bool,
 }
 
 impl TcpConn {
@@ -89,6 +94,7 @@ impl TcpConn {
             client_fin_seen: false,
             client_done: false,
             upstream_done: false,
+            lingering: false,
         }
     }
 
@@ -102,14 +108,19 @@ impl TcpConn {
         let waker = self.wake.waker().clone();
         let mut cx = Context::from_waker(&waker);
         let verdict = self.step(socket, &mut cx, events);
-        if verdict == Verdict::Keep {
+        if verdict != Verdict::Remove {
             socket.register_recv_waker(&waker);
             socket.register_send_waker(&waker);
         }
         verdict
     }
 
-    fn step(&mut self, socket: &mut tcp::Socket, cx: &mut Context<'_>, events: &mut Events) -> Verdict {
+    fn step(
+        &mut self,
+        socket: &mut tcp::Socket,
+        cx: &mut Context<'_>,
+        events: &mut Events,
+    ) -> Verdict {
         if let Upstream::Connecting(connect) = &mut self.upstream {
             // The only way back to LISTEN is the client's RST while we held the
             // SYN-ACK: it gave up.
@@ -143,9 +154,8 @@ impl TcpConn {
         }
 
         if let Upstream::Open(stream) = &mut self.upstream {
-            let forwarded = to_upstream(socket, stream, cx, &mut self.client_done).and_then(|()| {
-                from_upstream(socket, stream, cx, &mut self.upstream_done)
-            });
+            let forwarded = to_upstream(socket, stream, cx, &mut self.client_done)
+                .and_then(|()| from_upstream(socket, stream, cx, &mut self.upstream_done));
             if let Err(e) = forwarded {
                 tracing::debug!(target = %self.target, client = %self.key.1, error = %e,
                     "upstream failed; resetting client");
@@ -160,12 +170,16 @@ impl TcpConn {
             State::Closed if socket.remote_endpoint().is_some() => Verdict::Keep,
             State::Closed | State::TimeWait => {
                 // After a clean close the client's last bytes may still wait for room
-                // upstream; after a reset there is nothing left to deliver.
+                // upstream; after a reset (ours, the client's, or smoltcp ending
+                // TIME-WAIT) the buffer is gone and there is nothing left to deliver.
                 let draining = self.client_fin_seen
                     && !self.client_done
+                    && socket.recv_queue() > 0
                     && matches!(self.upstream, Upstream::Open(_));
                 if draining {
                     Verdict::Keep
+                } else if socket.state() == State::TimeWait {
+                    Verdict::Linger
                 } else {
                     Verdict::Remove
                 }

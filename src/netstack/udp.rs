@@ -65,13 +65,14 @@ impl UdpFlow {
     /// Forwards one datagram from the client; false when it had to be dropped.
     pub(super) fn send(&mut self, payload: &[u8], now: Instant) -> bool {
         self.last_active = now;
-        match self.socket.try_send(payload) {
+        // A plain send(2): tokio's `try_send` would refuse until the reactor has seen
+        // the new socket become writable, dropping a flow's first datagrams.
+        let socket = socket2::SockRef::from(&self.socket);
+        match socket.send(payload) {
             Ok(_) => true,
             // An earlier datagram drew an ICMP error, which Linux reports once on the
             // next call; this datagram has not been sent yet.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                self.socket.try_send(payload).is_ok()
-            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => socket.send(payload).is_ok(),
             Err(_) => false,
         }
     }
