@@ -31,6 +31,9 @@ const CONTAINER_IFACE: &str = "sidecar0";
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How long to wait before retrying a container whose setup failed transiently.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How often keys of containers that no longer exist are looked for (and their
+/// registrations given back).
+const COLLECT_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -87,6 +90,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         agent.reconcile().await;
         let mut events = agent.events();
         let mut tick = tokio::time::interval(STATUS_EVERY);
+        let mut collect = tokio::time::interval(COLLECT_EVERY);
+        collect.tick().await;
         loop {
             tokio::select! {
                 _ = term.recv() => return agent.shutdown("SIGTERM"),
@@ -95,6 +100,7 @@ pub async fn run(settings: Settings) -> Result<()> {
                     agent.retry_due().await;
                     agent.write_status();
                 }
+                _ = collect.tick() => agent.collect_garbage().await,
                 event = events.next() => match event {
                     Some(Ok(e)) => agent.handle_event(e).await,
                     Some(Err(e)) => {
@@ -185,7 +191,36 @@ impl Agent {
                 self.start(&id).await;
             }
         }
+        self.collect_garbage().await;
         self.write_status();
+    }
+
+    /// Gives back the registrations of containers removed while we were not
+    /// watching (or whose deregistration failed): their keys are still here.
+    async fn collect_garbage(&mut self) {
+        let existing = match self
+            .docker
+            .list_containers(Some(ListContainersOptionsBuilder::new().all(true).build()))
+            .await
+        {
+            Ok(list) => list.into_iter().filter_map(|c| c.id).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list containers to collect stale keys");
+                return;
+            }
+        };
+        let ids = match self.state.key_ids() {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list container keys");
+                return;
+            }
+        };
+        for id in ids {
+            if !existing.contains(&id) {
+                self.destroy(&id).await;
+            }
+        }
     }
 
     async fn handle_event(&mut self, event: bollard::models::EventMessage) {
@@ -408,27 +443,34 @@ impl Agent {
     /// The container is gone for good: give its address back and forget its key.
     async fn destroy(&mut self, id: &str) {
         self.stop(id, "container removed");
-        let Some(m) = self.containers.remove(id) else {
-            return;
-        };
-        match self.state.container_key(id) {
-            Ok(key) => {
-                if let Err(e) = self
-                    .settings
-                    .relay
-                    .deregister(&key.public_key().to_base64())
-                    .await
-                {
-                    tracing::warn!(container = %short(id), error = %e, "cannot deregister from the relay");
-                    return;
-                }
-                if let Err(e) = self.state.remove_key(id) {
-                    tracing::warn!(container = %short(id), error = %e, "cannot remove its key");
-                }
-                tracing::info!(container = %short(id), name = %m.name, "deregistered");
+        let name = self
+            .containers
+            .remove(id)
+            .map(|m| m.name)
+            .unwrap_or_default();
+        let key = match self.state.existing_key(id) {
+            Ok(Some(key)) => key,
+            // Never registered by us.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(container = %short(id), error = %e, "cannot read its key");
+                return;
             }
-            Err(e) => tracing::warn!(container = %short(id), error = %e, "cannot read its key"),
+        };
+        if let Err(e) = self
+            .settings
+            .relay
+            .deregister(&key.public_key().to_base64())
+            .await
+        {
+            // The key stays, so the next collection tries again.
+            tracing::warn!(container = %short(id), error = %e, "cannot deregister from the relay yet");
+            return;
         }
+        if let Err(e) = self.state.remove_key(id) {
+            tracing::warn!(container = %short(id), error = %e, "cannot remove its key");
+        }
+        tracing::info!(container = %short(id), %name, "deregistered");
     }
 
     fn write_status(&mut self) {

@@ -60,21 +60,42 @@ impl StateDir {
 
     /// The container's private key, created (mode 0600) on first use.
     pub fn container_key(&self, container: &str) -> io::Result<Key> {
+        if let Some(key) = self.existing_key(container)? {
+            return Ok(key);
+        }
+        let key = Key::generate_private();
+        write_private(
+            &self.key_path(container)?,
+            format!("{}\n", key.to_base64()).as_bytes(),
+        )?;
+        Ok(key)
+    }
+
+    /// The container's private key if it has one.
+    pub fn existing_key(&self, container: &str) -> io::Result<Option<Key>> {
         let path = self.key_path(container)?;
         match std::fs::read_to_string(&path) {
-            Ok(text) => Key::from_base64(text.trim()).map_err(|e| {
+            Ok(text) => Key::from_base64(text.trim()).map(Some).map_err(|e| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{}: {e}", path.display()),
                 )
             }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let key = Key::generate_private();
-                write_private(&path, format!("{}\n", key.to_base64()).as_bytes())?;
-                Ok(key)
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The containers that have a key here.
+    pub fn key_ids(&self) -> io::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(self.root.join("keys"))? {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".key")) {
+                ids.push(id.to_string());
+            }
+        }
+        Ok(ids)
     }
 
     /// Forgets a destroyed container's key.
@@ -126,6 +147,9 @@ mod tests {
         assert_eq!(state.container_key("abc123").unwrap(), a);
         assert_ne!(state.container_key("def456").unwrap(), a);
         assert!(state.container_key("../etc").is_err());
+        let mut ids = state.key_ids().unwrap();
+        ids.sort();
+        assert_eq!(ids, vec!["abc123", "def456"]);
         state.remove_key("abc123").unwrap();
         assert_ne!(state.container_key("abc123").unwrap(), a);
         let rows = vec![StatusRow {

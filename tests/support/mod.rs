@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod docker;
 pub mod netns;
 pub mod process;
 pub mod relay;

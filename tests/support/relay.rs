@@ -99,6 +99,12 @@ impl Topology {
             sites: AtomicU8::new(0),
         };
         let (router, relay, remote, nat) = (&t.router, &t.relay, &t.remote, &t.nat);
+        // Duplicate address detection would keep fresh IPv6 addresses (the link-local
+        // ones the neighbor exchange needs among them) tentative for a second or two.
+        for ns in [router, relay, remote, nat] {
+            sysctl(ns, "net.ipv6.conf.all.accept_dad=0");
+            sysctl(ns, "net.ipv6.conf.default.accept_dad=0");
+        }
 
         veth(router, ROUTER_TO_RELAY, relay, UPLINK);
         router.add_addr(ROUTER_TO_RELAY, &format!("{ROUTER_LINK6}/64"));

@@ -1,0 +1,890 @@
+//! `sidecar-agent run` against a real Docker daemon: labeled containers get their own
+//! public /128 (and /32) through the relay and are reached from a host on the internet
+//! side; unlabeled ones are left alone; addresses survive restarts of the container, the
+//! agent and the relay; a bad label fails only its own container; a removed container
+//! gives its address back; and without CAP_NET_ADMIN the agent falls back to netstack.
+//!
+//! ```text
+//!   docker host (dockerd + sidecar-agent, containers on its docker0)
+//!        | behind the NAT of tests/support/relay.rs
+//!       nat -- router -- remote (pings, TCP and UDP to the containers' public addresses)
+//!                |
+//!              relay
+//! ```
+//!
+//! Docker runs privately inside the docker host's namespace (tests/support/docker.rs);
+//! the image is Debian's busybox-static, so no registry is needed. The first run on a
+//! fresh machine installs `docker.io` with apt.
+//!
+//! The containers' servers: busybox `nc -ll -e cat` (TCP echo on 8080) and
+//! `nc -ll -e echo hello8081` (TCP greeting on 8081). Debian's busybox-static `nc` has no
+//! `-u`, so the UDP echo is a socket of this test process opened inside the container's
+//! network namespace (`setns` on `/proc/PID/ns/net`): the packets take exactly the path a
+//! UDP server in the container would see.
+
+mod support;
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::agent::agent_bin;
+use support::docker::{Dockerd, DOCKER_TOOLS};
+use support::process::{self, ChildGuard, TempDir};
+use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
+use support::traffic::{ping_with, Ping};
+use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
+
+const ENABLE: (&str, &str) = ("sidecar.enable", "true");
+const IPV4: (&str, &str) = ("sidecar.ipv4", "true");
+
+/// TCP echo on 8080, a greeting on 8081; `sleep` keeps the container up (`--init` makes
+/// it stop promptly).
+const SERVERS: &str =
+    "nc -ll -p 8080 -e cat & nc -ll -p 8081 -e echo hello8081 & exec sleep 1000000";
+const ECHO_PORT: u16 = 8080;
+const GREETING_PORT: u16 = 8081;
+const GREETING: &str = "hello8081\n";
+const UDP_PORT: u16 = 7007;
+
+/// Upper bound asserted for label-to-reachable; the target is 1 s, the figure is printed.
+const REACHABLE_BOUND: Duration = Duration::from_secs(10);
+/// After a relay restart the agent's session is gone; WireGuard re-handshakes after its
+/// rekey timeout at the latest.
+const AFTER_RELAY_RESTART: Duration = Duration::from_secs(60);
+
+fn require() {
+    require_tools(BASE_TOOLS);
+    require_tools(RELAY_TOOLS);
+    require_tools(DOCKER_TOOLS);
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent under test
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Launch {
+    /// As root with every capability.
+    Privileged,
+    /// Without CAP_NET_ADMIN (bounding and inheritable sets), so no TUN device can be made.
+    WithoutNetAdmin,
+}
+
+/// `sidecar-agent run` in the docker host's namespace; SIGTERM on drop.
+struct SidecarAgent {
+    child: ChildGuard,
+    state_dir: PathBuf,
+}
+
+impl SidecarAgent {
+    fn start(
+        ns: &Netns,
+        relay: &Relay,
+        docker: &Dockerd,
+        state_dir: &Path,
+        launch: Launch,
+    ) -> Self {
+        let bin = agent_bin();
+        let mut cmd = match launch {
+            Launch::Privileged => ns.program(&bin),
+            Launch::WithoutNetAdmin => drop_net_admin(ns, &bin),
+        };
+        cmd.args(["run", "--relay", &relay.url("")])
+            .args(["--token", &relay.creds.default_token])
+            .args(["--pin", &relay.creds.pin])
+            .arg("--docker")
+            .arg(&docker.socket)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--mode", "auto"]);
+        let mut child = ChildGuard::spawn("sidecar-agent run", cmd);
+        let mut agent_ready = false;
+        // Ready once the first reconcile has written the status snapshot.
+        let ok = wait_until(Duration::from_secs(30), || {
+            if !child.is_running() {
+                return true;
+            }
+            agent_ready = status_output(state_dir).is_some();
+            agent_ready
+        });
+        assert!(
+            ok && agent_ready && child.is_running(),
+            "sidecar-agent run did not come up (exit: {:?}):\n{}",
+            child.try_wait(),
+            child.stderr_tail(40)
+        );
+        SidecarAgent {
+            child,
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.child.stderr()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// SIGTERM, as a service manager stops it; panics unless it exits within 10 s.
+    fn stop(&mut self) -> ExitStatus {
+        self.child.signal(libc::SIGTERM);
+        self.child
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                panic!(
+                    "sidecar-agent still running 10 s after SIGTERM:\n{}",
+                    self.child.stderr_tail(30)
+                )
+            })
+    }
+
+    /// `sidecar-agent status`, raw and parsed.
+    fn status(&self) -> (String, Vec<Row>) {
+        let text = status_output(&self.state_dir).unwrap_or_default();
+        let rows = parse_status(&text);
+        (text, rows)
+    }
+
+    fn row(&self, name: &str) -> Option<Row> {
+        self.status().1.into_iter().find(|r| r.name == name)
+    }
+
+    /// Polls `status` until `name`'s row satisfies `cond`.
+    fn wait_row(&self, name: &str, timeout: Duration, cond: impl Fn(&Row) -> bool) -> Row {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.row(name).filter(|r| cond(r));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "no matching status row for {name} within {timeout:?}:\n{}\nagent log:\n{}",
+                self.status().0,
+                self.child.stderr_tail(30)
+            )
+        })
+    }
+
+    /// The `took_ms` of the agent's latest "reachable" line for container `name`.
+    fn took_ms(&self, name: &str) -> Option<u64> {
+        self.log()
+            .lines()
+            .filter(|l| {
+                l.contains("container is reachable at its public address")
+                    && l.contains(&format!("name={name}"))
+            })
+            .filter_map(|l| {
+                let rest = l.split("took_ms=").nth(1)?;
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .next_back()
+    }
+}
+
+/// The agent under `capsh --drop=cap_net_admin` (or `setpriv` where capsh is missing),
+/// inside `ns`.
+fn drop_net_admin(ns: &Netns, bin: &Path) -> Command {
+    let capsh = ["/usr/sbin/capsh", "/sbin/capsh", "/usr/bin/capsh"]
+        .iter()
+        .any(|p| Path::new(p).is_file());
+    let mut cmd;
+    if capsh {
+        cmd = ns.program("capsh");
+        // capsh runs /bin/bash with the arguments after `--`.
+        cmd.args(["--drop=cap_net_admin", "--", "-c", "exec \"$0\" \"$@\""]);
+    } else {
+        cmd = ns.program("setpriv");
+        cmd.args([
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+            "--",
+        ]);
+    }
+    cmd.arg(bin);
+    cmd
+}
+
+fn status_output(state_dir: &Path) -> Option<String> {
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("status").arg("--state-dir").arg(state_dir);
+    let out = process::output(&mut cmd);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One row of `sidecar-agent status`.
+#[derive(Clone, Debug, Default)]
+struct Row {
+    name: String,
+    state: String,
+    ipv6: Option<Ipv6Addr>,
+    ipv4: Option<Ipv4Addr>,
+    mode: String,
+    error: Option<String>,
+}
+
+/// `NAME STATE IPV6 IPV4 MODE HANDSHAKE BYTES-IN BYTES-OUT` rows, each optionally
+/// followed by an indented `error: ...` line.
+fn parse_status(text: &str) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if let Some(e) = trimmed.strip_prefix("error:") {
+            if let Some(last) = rows.last_mut() {
+                last.error = Some(e.trim().to_owned());
+            }
+            continue;
+        }
+        if line.starts_with("NAME") || line.starts_with('(') || line.starts_with(' ') {
+            continue;
+        }
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.len() < 5 {
+            continue;
+        }
+        let host = |s: &str| s.split('/').next().unwrap_or_default().to_owned();
+        rows.push(Row {
+            name: w[0].to_owned(),
+            state: w[1].to_owned(),
+            ipv6: host(w[2]).parse().ok(),
+            ipv4: host(w[3]).parse().ok(),
+            mode: w[4].to_owned(),
+            error: None,
+        });
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------------------
+// Traffic from the remote host
+
+/// Pings `dst` from `ns` every 50 ms until the first reply or `timeout`; how long it took.
+fn first_reply(ns: &Netns, dst: IpAddr, timeout: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let secs = timeout.as_secs().max(1);
+    let p = ping_with(ns, dst, &format!("-D -i 0.05 -c 1 -w {secs}"));
+    let took = start.elapsed();
+    if took > Duration::from_millis(500) {
+        // Slow: show what the probes met on the way (unreachable errors, silence).
+        let lines: Vec<&str> = p.output.lines().collect();
+        eprintln!(
+            "first reply from {dst} took {took:?}; ping said:\n{}",
+            lines[..lines.len().min(30)].join("\n")
+        );
+    }
+    (p.received >= 1).then_some(took)
+}
+
+fn assert_ping(ns: &Netns, dst: IpAddr, what: &str) -> Ping {
+    let p = ping_with(ns, dst, "-c 3 -i 0.2 -W 2");
+    assert!(
+        p.all_received(),
+        "{what}: ping {dst} lost replies:\n{}",
+        p.output
+    );
+    p
+}
+
+fn assert_no_ping(ns: &Netns, dst: IpAddr, what: &str) {
+    let p = ping_with(ns, dst, "-c 2 -i 0.3 -W 1");
+    assert_eq!(p.received, 0, "{what}: {dst} still answers:\n{}", p.output);
+}
+
+/// Connects from `ns` to `addr:port`, sends `data`, half-closes and reads everything.
+fn tcp_exchange(ns: &Netns, addr: IpAddr, port: u16, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    ns.enter(|| {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        if !data.is_empty() {
+            s.write_all(data)?;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf)
+    })
+}
+
+/// The TCP echo on 8080 and the greeting on 8081 answer from `ns`.
+fn assert_tcp(ns: &Netns, addr: IpAddr, what: &str) {
+    let payload = format!("echo via {addr}\n");
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        match tcp_exchange(ns, addr, ECHO_PORT, payload.as_bytes()) {
+            Ok(got) if got == payload.as_bytes() => true,
+            Ok(got) => {
+                last = format!("echo answered {:?}", String::from_utf8_lossy(&got));
+                false
+            }
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        }
+    });
+    assert!(
+        ok,
+        "{what}: TCP echo at [{addr}]:{ECHO_PORT} failed: {last}"
+    );
+    let got = tcp_exchange(ns, addr, GREETING_PORT, b"")
+        .unwrap_or_else(|e| panic!("{what}: TCP [{addr}]:{GREETING_PORT}: {e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        GREETING,
+        "{what}: wrong greeting from [{addr}]:{GREETING_PORT}"
+    );
+}
+
+/// Sends datagrams from `ns` to `addr:port` until one comes back from `addr` itself.
+fn udp_roundtrip(ns: &Netns, addr: IpAddr, port: u16) -> Result<(), String> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = ns.udp_socket(bind);
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("set_read_timeout");
+    let payload = format!("udp to {addr}");
+    let mut last = String::from("no answer");
+    for _ in 0..10 {
+        sock.send_to(payload.as_bytes(), (addr, port))
+            .map_err(|e| format!("send: {e}"))?;
+        let mut buf = [0u8; 1500];
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) if from.ip() == addr && &buf[..n] == payload.as_bytes() => return Ok(()),
+            Ok((n, from)) => {
+                last = format!("{n} bytes from {from}");
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+/// A UDP echo socket inside a container's network namespace, served by a thread of
+/// this process until dropped.
+struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    /// Binds `bind` inside the network namespace of process `pid`.
+    fn start(pid: u32, bind: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let setup = || -> std::io::Result<UdpSocket> {
+                let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+                // SAFETY: setns with an open namespace fd; it only moves this thread,
+                // which exists solely to serve the socket and then ends.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let s = UdpSocket::bind(bind)?;
+                s.set_read_timeout(Some(Duration::from_millis(100)))?;
+                Ok(s)
+            };
+            let sock = match setup() {
+                Ok(s) => {
+                    let _ = tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        rx.recv()
+            .expect("UDP echo thread ended early")
+            .unwrap_or_else(|e| panic!("UDP echo on {bind} in the namespace of pid {pid}: {e}"));
+        UdpEcho {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The relay's view
+
+/// `GET /v1/peers` with the agent's token: every peer object.
+fn relay_peers(relay: &Relay) -> Vec<Value> {
+    let r = relay.call(
+        relay.ns(),
+        "GET",
+        "/v1/peers",
+        &relay.creds.default_token,
+        None,
+    );
+    assert_eq!(r.status, 200, "GET /v1/peers failed: {r:?}");
+    r.json["peers"].as_array().cloned().unwrap_or_default()
+}
+
+/// The registered peers serving container `id`.
+fn peers_of(relay: &Relay, id: &str) -> Vec<Value> {
+    relay_peers(relay)
+        .into_iter()
+        .filter(|p| p["container"].as_str() == Some(id))
+        .collect()
+}
+
+fn has_sidecar0(docker: &Dockerd, id: &str) -> bool {
+    docker.interfaces(id).iter().any(|i| i == "sidecar0")
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn labeled_container_is_reachable_and_unlabeled_ones_are_left_alone() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: true });
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    // The ones to ignore start first, so the agent has seen them by the time the labeled
+    // one is reachable.
+    let plain = docker.run(&[], SERVERS);
+    let off = docker.run(&[("sidecar.enable", "false"), IPV4], SERVERS);
+
+    let name = unique_name("web");
+    let web = docker.run_named(&name, &[ENABLE, IPV4], SERVERS);
+    let t0 = Instant::now();
+    let row = agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let addr_known = t0.elapsed();
+    let v6 = IpAddr::V6(row.ipv6.expect("row has an IPv6 address"));
+    let reached = first_reply(
+        &topo.remote,
+        v6,
+        REACHABLE_BOUND - addr_known.min(REACHABLE_BOUND),
+    );
+    let label_to_reachable = t0.elapsed();
+    eprintln!(
+        "label-to-reachable: {label_to_reachable:?} (address in `status` after {addr_known:?}, \
+         agent took_ms={:?})",
+        agent.took_ms(&name)
+    );
+    assert!(
+        reached.is_some() && label_to_reachable < REACHABLE_BOUND,
+        "{name} ({v6}) not reachable from the remote host within {REACHABLE_BOUND:?}\n\
+         status:\n{}\nagent log:\n{}\nrelay log:\n{}",
+        agent.status().0,
+        agent.log(),
+        relay.log_tail(20)
+    );
+    assert_eq!(row.state, "active");
+    assert_eq!(row.mode, "tun", "a root agent must use a TUN device");
+    let v4 = IpAddr::V4(row.ipv4.expect("sidecar.ipv4=true must give a /32"));
+
+    // All of it, on both addresses. The UDP echo binds the public addresses themselves,
+    // as a server that answers from the address it was asked on (IP_PKTINFO) would: an
+    // IPv4 socket bound to 0.0.0.0 answers from the container's Docker address instead,
+    // because the container's IPv4 default route stays on docker0 (only traffic *from*
+    // the /32 is policy-routed into sidecar0), so its replies leave through the Docker
+    // host's own uplink and arrive from the wrong address.
+    let pid = docker.pid(&web);
+    let _udp6 = UdpEcho::start(pid, SocketAddr::new(v6, UDP_PORT));
+    let _udp4 = UdpEcho::start(pid, SocketAddr::new(v4, UDP_PORT));
+    for addr in [v6, v4] {
+        assert_ping(&topo.remote, addr, "remote -> container");
+        assert_tcp(&topo.remote, addr, "remote -> container");
+        udp_roundtrip(&topo.remote, addr, UDP_PORT)
+            .unwrap_or_else(|e| panic!("UDP echo at {addr}:{UDP_PORT}: {e}"));
+    }
+    assert!(has_sidecar0(&docker, &web), "no sidecar0 in {name}");
+
+    // Exactly one registration, for the labeled container.
+    let peers = relay_peers(&relay);
+    assert_eq!(
+        peers
+            .iter()
+            .filter(|p| p["container"].as_str() == Some(web.as_str()))
+            .count(),
+        1,
+        "{peers:?}"
+    );
+    assert_eq!(
+        peers.len(),
+        1,
+        "only the labeled container registers: {peers:?}"
+    );
+    for (id, what) in [(&plain, "unlabeled"), (&off, "sidecar.enable=false")] {
+        assert!(
+            !has_sidecar0(&docker, id),
+            "the {what} container got a sidecar0"
+        );
+        assert!(
+            peers_of(&relay, id).is_empty(),
+            "the {what} container was registered"
+        );
+    }
+    assert_eq!(
+        agent.status().1.len(),
+        1,
+        "status lists only the labeled container:\n{}",
+        agent.status().0
+    );
+}
+
+#[test]
+fn address_survives_container_agent_and_relay_restarts() {
+    require();
+    let topo = Topology::new();
+    let mut relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let name = unique_name("rst");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    let addr = agent
+        .wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some())
+        .ipv6
+        .expect("IPv6 address");
+    let ip = IpAddr::V6(addr);
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "{ip} never reachable:\n{}",
+        agent.log()
+    );
+
+    // 1. docker restart: new namespace, same key, same address.
+    let t = Instant::now();
+    docker.restart(&id);
+    let took = first_reply(&topo.remote, ip, Duration::from_secs(20));
+    eprintln!(
+        "reachable again {:?} after `docker restart` returned ({:?} in all)",
+        took,
+        t.elapsed()
+    );
+    assert!(
+        took.is_some(),
+        "{ip} not reachable after docker restart:\n{}",
+        agent.log()
+    );
+    let row = agent.wait_row(&name, Duration::from_secs(5), |r| r.state == "active");
+    assert_eq!(row.ipv6, Some(addr), "docker restart changed the address");
+    assert!(has_sidecar0(&docker, &id));
+    assert_tcp(&topo.remote, ip, "after docker restart");
+
+    // 2. The agent stops (SIGTERM) and starts again with the same state directory.
+    let status = agent.stop();
+    assert!(
+        status.success(),
+        "agent exited with {status} on SIGTERM:\n{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !has_sidecar0(&docker, &id)),
+        "sidecar0 stays in the container after the agent stopped"
+    );
+    assert_no_ping(&topo.remote, ip, "agent stopped");
+    drop(agent);
+    let t = Instant::now();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    let took = first_reply(&topo.remote, ip, Duration::from_secs(20));
+    eprintln!(
+        "reachable {:?} after the agent restarted ({:?} with its start-up)",
+        took,
+        t.elapsed()
+    );
+    assert!(
+        took.is_some(),
+        "{ip} not reachable after the agent restarted:\n{}",
+        agent.log()
+    );
+    let row = agent.wait_row(&name, Duration::from_secs(5), |r| r.state == "active");
+    assert_eq!(row.ipv6, Some(addr), "agent restart changed the address");
+    assert_eq!(
+        peers_of(&relay, &id).len(),
+        1,
+        "one registration per container"
+    );
+    assert_tcp(&topo.remote, ip, "after agent restart");
+
+    // 3. The relay stops (SIGTERM) and starts again from its store.
+    let status = relay.stop(libc::SIGTERM);
+    assert!(status.success(), "relay exited with {status}");
+    let t = Instant::now();
+    relay.run();
+    let took = first_reply(&topo.remote, ip, AFTER_RELAY_RESTART);
+    eprintln!(
+        "reachable {:?} after the relay restarted ({:?} with its start-up)",
+        took,
+        t.elapsed()
+    );
+    assert!(
+        took.is_some(),
+        "{ip} not reachable within {AFTER_RELAY_RESTART:?} of the relay restart\nagent:\n{}\nrelay:\n{}",
+        agent.child.stderr_tail(30),
+        relay.log_tail(30)
+    );
+    assert_tcp(&topo.remote, ip, "after relay restart");
+    let peers = peers_of(&relay, &id);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(
+        peers[0]["ipv6"].as_str(),
+        Some(format!("{addr}/128").as_str())
+    );
+}
+
+#[test]
+fn bad_label_fails_only_its_own_container() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let bad_name = unique_name("bad");
+    let bad = docker.run_named(&bad_name, &[ENABLE, ("sidecar.bandwidth", "fast")], SERVERS);
+    let good_name = unique_name("good");
+    let good = docker.run_named(&good_name, &[ENABLE, ("sidecar.bandwidth", "50")], SERVERS);
+
+    let good_row = agent.wait_row(&good_name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let ip = IpAddr::V6(good_row.ipv6.expect("IPv6 address"));
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "the good container is not reachable:\n{}",
+        agent.log()
+    );
+    assert_tcp(&topo.remote, ip, "good container");
+
+    let bad_row = agent.wait_row(&bad_name, Duration::from_secs(10), |r| r.error.is_some());
+    let (text, _) = agent.status();
+    eprintln!("status with a bad label:\n{text}");
+    assert_eq!(bad_row.state, "error", "{text}");
+    let error = bad_row.error.unwrap_or_default();
+    assert!(
+        error.contains("sidecar.bandwidth") && error.contains("fast"),
+        "the error must name the label and its value: {error}"
+    );
+    assert!(
+        agent.is_running(),
+        "a bad label stopped the agent:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("sidecar.bandwidth"),
+        "the agent's log does not mention the bad label:\n{}",
+        agent.log()
+    );
+    assert!(
+        !has_sidecar0(&docker, &bad),
+        "the misconfigured container got a sidecar0"
+    );
+    assert!(
+        peers_of(&relay, &bad).is_empty(),
+        "the misconfigured container was registered"
+    );
+    assert_eq!(peers_of(&relay, &good).len(), 1);
+    // Still up after the next status rounds, and the good one still reachable.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(agent.is_running(), "the agent died later:\n{}", agent.log());
+    assert_ping(&topo.remote, ip, "good container, later");
+}
+
+#[test]
+fn stopped_container_keeps_its_registration_and_removed_one_gives_it_back() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let name = unique_name("gone");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    let addr = agent
+        .wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some())
+        .ipv6
+        .expect("IPv6 address");
+    let ip = IpAddr::V6(addr);
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "{ip} never reachable"
+    );
+    let peers = peers_of(&relay, &id);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let key_file = state.path().join("keys").join(format!("{id}.key"));
+    assert!(key_file.is_file(), "no key at {key_file:?}");
+
+    // stop: the tunnel goes, the registration stays (the address comes back on start).
+    docker.stop(&id);
+    agent.wait_row(&name, Duration::from_secs(10), |r| r.state == "stopped");
+    assert_no_ping(&topo.remote, ip, "stopped container");
+    assert_eq!(
+        peers_of(&relay, &id).len(),
+        1,
+        "docker stop must not deregister"
+    );
+
+    // destroy: the peer disappears from the relay, the key from the state directory.
+    docker.rm(&id);
+    let gone = wait_until(Duration::from_secs(10), || peers_of(&relay, &id).is_empty());
+    assert!(
+        gone,
+        "the relay still lists the removed container's peer: {:?}\nagent log:\n{}",
+        peers_of(&relay, &id),
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !key_file.exists()),
+        "the removed container's key is still in the state directory"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.row(&name).is_none()),
+        "status still lists the removed container:\n{}",
+        agent.status().0
+    );
+}
+
+#[test]
+fn without_net_admin_the_agent_falls_back_to_netstack() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(
+        &site.ns,
+        &relay,
+        &docker,
+        state.path(),
+        Launch::WithoutNetAdmin,
+    );
+    // The agent really runs without CAP_NET_ADMIN (bit 12).
+    let caps =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap_or_default();
+    let eff = caps
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapEff of the agent");
+    assert_eq!(
+        eff & (1 << 12),
+        0,
+        "the agent still has CAP_NET_ADMIN: {eff:#x}"
+    );
+
+    let name = unique_name("ns");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    let t0 = Instant::now();
+    let row = agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+    let addr_known = t0.elapsed();
+    let reached = first_reply(&topo.remote, ip, REACHABLE_BOUND);
+    eprintln!(
+        "netstack label-to-reachable: {:?} (address in `status` after {addr_known:?}, agent took_ms={:?})",
+        t0.elapsed(),
+        agent.took_ms(&name)
+    );
+    assert!(
+        reached.is_some(),
+        "{ip} (netstack) not reachable:\nstatus:\n{}\nagent log:\n{}",
+        agent.status().0,
+        agent.log()
+    );
+    assert_eq!(row.mode, "netstack", "{}", agent.status().0);
+    assert!(
+        agent.log().contains("netstack"),
+        "the agent does not log that it uses netstack:\n{}",
+        agent.log()
+    );
+    assert!(
+        !has_sidecar0(&docker, &id),
+        "netstack mode must not put a device in the container"
+    );
+
+    let p = assert_ping(&topo.remote, ip, "netstack");
+    eprintln!("netstack ping rtts (ms): {:?}", p.rtts_ms);
+    // Two ports, two different servers behind the one address.
+    assert_tcp(&topo.remote, ip, "netstack");
+    // UDP is forwarded to the container's Docker address.
+    let _udp = UdpEcho::start(docker.pid(&id), (Ipv6Addr::UNSPECIFIED, UDP_PORT).into());
+    udp_roundtrip(&topo.remote, ip, UDP_PORT)
+        .unwrap_or_else(|e| panic!("UDP through netstack to [{ip}]:{UDP_PORT}: {e}"));
+}
+
+/// A container that stopped while no agent was following it (here: before the agent
+/// restarted) and is removed afterwards must still give its address back.
+#[test]
+fn removed_after_agent_restart_is_deregistered() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let name = unique_name("late");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    docker.stop(&id);
+    agent.wait_row(&name, Duration::from_secs(10), |r| r.state == "stopped");
+    let status = agent.stop();
+    assert!(status.success(), "agent exited with {status}");
+    drop(agent);
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    docker.rm(&id);
+    let key_file = state.path().join("keys").join(format!("{id}.key"));
+    let gone = wait_until(Duration::from_secs(10), || {
+        peers_of(&relay, &id).is_empty() && !key_file.exists()
+    });
+    assert!(
+        gone,
+        "removed container still registered ({} peer(s)) or its key still on disk ({})\n{}",
+        peers_of(&relay, &id).len(),
+        key_file.exists(),
+        agent.log()
+    );
+}
