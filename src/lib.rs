@@ -4,6 +4,7 @@
 //! The protocol state lives in sans-IO types ([`wg`]) that take bytes in and give
 //! bytes and actions out; thin tokio drivers own sockets and devices.
 
+pub mod cli;
 pub mod key;
 pub mod neighbor;
 pub mod netstack;

@@ -17,7 +17,6 @@ use sidecar_relay::neighbor::NeighborResponder;
 use sidecar_relay::store::{AddressPlan, Store};
 use sidecar_relay::tls::Identity;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
 /// Where `run` without `--config` keeps its state.
 const DEFAULT_DATA_DIR: &str = "/var/lib/sidecar-relay";
@@ -111,38 +110,13 @@ impl From<Mode> for PrefixMode {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,boringtun=warn,sled=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    sidecar::cli::run("info,boringtun=warn,sled=warn", || async move {
         match cli.command {
             Command::Init(args) => init(args).await,
             Command::Run { config, data_dir } => run(config.as_deref(), &data_dir).await,
         }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 async fn init(args: InitArgs) -> Result<()> {
