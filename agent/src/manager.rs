@@ -326,6 +326,25 @@ impl Agent {
                 ),
             ));
         }
+        if let Some(asked) = labels.bandwidth_mbps {
+            // The relay shapes to the token's limit anyway; a label above it promises
+            // what cannot be delivered, so say so instead of pretending.
+            let status = self.settings.relay.status().await.map_err(|e| {
+                fail(
+                    e.is_permanent(),
+                    format!("cannot read the token's limits: {e}"),
+                )
+            })?;
+            if let Some(limit) = status.limits.bandwidth_mbps.filter(|l| asked > *l) {
+                return Err(fail(
+                    true,
+                    format!(
+                        "label {}={asked} is above the token's limit of {limit} Mbit/s",
+                        labels::BANDWIDTH
+                    ),
+                ));
+            }
+        }
         let pid = info
             .state
             .as_ref()

@@ -11,7 +11,9 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sidecar::pin::{client_config, PinMismatch};
-use sidecar::proto::{Allocation, ApiError, DeletePeer, PeerView, RegisterPeer, TOKEN_PREFIX};
+use sidecar::proto::{
+    Allocation, ApiError, DeletePeer, PeerView, RegisterPeer, Status, TOKEN_PREFIX,
+};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -111,6 +113,12 @@ impl RelayClient {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The token's limits and usage.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call::<(), Status>(Method::GET, "/v1/status", None)
+            .await
     }
 
     pub async fn register(&self, req: &RegisterPeer) -> Result<Allocation, ClientError> {
