@@ -1,15 +1,28 @@
-//! Side-by-side throughput and latency: sidecar-agent ⟷ sidecar-agent against
-//! wireguard-go ⟷ wireguard-go, on the same two-namespace topology, in one invocation.
+//! Side-by-side throughput and latency, in one invocation:
+//!
+//! * the tunnel: sidecar-agent ⟷ sidecar-agent against wireguard-go ⟷ wireguard-go, on
+//!   the same two-namespace topology;
+//! * the relay path of `tests/support/relay.rs` (remote host → router → relay → NAT →
+//!   client): `sidecar-relay run` (userspace WireGuard, TUN, kernel forwarding, its own
+//!   NDP answers) against wireguard-go with kernel forwarding and kernel proxy NDP as the
+//!   relay hop. The client is `sidecar-agent up` in both, configured from the same
+//!   allocation (same address, MTU and keepalive), so the relay hop is what differs.
 //!
 //! Run with `cargo bench --bench side_by_side`; `SIDE_BY_SIDE_SECS` sets the length of each
-//! iperf3 run (default 5). Prints a table and asserts nothing about speed.
+//! iperf3 run (default 5). The agent and relay binaries are rebuilt (release) first. Prints
+//! tables and asserts nothing about speed.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use support::agent::agent_bin;
+use support::relay::{
+    relay_bin, Allocation, ClientSite, Relay, RelayOptions, Topology, CLIENT_PORT, RELAY_UPLINK4,
+    UPLINK, WG_PORT,
+};
 use support::traffic::ping_until_reply;
 use support::wg::{wireguard_go_version, MTU};
 use support::{
@@ -115,6 +128,141 @@ fn measure(imp: Implementation, secs: u64) -> Measurements {
     }
 }
 
+/// The hop between the router and the NAT in the relay topology.
+#[derive(Clone, Copy, Debug)]
+enum RelayHop {
+    /// `sidecar-relay run`.
+    Sidecar,
+    /// wireguard-go with a peer and a /128 route per client, kernel forwarding, kernel
+    /// proxy NDP on the uplink.
+    WireguardGo,
+}
+
+impl RelayHop {
+    fn name(self) -> &'static str {
+        match self {
+            RelayHop::Sidecar => "sidecar-relay",
+            RelayHop::WireguardGo => "wg-go+kernel",
+        }
+    }
+}
+
+/// Relay-path figures; "down" is remote → client, "up" is client → remote.
+struct RelayMeasurements {
+    tcp1_down_gbps: f64,
+    tcp4_down_gbps: f64,
+    tcp1_up_gbps: f64,
+    tcp4_up_gbps: f64,
+    ping_avg_ms: f64,
+    ping_p50_ms: f64,
+}
+
+/// `sidecar-agent up` in the client site with the wg-quick file an agent would write from
+/// `alloc`: the relay as the only peer for `::/0`, the /128 on the interface, the
+/// allocation's MTU and keepalive. The agent installs no default route through its own
+/// tunnel, so the IPv6 default route (the site's underlay is IPv4 only) is added here.
+fn relay_client<'s>(site: &'s ClientSite, keys: &KeyPair, alloc: &Allocation) -> Agent<'s> {
+    let peer = Peer::new(&alloc.relay_public_key)
+        .allow("::/0")
+        .endpoint(alloc.relay_endpoint.clone())
+        .keepalive(alloc.keepalive);
+    let agent = Agent::start(
+        &site.ns,
+        &AgentConfig {
+            private_key: keys.private.clone(),
+            addresses: vec![format!("{}/128", alloc.ipv6)],
+            listen_port: Some(CLIENT_PORT),
+            mtu: Some(alloc.mtu),
+            peers: vec![peer],
+        },
+    );
+    site.ns
+        .ip(&format!("-6 route add default dev {}", agent.iface));
+    agent
+}
+
+/// iperf3 both ways and ping, always started from the remote host towards the client.
+fn measure_relay_path(
+    hop: RelayHop,
+    topo: &Topology,
+    site: &ClientSite,
+    client: IpAddr,
+    secs: u64,
+) -> RelayMeasurements {
+    assert!(
+        ping_until_reply(&topo.remote, client, std::time::Duration::from_secs(15)),
+        "the client behind {} does not answer the remote host",
+        hop.name()
+    );
+    let gbps = |args: &str| {
+        let run = iperf3(&site.ns, &topo.remote, client, &format!("-t {secs} {args}"));
+        run.received_bits_per_second() / 1e9
+    };
+    let tcp1_down_gbps = gbps("");
+    let tcp4_down_gbps = gbps("-P 4");
+    let tcp1_up_gbps = gbps("-R");
+    let tcp4_up_gbps = gbps("-R -P 4");
+    let ping = ping_with(&topo.remote, client, "-c 20 -i 0.05 -W 2");
+    assert!(ping.received > 0, "no ping replies:\n{}", ping.output);
+    RelayMeasurements {
+        tcp1_down_gbps,
+        tcp4_down_gbps,
+        tcp1_up_gbps,
+        tcp4_up_gbps,
+        ping_avg_ms: ping.avg_ms(),
+        ping_p50_ms: ping.p50_ms(),
+    }
+}
+
+/// The relay path through `sidecar-relay`; also returns the allocation, which the
+/// wireguard-go run reuses so that the client is configured identically.
+fn measure_sidecar_relay(secs: u64) -> (RelayMeasurements, Allocation) {
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    // A token of its own without a bandwidth cap, whatever `init`'s default token has.
+    let (_, token) = relay.create_token("side-by-side", 4, 0, None);
+    let site = topo.client_site();
+    let keys = KeyPair::generate();
+    let resp = relay.register(&site.ns, &token, &keys.public, false);
+    assert_eq!(resp.status, 201, "registration failed: {resp:?}");
+    let alloc = Allocation::from_json(&resp.json);
+    let _client = relay_client(&site, &keys, &alloc);
+    let m = measure_relay_path(RelayHop::Sidecar, &topo, &site, alloc.ipv6.into(), secs);
+    (m, alloc)
+}
+
+/// The same path with wireguard-go plus the kernel as the relay hop, on a fresh topology.
+/// The router still has the /64 on-link and no route for the client: the relay
+/// namespace answers its Neighbor Solicitations by kernel proxy NDP (`proxy_delay` 0, so
+/// the kernel answers at once, as `sidecar-relay` does).
+fn measure_wireguard_go_relay(secs: u64, like: &Allocation) -> RelayMeasurements {
+    let topo = Topology::new();
+    let relay_keys = KeyPair::generate();
+    let wg = WireguardGo::start(&topo.relay, &relay_keys, WG_PORT);
+    let site = topo.client_site();
+    let keys = KeyPair::generate();
+    let alloc = Allocation {
+        pubkey: keys.public.clone(),
+        relay_public_key: relay_keys.public.clone(),
+        relay_endpoint: endpoint(RELAY_UPLINK4.into(), WG_PORT),
+        ..like.clone()
+    };
+    let host = format!("{}/128", alloc.ipv6);
+    wg.add_peer(&Peer::new(&keys.public).allow(host.clone()));
+    wg.add_route(&host);
+    for setting in [
+        "net.ipv6.conf.all.forwarding=1".to_owned(),
+        format!("net.ipv6.conf.{UPLINK}.proxy_ndp=1"),
+        format!("net.ipv6.neigh.{UPLINK}.proxy_delay=0"),
+    ] {
+        topo.relay.exec(&format!("sysctl -qw {setting}"));
+    }
+    topo.relay
+        .ip(&format!("-6 neigh add proxy {} dev {UPLINK}", alloc.ipv6));
+    let _client = relay_client(&site, &keys, &alloc);
+    measure_relay_path(RelayHop::WireguardGo, &topo, &site, alloc.ipv6.into(), secs)
+}
+
 /// One line of the comparison: the same metric for both implementations.
 struct Row {
     metric: String,
@@ -161,14 +309,16 @@ fn main() {
         return;
     }
     require_tools(BASE_TOOLS);
-    require_tools(&["iperf3", "timeout"]);
+    require_tools(&["iperf3", "timeout", "curl", "nft", "sysctl"]);
     let secs: u64 = std::env::var("SIDE_BY_SIDE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
 
     println!("wireguard-go: {}", wireguard_go_version());
+    // Both rebuilt (release) here, before anything is measured.
     println!("sidecar-agent: {}", agent_bin().display());
+    println!("sidecar-relay: {}", relay_bin().display());
     println!("topology: two namespaces, veth, outer IPv4, inner IPv4, MTU {MTU}, {secs} s runs");
 
     let ours = measure(Implementation::Sidecar, secs);
@@ -184,6 +334,61 @@ fn main() {
         table(
             Implementation::Sidecar.name(),
             Implementation::WireguardGo.name(),
+            &rows
+        )
+    );
+
+    println!();
+    println!(
+        "relay path: remote -> router -> relay -> NAT -> client, outer IPv4, inner IPv6, {secs} s runs"
+    );
+    println!(
+        "  client: sidecar-agent up in both (same allocation), so the relay hop dominates the difference"
+    );
+    println!(
+        "  {}: sidecar-relay run (userspace WireGuard + TUN + kernel forwarding + its own NDP answers)",
+        RelayHop::Sidecar.name()
+    );
+    println!(
+        "  {}: wireguard-go + /128 route + kernel forwarding + kernel proxy NDP (proxy_delay 0)",
+        RelayHop::WireguardGo.name()
+    );
+    println!("  down = remote -> client, up = client -> remote; ping from the remote host");
+    let (ours, alloc) = measure_sidecar_relay(secs);
+    let theirs = measure_wireguard_go_relay(secs, &alloc);
+    let rows = [
+        Row::new(
+            "relay tcp 1 stream down",
+            "Gbit/s",
+            ours.tcp1_down_gbps,
+            theirs.tcp1_down_gbps,
+        ),
+        Row::new(
+            "relay tcp 4 streams down",
+            "Gbit/s",
+            ours.tcp4_down_gbps,
+            theirs.tcp4_down_gbps,
+        ),
+        Row::new(
+            "relay tcp 1 stream up",
+            "Gbit/s",
+            ours.tcp1_up_gbps,
+            theirs.tcp1_up_gbps,
+        ),
+        Row::new(
+            "relay tcp 4 streams up",
+            "Gbit/s",
+            ours.tcp4_up_gbps,
+            theirs.tcp4_up_gbps,
+        ),
+        Row::new("relay ping avg", "ms", ours.ping_avg_ms, theirs.ping_avg_ms),
+        Row::new("relay ping p50", "ms", ours.ping_p50_ms, theirs.ping_p50_ms),
+    ];
+    print!(
+        "{}",
+        table(
+            RelayHop::Sidecar.name(),
+            RelayHop::WireguardGo.name(),
             &rows
         )
     );
