@@ -47,6 +47,8 @@ pub trait Deliver: Send + Sync + 'static {
 pub trait PacketLink: Deliver {
     /// Waits for the next packet to encrypt and copies it into `buf`.
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// The next packet if one is ready now (`WouldBlock` otherwise), to fill a batch.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn mtu(&self) -> u16;
 }
 
@@ -310,15 +312,61 @@ impl GsoBatch {
     }
 }
 
+/// Room for one batch of encrypted datagrams laid out back to back.
+struct SealBuffer {
+    out: Vec<u8>,
+    /// Largest encrypted datagram of one packet.
+    slot: usize,
+}
+
+impl SealBuffer {
+    fn new(mtu: u16) -> SealBuffer {
+        let slot = (usize::from(mtu).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
+        SealBuffer {
+            out: vec![0u8; slot * tun_rs::IDEAL_BATCH_SIZE + MIN_OUT_BUF],
+            slot,
+        }
+    }
+
+    /// Encrypts `packets` and sends them, consecutive datagrams for one peer in
+    /// one GSO system call.
+    async fn seal_and_send<'p>(
+        &mut self,
+        shared: &Shared,
+        socket: &UdpTransport,
+        packets: impl Iterator<Item = &'p [u8]>,
+    ) {
+        let max_segments = socket.max_gso_segments();
+        let mut batch = GsoBatch::new();
+        let mut end = 0;
+        for packet in packets {
+            let room = &mut self.out[end..end + self.slot];
+            let (to, len) = match shared.device.encapsulate(packet, room) {
+                Action::Send { to, datagram } => (to, datagram.len()),
+                Action::Shaped => {
+                    shared.shaping.notify_one();
+                    continue;
+                }
+                _ => continue,
+            };
+            if !batch.accepts(to, len, end, max_segments) {
+                // Flush everything before this datagram, then start a new batch with it.
+                batch.flush(shared, socket, &self.out, end).await;
+            }
+            batch.push(to, end, len);
+            end += len;
+        }
+        batch.flush(shared, socket, &self.out, end).await;
+    }
+}
+
 /// TUN -> encrypt -> UDP.
 async fn outbound(shared: Arc<Shared>) {
     let Link::Tun(tun) = &shared.link else {
         return;
     };
-    let mtu = tun.mtu();
-    let mut reader = TunReader::new(mtu);
-    let slot = (usize::from(mtu).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
-    let mut out = vec![0u8; slot * tun_rs::IDEAL_BATCH_SIZE + MIN_OUT_BUF];
+    let mut reader = TunReader::new(tun.mtu());
+    let mut seal = SealBuffer::new(tun.mtu());
     let mut rx = shared.socket.subscribe();
     loop {
         let n = match reader.read(tun).await {
@@ -338,57 +386,46 @@ async fn outbound(shared: Arc<Shared>) {
             }
         };
         let socket = rx.borrow_and_update().clone();
-        let max_segments = socket.max_gso_segments();
-        let mut batch = GsoBatch::new();
-        let mut end = 0;
-        for i in 0..n {
-            let packet = reader.packet(i);
-            let (to, len) = match shared.device.encapsulate(packet, &mut out[end..end + slot]) {
-                Action::Send { to, datagram } => (to, datagram.len()),
-                Action::Shaped => {
-                    shared.shaping.notify_one();
-                    continue;
-                }
-                _ => continue,
-            };
-            if !batch.accepts(to, len, end, max_segments) {
-                // Flush everything before this datagram, then start a new batch with it.
-                batch.flush(&shared, &socket, &out, end).await;
-            }
-            batch.push(to, end, len);
-            end += len;
-        }
-        batch.flush(&shared, &socket, &out, end).await;
+        seal.seal_and_send(&shared, &socket, (0..n).map(|i| reader.packet(i)))
+            .await;
     }
 }
 
-/// Userspace link -> encrypt -> UDP, one packet at a time (the userspace stack
-/// produces packets one by one anyway).
+/// Userspace link -> encrypt -> UDP: waits for one packet, then takes whatever else
+/// is ready (up to a batch) so those go out with GSO too.
 async fn outbound_link<L: PacketLink>(shared: Arc<Shared>, link: Arc<L>) {
     let mtu = usize::from(link.mtu()).max(1500);
-    let mut packet = vec![0u8; mtu];
-    let mut out = vec![0u8; (mtu + DATA_OVERHEAD).max(MIN_OUT_BUF)];
+    let mut bufs = vec![vec![0u8; mtu]; tun_rs::IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+    let mut seal = SealBuffer::new(link.mtu());
+    let mut rx = shared.socket.subscribe();
     loop {
-        let n = match link.recv(&mut packet).await {
-            Ok(n) => n,
+        let mut n = 0;
+        match link.recv(&mut bufs[0]).await {
+            Ok(len) => {
+                sizes[0] = len;
+                n = 1;
+            }
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                 tracing::debug!("userspace link closed");
                 return;
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "userspace link dropped a packet");
-                continue;
-            }
-        };
-        match shared.device.encapsulate(&packet[..n], &mut out) {
-            Action::Send { to, datagram } => {
-                let len = datagram.len();
-                let socket = shared.socket.borrow().clone();
-                send(&shared, &socket, to, &out[..len], None).await;
-            }
-            Action::Shaped => shared.shaping.notify_one(),
-            _ => {}
+            Err(e) => tracing::debug!(error = %e, "userspace link dropped a packet"),
         }
+        while n < bufs.len() {
+            match link.try_recv(&mut bufs[n]) {
+                Ok(len) => {
+                    sizes[n] = len;
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
+                Err(e) => tracing::debug!(error = %e, "userspace link dropped a packet"),
+            }
+        }
+        let socket = rx.borrow_and_update().clone();
+        let packets = bufs.iter().zip(&sizes).take(n).map(|(b, &len)| &b[..len]);
+        seal.seal_and_send(&shared, &socket, packets).await;
     }
 }
 

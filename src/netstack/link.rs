@@ -16,6 +16,10 @@ impl PacketLink for NetstackDevice {
         NetstackDevice::recv(self, buf).await
     }
 
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        NetstackDevice::try_recv(self, buf)
+    }
+
     fn mtu(&self) -> u16 {
         u16::try_from(self.mtu).unwrap_or(u16::MAX)
     }
