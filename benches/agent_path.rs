@@ -41,7 +41,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::agent::agent_bin;
+use support::agent::{agent_bin, agent_status};
 use support::docker::{Dockerd, DOCKER_TOOLS};
 use support::process::{self, ChildGuard, TempDir};
 use support::relay::{relay_bin, Relay, RelayOptions, Topology, RELAY_TOOLS};
@@ -126,7 +126,7 @@ impl RunAgent {
             if !child.is_running() {
                 return true;
             }
-            ready = status_output(state_dir).is_some();
+            ready = agent_status(state_dir).is_some();
             ready
         });
         assert!(
@@ -143,7 +143,7 @@ impl RunAgent {
 
     /// `(state, ipv6, mode)` of container `name` in `sidecar-agent status`.
     fn row(&self, name: &str) -> Option<(String, Option<Ipv6Addr>, String)> {
-        let text = status_output(&self.state_dir)?;
+        let text = agent_status(&self.state_dir)?;
         text.lines().find_map(|line| {
             let w: Vec<&str> = line.split_whitespace().collect();
             (w.len() >= 5 && w[0] == name).then(|| {
@@ -152,15 +152,6 @@ impl RunAgent {
             })
         })
     }
-}
-
-fn status_output(state_dir: &Path) -> Option<String> {
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("status").arg("--state-dir").arg(state_dir);
-    let out = process::output(&mut cmd);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 // ---------------------------------------------------------------------------------------

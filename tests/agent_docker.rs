@@ -36,9 +36,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::agent::agent_bin;
+use support::agent::{agent_bin, agent_status};
 use support::docker::{Dockerd, DOCKER_TOOLS};
-use support::process::{self, ChildGuard, TempDir};
+use support::process::{ChildGuard, TempDir};
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
 use support::traffic::{ping_with, Ping};
 use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
@@ -112,7 +112,7 @@ impl SidecarAgent {
             if !child.is_running() {
                 return true;
             }
-            agent_ready = status_output(state_dir).is_some();
+            agent_ready = agent_status(state_dir).is_some();
             agent_ready
         });
         assert!(
@@ -150,7 +150,7 @@ impl SidecarAgent {
 
     /// `sidecar-agent status`, raw and parsed.
     fn status(&self) -> (String, Vec<Row>) {
-        let text = status_output(&self.state_dir).unwrap_or_default();
+        let text = agent_status(&self.state_dir).unwrap_or_default();
         let rows = parse_status(&text);
         (text, rows)
     }
@@ -217,15 +217,6 @@ fn drop_net_admin(ns: &Netns, bin: &Path) -> Command {
     }
     cmd.arg(bin);
     cmd
-}
-
-fn status_output(state_dir: &Path) -> Option<String> {
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("status").arg("--state-dir").arg(state_dir);
-    let out = process::output(&mut cmd);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One row of `sidecar-agent status`.

@@ -237,6 +237,17 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         })
 }
 
+/// What `sidecar-agent status --state-dir DIR` prints, or `None` while it fails (no
+/// status written yet).
+pub fn agent_status(state_dir: &Path) -> Option<String> {
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("status").arg("--state-dir").arg(state_dir);
+    let out = process::output(&mut cmd);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
