@@ -123,6 +123,9 @@ impl Peer {
         }
     }
 
+    /// A clone, so that no lock on the peer is held while a packet is queued:
+    /// queueing takes the device's shaping-list lock, and releasing takes the two
+    /// the other way round.
     pub fn shaper(&self) -> Option<Arc<Shaper>> {
         self.shaper.read().clone()
     }
