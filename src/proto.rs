@@ -151,6 +151,9 @@ pub struct CreateToken {
     /// Per-peer bandwidth cap in Mbit/s; none means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mbps: Option<u32>,
+    /// Peers of this token cannot reach each other through the relay.
+    #[serde(default)]
+    pub isolate_peers: bool,
 }
 
 /// `POST /v1/admin/tokens` response. The secret is shown only this once.
@@ -335,12 +338,14 @@ mod tests {
         let create: CreateToken =
             serde_json::from_str(r#"{"name":"n","max_peers":5,"max_ipv4":1}"#).unwrap();
         assert_eq!(create.bandwidth_mbps, None);
+        assert!(!create.isolate_peers);
         assert_eq!(
             to_value(&CreateToken {
                 bandwidth_mbps: Some(100),
+                isolate_peers: true,
                 ..create
             }),
-            json!({"name": "n", "max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": 100})
+            json!({"name": "n", "max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": 100, "isolate_peers": true})
         );
         let created = CreatedToken {
             id: "i".into(),

@@ -34,7 +34,8 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord};
+use crate::dataplane::PeerEntry;
+use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord, TokenSpec};
 
 /// Request bodies are a few hundred bytes; anything much larger is a mistake or abuse.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -55,7 +56,7 @@ pub trait DataPlane: Send + Sync + 'static {
     /// registration, including idempotent re-registrations, because those can
     /// change the peer's addresses (IPv4 gained, or re-addressed after an address
     /// plan change). Must be an upsert that keeps a live session.
-    fn add_peer(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>);
+    fn add_peer(&self, peer: &PeerEntry);
     /// Stop forwarding for a peer (deleted, or its token revoked).
     fn remove_peer(&self, key: &Key);
     /// Live counters for a peer: (last handshake in unix seconds, rx bytes, tx
@@ -489,7 +490,9 @@ async fn register_peer(
     let task_state = state.clone();
     let (peer, created) = detached(async move {
         let (peer, created) = task_state.store.register(&token, registration).await?;
-        task_state.dataplane.add_peer(&peer, token.bandwidth_mbps);
+        task_state
+            .dataplane
+            .add_peer(&PeerEntry::new(&peer, &token));
         Ok((peer, created))
     })
     .await?;
@@ -604,13 +607,14 @@ async fn create_token(
     let (record, token) = detached(async move {
         let created = state
             .store
-            .create_token(
-                &req.name,
-                req.max_peers,
-                req.max_ipv4,
-                req.bandwidth_mbps,
-                false,
-            )
+            .create_token(TokenSpec {
+                name: req.name,
+                max_peers: req.max_peers,
+                max_ipv4: req.max_ipv4,
+                bandwidth_mbps: req.bandwidth_mbps,
+                isolate_peers: req.isolate_peers,
+                admin: false,
+            })
             .await?;
         Ok(created)
     })

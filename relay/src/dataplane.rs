@@ -16,7 +16,49 @@ use sidecar::wg::{Device, DeviceControl, DeviceUpdate, PeerUpdate};
 use sidecar::{route, IpPrefix, Key};
 
 use crate::config::RelayConfig;
-use crate::store::PeerRecord;
+
+/// A peer as the data plane needs it: its key, its addresses and its tenant's rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    pub public_key: Key,
+    pub ipv6: Ipv6Addr,
+    pub ipv4: Option<Ipv4Addr>,
+    pub tenant: Tenant,
+    /// Per-direction cap; `None` (or 0) is unshaped.
+    pub bandwidth_mbps: Option<u32>,
+}
+
+/// Who a peer belongs to, for isolation between tenants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    /// The token id.
+    pub id: String,
+    /// Peers of this tenant cannot reach each other either.
+    pub isolate_peers: bool,
+}
+
+impl PeerEntry {
+    pub fn new(peer: &crate::store::PeerRecord, token: &crate::store::TokenRecord) -> PeerEntry {
+        PeerEntry {
+            public_key: peer.public_key,
+            ipv6: peer.ipv6,
+            ipv4: peer.ipv4,
+            tenant: Tenant {
+                id: token.id.clone(),
+                isolate_peers: token.isolate_peers,
+            },
+            bandwidth_mbps: token.bandwidth_mbps,
+        }
+    }
+
+    fn prefixes(&self) -> Vec<IpPrefix> {
+        let mut v = vec![IpPrefix::host(IpAddr::V6(self.ipv6))];
+        if let Some(v4) = self.ipv4 {
+            v.push(IpPrefix::host(IpAddr::V4(v4)));
+        }
+        v
+    }
+}
 
 /// The addresses currently handed out, for the neighbor responder.
 #[derive(Default)]
@@ -99,8 +141,9 @@ impl RelayDataPlane {
 
     /// Puts a registered peer on the data plane (or refreshes it), keeping any live
     /// session and learned endpoint.
-    pub fn add(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>) {
-        let addrs = peer_prefixes(peer);
+    pub fn add(&self, peer: &PeerEntry) {
+        let bandwidth_mbps = peer.bandwidth_mbps;
+        let addrs = peer.prefixes();
         let before = self.prefixes_of(&peer.public_key);
         let mut update = PeerUpdate::new(peer.public_key);
         update.replace_allowed_ips = true;
@@ -183,14 +226,6 @@ impl RelayDataPlane {
     }
 }
 
-fn peer_prefixes(peer: &PeerRecord) -> Vec<IpPrefix> {
-    let mut v = vec![IpPrefix::host(IpAddr::V6(peer.ipv6))];
-    if let Some(v4) = peer.ipv4 {
-        v.push(IpPrefix::host(IpAddr::V4(v4)));
-    }
-    v
-}
-
 /// Forwarding in this network namespace only. With IPv6 forwarding on, the kernel
 /// stops accepting router advertisements unless `accept_ra` is 2, which would drop
 /// a SLAAC-configured uplink's default route: keep it.
@@ -213,8 +248,8 @@ fn enable_forwarding(uplink: Option<&str>) -> Result<()> {
 }
 
 impl crate::api::DataPlane for RelayDataPlane {
-    fn add_peer(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>) {
-        self.add(peer, bandwidth_mbps);
+    fn add_peer(&self, peer: &PeerEntry) {
+        self.add(peer);
     }
     fn remove_peer(&self, key: &Key) {
         self.remove(key);

@@ -12,9 +12,9 @@ use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::{
     ApiSection, NetworkSection, PrefixMode, RelayConfig, WireguardSection,
 };
-use sidecar_relay::dataplane::RelayDataPlane;
+use sidecar_relay::dataplane::{PeerEntry, RelayDataPlane};
 use sidecar_relay::neighbor::NeighborResponder;
-use sidecar_relay::store::{AddressPlan, Store};
+use sidecar_relay::store::{AddressPlan, Store, TokenSpec};
 use sidecar_relay::tls::Identity;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -204,11 +204,14 @@ async fn prepare(config: &RelayConfig) -> Result<Setup> {
         None
     } else {
         let (_, admin) = store
-            .create_token("admin", 10_000, 1_000, None, true)
+            .create_token(TokenSpec {
+                admin: true,
+                ..TokenSpec::tenant("admin", 10_000, 1_000)
+            })
             .await
             .context("cannot create the admin token")?;
         let (_, agent) = store
-            .create_token("default", 100, 10, None, false)
+            .create_token(TokenSpec::tenant("default", 100, 10))
             .await
             .context("cannot create the default agent token")?;
         Some(NewTokens { admin, agent })
@@ -295,8 +298,10 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
             tracing::warn!(peer = %peer.public_key, ipv6 = %peer.ipv6, "peer's address is outside the configured prefix; it gets a new one when it registers again");
             continue;
         }
-        let bandwidth = store.token(&peer.token_id)?.and_then(|t| t.bandwidth_mbps);
-        dataplane.add(&peer, bandwidth);
+        let Some(token) = store.token(&peer.token_id)? else {
+            continue;
+        };
+        dataplane.add(&PeerEntry::new(&peer, &token));
         if let Some(endpoint) = peer.endpoint {
             dataplane.restore_endpoint(&peer.public_key, endpoint);
         }

@@ -122,9 +122,37 @@ pub struct TokenRecord {
     pub max_peers: u32,
     pub max_ipv4: u32,
     pub bandwidth_mbps: Option<u32>,
+    /// Peers of this token cannot reach each other through the relay.
+    #[serde(default)]
+    pub isolate_peers: bool,
     pub admin: bool,
     /// Unix seconds.
     pub created: u64,
+}
+
+/// What a new token may do; see [`Store::create_token`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub name: String,
+    pub max_peers: u32,
+    pub max_ipv4: u32,
+    pub bandwidth_mbps: Option<u32>,
+    pub isolate_peers: bool,
+    pub admin: bool,
+}
+
+impl TokenSpec {
+    /// A tenant token with these quotas, unshaped and not isolated.
+    pub fn tenant(name: &str, max_peers: u32, max_ipv4: u32) -> TokenSpec {
+        TokenSpec {
+            name: name.to_owned(),
+            max_peers,
+            max_ipv4,
+            bandwidth_mbps: None,
+            isolate_peers: false,
+            admin: false,
+        }
+    }
 }
 
 /// A registered WireGuard peer and its addresses.
@@ -396,17 +424,9 @@ impl Store {
 
     /// Creates a token and returns it with its secret. The secret is shown only
     /// here: the store keeps its SHA-256 alone.
-    pub async fn create_token(
-        &self,
-        name: &str,
-        max_peers: u32,
-        max_ipv4: u32,
-        bandwidth_mbps: Option<u32>,
-        admin: bool,
-    ) -> Result<(TokenRecord, String), StoreError> {
-        validate_label("token name", name)?;
+    pub async fn create_token(&self, spec: TokenSpec) -> Result<(TokenRecord, String), StoreError> {
+        validate_label("token name", &spec.name)?;
         let this = self.clone();
-        let name = name.to_owned();
         blocking(move || {
             // A clash of 48 random bits is unlikely; retrying keeps it harmless.
             for _ in 0..8 {
@@ -418,11 +438,12 @@ impl Store {
                 let hash = sha256(secret.as_bytes());
                 let record = TokenRecord {
                     id: id.clone(),
-                    name: name.clone(),
-                    max_peers,
-                    max_ipv4,
-                    bandwidth_mbps,
-                    admin,
+                    name: spec.name.clone(),
+                    max_peers: spec.max_peers,
+                    max_ipv4: spec.max_ipv4,
+                    bandwidth_mbps: spec.bandwidth_mbps,
+                    isolate_peers: spec.isolate_peers,
+                    admin: spec.admin,
                     created: now_secs(),
                 };
                 let value = encode(&StoredToken {

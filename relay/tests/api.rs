@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 use sidecar::proto::{Allocation, ApiError, PeerList, PeerView, Status};
 use sidecar::{IpPrefix, Key};
 use sidecar_relay::api::{self, ApiState, DataPlane, RelayInfo};
-use sidecar_relay::store::{AddressPlan, PeerRecord, Store, TokenRecord};
+use sidecar_relay::dataplane::PeerEntry;
+use sidecar_relay::store::{AddressPlan, Store, TokenRecord, TokenSpec};
 use sidecar_relay::tls::{self, Identity};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -66,11 +67,11 @@ impl RecordingDataPlane {
 }
 
 impl DataPlane for RecordingDataPlane {
-    fn add_peer(&self, peer: &PeerRecord, bandwidth_mbps: Option<u32>) {
+    fn add_peer(&self, peer: &PeerEntry) {
         self.events.lock().unwrap().push(Event::Added {
             key: peer.public_key,
             ipv4: peer.ipv4.is_some(),
-            bandwidth_mbps,
+            bandwidth_mbps: peer.bandwidth_mbps,
         });
     }
     fn remove_peer(&self, key: &Key) {
@@ -110,7 +111,10 @@ impl Relay {
     async fn start_with(plan: AddressPlan) -> Relay {
         let store = Store::temporary(plan).unwrap();
         let (_, admin) = store
-            .create_token("operator", 1000, 1000, None, true)
+            .create_token(TokenSpec {
+                admin: true,
+                ..TokenSpec::tenant("operator", 1000, 1000)
+            })
             .await
             .unwrap();
         let dataplane = Arc::new(RecordingDataPlane::default());
@@ -156,7 +160,10 @@ impl Relay {
     async fn token(&self, max_peers: u32, max_ipv4: u32, bw: Option<u32>) -> (TokenRecord, String) {
         self.state
             .store()
-            .create_token("tenant", max_peers, max_ipv4, bw, false)
+            .create_token(TokenSpec {
+                bandwidth_mbps: bw,
+                ..TokenSpec::tenant("tenant", max_peers, max_ipv4)
+            })
             .await
             .unwrap()
     }

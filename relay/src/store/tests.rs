@@ -40,7 +40,7 @@ fn reg(k: Key, ipv4: bool) -> Registration {
 
 async fn token(store: &Store, max_peers: u32, max_ipv4: u32) -> TokenRecord {
     store
-        .create_token("test", max_peers, max_ipv4, None, false)
+        .create_token(TokenSpec::tenant("test", max_peers, max_ipv4))
         .await
         .unwrap()
         .0
@@ -66,7 +66,11 @@ async fn token_secret_is_stored_only_hashed() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), plan()).unwrap();
     let (tok, secret) = store
-        .create_token("ci", 5, 1, Some(100), true)
+        .create_token(TokenSpec {
+            bandwidth_mbps: Some(100),
+            admin: true,
+            ..TokenSpec::tenant("ci", 5, 1)
+        })
         .await
         .unwrap();
     assert!(secret.starts_with(SECRET_PREFIX));
@@ -118,8 +122,14 @@ async fn token_secret_is_stored_only_hashed() {
 #[tokio::test]
 async fn authenticate_right_wrong_and_revoked() {
     let store = Store::temporary(plan()).unwrap();
-    let (tok, secret) = store.create_token("a", 1, 0, None, false).await.unwrap();
-    let (other, other_secret) = store.create_token("b", 1, 0, None, false).await.unwrap();
+    let (tok, secret) = store
+        .create_token(TokenSpec::tenant("a", 1, 0))
+        .await
+        .unwrap();
+    let (other, other_secret) = store
+        .create_token(TokenSpec::tenant("b", 1, 0))
+        .await
+        .unwrap();
     assert_eq!(store.authenticate(&secret).unwrap(), Some(tok.clone()));
     assert_eq!(store.authenticate(&other_secret).unwrap(), Some(other));
 
@@ -523,7 +533,9 @@ async fn rejects_invalid_input() {
         store.register(&tok, reg(Key([0; 32]), false)).await
     ));
     assert!(matches!(
-        store.create_token("bad\0name", 1, 1, None, false).await,
+        store
+            .create_token(TokenSpec::tenant("bad\0name", 1, 1))
+            .await,
         Err(StoreError::Invalid(_))
     ));
 }
@@ -608,7 +620,10 @@ async fn persists_across_reopen_and_locks() {
             Err(StoreError::Locked(_))
         ));
         let (tok, secret) = store
-            .create_token("p", 10, 10, Some(50), false)
+            .create_token(TokenSpec {
+                bandwidth_mbps: Some(50),
+                ..TokenSpec::tenant("p", 10, 10)
+            })
             .await
             .unwrap();
         let mut peers = Vec::new();
@@ -760,7 +775,7 @@ async fn crash_writer_child() {
     };
     let store = Store::open(Path::new(&dir), crash_plan()).unwrap();
     let (tok, _) = store
-        .create_token("crash", u32::MAX, u32::MAX, None, false)
+        .create_token(TokenSpec::tenant("crash", u32::MAX, u32::MAX))
         .await
         .unwrap();
     let mut writers = Vec::new();
