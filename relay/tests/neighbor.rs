@@ -35,13 +35,25 @@ const FOREIGN_V4: &str = "192.0.2.78";
 /// `IFF_ALLMULTI` in `/sys/class/net/DEV/flags`.
 const IFF_ALLMULTI: u32 = 0x200;
 
-fn require_root() {
+/// Fails (never skips) without root or without the tools the lab drives. `ping`
+/// matters most: `ip netns exec` reports a command it cannot find with the same exit
+/// status as a ping nobody answered, so without this check a machine lacking ping
+/// looks like a responder that never answers.
+fn require_root_and_tools() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,
         "this test creates network namespaces: run it as root"
     );
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in ["ip", "ping"] {
+        assert!(
+            std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()),
+            "required tool `{tool}` is not in PATH; tests/run.sh installs the test \
+             prerequisites (iproute2, iputils-ping)"
+        );
+    }
 }
 
 fn output(args: &[&str]) -> Output {
@@ -142,11 +154,19 @@ impl Lab {
         }
     }
 
-    /// Runs `ping` in the router namespace; whether anything answers does not matter.
+    /// Runs `ping` in the router namespace. Whether anything answers does not matter
+    /// (exit status 1), but ping must have run and sent (2 means it could not).
     fn ping_from_router(&self, args: &[&str]) {
         let mut cmd = vec!["ip", "netns", "exec", &self.router, "ping", "-q"];
         cmd.extend_from_slice(args);
-        let _ = output(&cmd);
+        let out = output(&cmd);
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "`{}` failed ({}): {}",
+            cmd.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The router's neighbour entry for `addr` on the link, as `ip neigh` prints it.
@@ -312,7 +332,7 @@ impl Drop for Running {
 
 #[test]
 fn router_resolves_owned_addresses_through_the_responder() {
-    require_root();
+    require_root_and_tools();
     let lab = Lab::new();
     assert_eq!(
         lab.uplink_flags() & IFF_ALLMULTI,
@@ -437,7 +457,7 @@ fn router_resolves_owned_addresses_through_the_responder() {
 
 #[test]
 fn start_refuses_unusable_uplinks() {
-    require_root();
+    require_root_and_tools();
     let lab = Lab::new();
     let owned = || -> Arc<dyn OwnedAddresses> { Arc::new(Owned::default()) };
 
