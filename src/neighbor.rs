@@ -35,6 +35,26 @@ const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 /// `33:33:00:00:00:01`, the Ethernet mapping of ff02::1 (RFC 2464 §7).
 const ALL_NODES_MAC: EthernetAddress = EthernetAddress([0x33, 0x33, 0, 0, 0, 1]);
 
+/// What the receiving kernel says about a frame's ICMPv6 checksum.
+///
+/// A sender on the same host (the far end of a veth, a VM's virtio device, a packet
+/// socket with vnet headers) may hand the kernel a frame whose checksum the NIC is to
+/// fill in (`CHECKSUM_PARTIAL`). Such a frame can reach a receiver without ever
+/// meeting a NIC: its checksum field then holds only the pseudo-header sum, and the
+/// kernel accepts it as is, since nothing between the sender and us could have
+/// corrupted it. An `AF_PACKET` socket with `PACKET_AUXDATA` reports this as
+/// `TP_STATUS_CSUMNOTREADY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RxChecksum {
+    /// The checksum is in the frame and must verify: every frame from a wire, and
+    /// whatever the kernel did not say otherwise about.
+    #[default]
+    Computed,
+    /// The kernel says the checksum was left for a NIC to compute
+    /// (`TP_STATUS_CSUMNOTREADY`): there is nothing to verify.
+    NotReady,
+}
+
 /// A reply written by [`neighbor_advertisement`] or [`arp_reply`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer<A> {
@@ -96,8 +116,24 @@ pub fn answer_arp_request(
 /// Beyond RFC 4861 §7.1.1 the solicitation must be addressed either to the target
 /// itself (unicast reachability probe) or to the target's solicited-node group, and
 /// frames from `our_mac` are ignored: they are our own transmissions looping back.
+///
+/// The checksum must verify; see [`neighbor_advertisement_with_checksum`] for frames
+/// the kernel says have none yet.
 pub fn neighbor_advertisement(
     frame: &[u8],
+    our_mac: [u8; 6],
+    is_ours: impl Fn(Ipv6Addr) -> bool,
+    out: &mut [u8],
+) -> Option<Answer<Ipv6Addr>> {
+    neighbor_advertisement_with_checksum(frame, RxChecksum::Computed, our_mac, is_ours, out)
+}
+
+/// Like [`neighbor_advertisement`], for a frame whose checksum state the receiving
+/// kernel reported: with [`RxChecksum::NotReady`] the ICMPv6 checksum is not checked,
+/// everything else is.
+pub fn neighbor_advertisement_with_checksum(
+    frame: &[u8],
+    checksum: RxChecksum,
     our_mac: [u8; 6],
     is_ours: impl Fn(Ipv6Addr) -> bool,
     out: &mut [u8],
@@ -123,8 +159,12 @@ pub fn neighbor_advertisement(
 
     let icmp = Icmpv6Packet::new_checked(ip.payload()).ok()?;
     // The default capabilities verify the checksum; `parse` also insists on code 0
-    // and a complete NS header, and rejects zero-length options.
-    let repr = Icmpv6Repr::parse(&src, &dst, &icmp, &ChecksumCapabilities::default()).ok()?;
+    // and a complete NS header, and rejects zero-length options, with or without it.
+    let caps = match checksum {
+        RxChecksum::Computed => ChecksumCapabilities::default(),
+        RxChecksum::NotReady => ChecksumCapabilities::ignored(),
+    };
+    let repr = Icmpv6Repr::parse(&src, &dst, &icmp, &caps).ok()?;
     let Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
         target_addr: target,
         lladdr,
@@ -606,6 +646,63 @@ mod tests {
         assert!(answer(&good).is_some());
     }
 
+    /// The solicitation as a local sender with checksum offload hands it over: the
+    /// checksum field holds the folded pseudo-header sum, left for a NIC to finish.
+    fn checksum_not_ready(ns: Ns) -> Vec<u8> {
+        let mut frame = ns.frame();
+        let len = (frame.len() - 54) as u32;
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ns.src.octets());
+        pseudo.extend_from_slice(&ns.dst.octets());
+        pseudo.extend_from_slice(&len.to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        let mut sum: u32 = pseudo
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        frame[56..58].copy_from_slice(&(sum as u16).to_be_bytes());
+        frame
+    }
+
+    fn answer_with(frame: &[u8], checksum: RxChecksum) -> Option<Vec<u8>> {
+        let mut out = [0u8; 256];
+        neighbor_advertisement_with_checksum(frame, checksum, OUR_MAC, ours, &mut out)
+            .map(|a| out[..a.len].to_vec())
+    }
+
+    #[test]
+    fn checksum_left_to_the_nic_is_trusted_only_when_the_kernel_says_so() {
+        let partial = checksum_not_ready(Ns::default());
+        assert!(answer(&partial).is_none(), "unverifiable by default");
+        assert!(answer_with(&partial, RxChecksum::Computed).is_none());
+        // The same answer as to the finished frame: nothing depends on the field.
+        let reply = answer_with(&partial, RxChecksum::NotReady).expect("must answer");
+        assert_eq!(Some(reply.clone()), answer(&Ns::default().frame()));
+        parse_na(&reply);
+
+        // Only the checksum is excused, every other check still applies.
+        let forwarded = checksum_not_ready(Ns {
+            hop_limit: 254,
+            ..Ns::default()
+        });
+        assert!(answer_with(&forwarded, RxChecksum::NotReady).is_none());
+        let other = checksum_not_ready(Ns {
+            target: NOT_OURS,
+            dst: solicited_node(NOT_OURS),
+            ..Ns::default()
+        });
+        assert!(answer_with(&other, RxChecksum::NotReady).is_none());
+        let mut code = partial.clone();
+        code[55] = 1;
+        assert!(answer_with(&code, RxChecksum::NotReady).is_none());
+        for len in 0..partial.len() {
+            assert!(answer_with(&partial[..len], RxChecksum::NotReady).is_none());
+        }
+    }
+
     #[test]
     fn wrong_destination_is_ignored() {
         // Solicited-node group of a different address, and some unrelated unicast.
@@ -741,6 +838,13 @@ mod tests {
                 frame[12..14].copy_from_slice(&ethertype);
             }
             let _ = answer_neighbor_solicitation(&frame, OUR_MAC, |_| true, &mut out);
+            let _ = neighbor_advertisement_with_checksum(
+                &frame,
+                RxChecksum::NotReady,
+                OUR_MAC,
+                |_| true,
+                &mut out,
+            );
             let _ = answer_arp_request(&frame, OUR_MAC, |_| true, &mut out);
         }
     }

@@ -9,7 +9,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use sidecar::neighbor::{answer_arp_request, answer_neighbor_solicitation};
+use sidecar::neighbor::{
+    answer_arp_request, answer_neighbor_solicitation, neighbor_advertisement_with_checksum,
+    RxChecksum,
+};
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -22,6 +25,17 @@ const OURS4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
 const LINUX_NS: &str = "3333ff00abcd02000000000186dd6000000000203aff20010db80001000000000000\
                         00000001ff0200000000000000000001ff00abcd8700c48d0000000020010db80001\
                         0000000000000000abcd0101020000000001";
+
+/// The same solicitation handed to a Linux 6.18 veth by a sender that left its
+/// checksum to the NIC (a packet socket with a vnet header asking for
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`, as a VM's virtio device does), read at the other end
+/// with `PACKET_AUXDATA`: status `TP_STATUS_CSUMNOTREADY`, and the checksum field
+/// (0xd7e7) holds only the folded pseudo-header sum. The kernel of the receiving
+/// namespace answers such a solicitation for its own address.
+const LINUX_NS_CSUM_NOT_READY: &str =
+    "3333ff00abcd02000000000186dd6000000000203aff20010db80001000000000000\
+     00000001ff0200000000000000000001ff00abcd8700d7e70000000020010db80001\
+     0000000000000000abcd0101020000000001";
 
 /// `ping -c1 192.0.2.77` from 192.0.2.1: a broadcast who-has, unpadded as a veth
 /// delivers it.
@@ -57,19 +71,8 @@ fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-#[test]
-fn captured_linux_solicitation_is_answered_exactly() {
-    let ns = hex(LINUX_NS);
-    // The fixture itself must be sound: its checksum verifies as a whole.
-    assert_eq!(
-        icmpv6_checksum(ROUTER, "ff02::1:ff00:abcd".parse().unwrap(), &ns[54..]),
-        0
-    );
-
-    let mut out = [0u8; 1514];
-    let len = answer_neighbor_solicitation(&ns, OUR_MAC, |a| a == OURS, &mut out)
-        .expect("a solicitation for an owned address is answered");
-
+/// The advertisement answering `LINUX_NS` (and `LINUX_NS_CSUM_NOT_READY`).
+fn expected_advertisement() -> Vec<u8> {
     let mut expected = Vec::new();
     expected.extend_from_slice(&ROUTER_MAC); // to the solicitation's link-layer option
     expected.extend_from_slice(&OUR_MAC);
@@ -85,9 +88,56 @@ fn captured_linux_solicitation_is_answered_exactly() {
     expected.extend_from_slice(&OUR_MAC);
     let sum = icmpv6_checksum(OURS, ROUTER, &expected[icmp_start..]);
     expected[icmp_start + 2..icmp_start + 4].copy_from_slice(&sum.to_be_bytes());
+    assert_eq!(icmpv6_checksum(OURS, ROUTER, &expected[icmp_start..]), 0);
+    expected
+}
 
-    assert_eq!(&out[..len], &expected[..]);
-    assert_eq!(icmpv6_checksum(OURS, ROUTER, &out[icmp_start..len]), 0);
+#[test]
+fn captured_linux_solicitation_is_answered_exactly() {
+    let ns = hex(LINUX_NS);
+    // The fixture itself must be sound: its checksum verifies as a whole.
+    assert_eq!(
+        icmpv6_checksum(ROUTER, "ff02::1:ff00:abcd".parse().unwrap(), &ns[54..]),
+        0
+    );
+
+    let mut out = [0u8; 1514];
+    let len = answer_neighbor_solicitation(&ns, OUR_MAC, |a| a == OURS, &mut out)
+        .expect("a solicitation for an owned address is answered");
+    assert_eq!(&out[..len], &expected_advertisement()[..]);
+}
+
+#[test]
+fn captured_solicitation_with_checksum_left_to_the_nic_is_answered_when_the_kernel_says_so() {
+    let ns = hex(LINUX_NS_CSUM_NOT_READY);
+    // Only the checksum differs from the finished frame, and it does not verify.
+    let finished = hex(LINUX_NS);
+    assert_eq!(ns.len(), finished.len());
+    let differ: Vec<usize> = (0..ns.len()).filter(|&i| ns[i] != finished[i]).collect();
+    assert_eq!(differ, [56, 57]);
+    assert_ne!(
+        icmpv6_checksum(ROUTER, "ff02::1:ff00:abcd".parse().unwrap(), &ns[54..]),
+        0
+    );
+
+    let mut out = [0u8; 1514];
+    // Without the kernel's word the frame is corrupt and goes unanswered.
+    assert_eq!(
+        answer_neighbor_solicitation(&ns, OUR_MAC, |a| a == OURS, &mut out),
+        None
+    );
+    let computed = RxChecksum::Computed;
+    assert_eq!(
+        neighbor_advertisement_with_checksum(&ns, computed, OUR_MAC, |a| a == OURS, &mut out),
+        None
+    );
+    let not_ready = RxChecksum::NotReady;
+    let answer =
+        neighbor_advertisement_with_checksum(&ns, not_ready, OUR_MAC, |a| a == OURS, &mut out)
+            .expect("the kernel vouches for the frame");
+    assert_eq!(answer.target, OURS);
+    assert_eq!(answer.requester, ROUTER);
+    assert_eq!(&out[..answer.len], &expected_advertisement()[..]);
 }
 
 #[test]

@@ -36,6 +36,15 @@
 //! the uplink in all-multicast mode. Unsolicited multicast costs little: the IPv6
 //! stack discards groups it did not join right away, and the filter keeps it from us.
 //!
+//! # Checksums
+//!
+//! A solicitation from a sender on the same host (the far end of a veth, a VM's
+//! virtio device) may arrive with its ICMPv6 checksum still left for a NIC to fill
+//! in; the kernel accepts it as is. The IPv6 socket asks for `PACKET_AUXDATA`, whose
+//! `TP_STATUS_CSUMNOTREADY` tells such frames apart, and only for them is the
+//! checksum not verified ([`RxChecksum`]). Without that word from the kernel every
+//! checksum must verify.
+//!
 //! # Namespaces
 //!
 //! The sockets and the interface lookups act in the network namespace of the thread
@@ -51,7 +60,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sidecar::neighbor::{arp_reply, neighbor_advertisement};
+use sidecar::neighbor::{arp_reply, neighbor_advertisement_with_checksum, RxChecksum};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::task::JoinHandle;
@@ -139,6 +148,8 @@ impl NeighborResponder {
         if v6 {
             let fd = packet_socket(ifindex, libc::ETH_P_IPV6, &ipv6_filter())?;
             join_all_multicast(&fd, ifindex)?;
+            // See "Checksums" in the module documentation. ARP has no checksum.
+            set_option(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, &(1 as c_int))?;
             sockets.push((Family::V6, fd));
         }
         if v4 {
@@ -268,11 +279,11 @@ async fn serve(
     let mut frame = [0u8; SNAPLEN];
     let mut reply = [0u8; REPLY_LEN];
     loop {
-        let len = match fd
+        let (len, checksum) = match fd
             .async_io(Interest::READABLE, |sock| recv(sock, &mut frame))
             .await
         {
-            Ok(len) => len,
+            Ok(received) => received,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) => {
                 // Typically ENETDOWN, reported once when the uplink goes down; the
@@ -289,9 +300,13 @@ async fn serve(
         match family {
             Family::V6 => {
                 counters.solicitations.fetch_add(1, Ordering::Relaxed);
-                let Some(answer) =
-                    neighbor_advertisement(frame, mac, |a| owned.owns_v6(a), &mut reply)
-                else {
+                let Some(answer) = neighbor_advertisement_with_checksum(
+                    frame,
+                    checksum,
+                    mac,
+                    |a| owned.owns_v6(a),
+                    &mut reply,
+                ) else {
                     continue;
                 };
                 if transmit(fd.get_ref(), &reply[..answer.len], &counters) {
@@ -344,14 +359,72 @@ fn transmit(sock: &OwnedFd, frame: &[u8], counters: &Counters) -> bool {
     true
 }
 
-fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: buf is valid for writes of buf.len() bytes for the whole call.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+/// Room for one `PACKET_AUXDATA` control message, the only one our sockets enable,
+/// as a `u64` array so that it is aligned for `cmsghdr`.
+const CONTROL_WORDS: usize = 8;
+
+/// Receives one frame, with what the kernel says about its checksum (always
+/// [`RxChecksum::Computed`] on a socket without `PACKET_AUXDATA`).
+fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, RxChecksum)> {
+    let mut control = [0u64; CONTROL_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data, for which all zeroes is a valid value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = mem::size_of_val(&control) as _;
+    // SAFETY: msg points to one iovec covering buf and to the control buffer, all
+    // valid for writes of the lengths given for the whole call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: recvmsg succeeded, so msg describes control messages the kernel wrote
+    // within the control buffer (msg_controllen was updated to their length).
+    let status = unsafe { auxdata_status(&msg) };
+    let checksum = match status {
+        Some(status) if status & libc::TP_STATUS_CSUMNOTREADY != 0 => RxChecksum::NotReady,
+        _ => RxChecksum::Computed,
+    };
     // n is non-negative and at most buf.len().
-    Ok(n as usize)
+    Ok((n as usize, checksum))
+}
+
+/// `tp_status` of the `PACKET_AUXDATA` message in `msg`, if there is one.
+///
+/// # Safety
+///
+/// `msg` must be a header filled in by a successful `recvmsg`.
+unsafe fn auxdata_status(msg: &libc::msghdr) -> Option<u32> {
+    // SAFETY (for the cmsg walk): the caller guarantees msg_control/msg_controllen
+    // describe complete control messages the kernel wrote; CMSG_NXTHDR stops at
+    // their end.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/CMSG_NXTHDR is in bounds.
+        let hdr = unsafe { &*cmsg };
+        let data_len = (hdr.cmsg_len as usize).saturating_sub(
+            // SAFETY: CMSG_LEN is pure arithmetic.
+            unsafe { libc::CMSG_LEN(0) } as usize,
+        );
+        if hdr.cmsg_level == libc::SOL_PACKET
+            && hdr.cmsg_type == libc::PACKET_AUXDATA
+            && data_len >= mem::size_of::<libc::tpacket_auxdata>()
+        {
+            // SAFETY: the message carries a whole tpacket_auxdata; the read is
+            // unaligned because nothing promises CMSG_DATA's alignment for it.
+            let aux: libc::tpacket_auxdata =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
+            return Some(aux.tp_status);
+        }
+        // SAFETY: cmsg is a valid header within msg's control buffer.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    None
 }
 
 /// A nonblocking packet socket on `ifindex` for frames of `ethertype` that pass

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -452,6 +452,176 @@ fn router_resolves_owned_addresses_through_the_responder() {
         lab.uplink_flags() & IFF_ALLMULTI,
         0,
         "all-multicast must end with the responder"
+    );
+}
+
+/// The router's solicitation for `OWNED_V6`, as a Linux router sends it. With
+/// `csum_not_ready` the checksum field holds only the pseudo-header sum, as a sender
+/// leaving the checksum to the NIC writes it; otherwise it is the finished checksum
+/// with `corrupt` flipped into it.
+fn solicitation(csum_not_ready: bool, corrupt: u16) -> Vec<u8> {
+    let router_mac = [0x00, 0x00, 0x5e, 0x00, 0x53, 0x01];
+    let src: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+    let target: Ipv6Addr = OWNED_V6.parse().unwrap();
+    let t = target.octets();
+    let dst = Ipv6Addr::from(
+        0xff02_0000_0000_0000_0000_0001_ff00_0000u128 | (u128::from(target) & 0xff_ffff),
+    );
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&t);
+    icmp.extend_from_slice(&[1, 1]);
+    icmp.extend_from_slice(&router_mac);
+
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    let sum = |data: &[u8], init: u32| {
+        let mut sum = data
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .fold(init, |a, w| a + w);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum
+    };
+    let checksum = if csum_not_ready {
+        sum(&pseudo, 0) as u16
+    } else {
+        !(sum(&icmp, sum(&pseudo, 0)) as u16) ^ corrupt
+    };
+    icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+
+    let mut frame = vec![0x33, 0x33, 0xff, t[13], t[14], t[15]];
+    frame.extend_from_slice(&router_mac);
+    frame.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    frame.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[58, 255]);
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&dst.octets());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
+/// Sends `frame` on the router's end of the link through a packet socket with a
+/// virtio-net header. With `csum_not_ready` the header asks for the ICMPv6 checksum
+/// to be completed by the NIC (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), as a VM's virtio
+/// device does: the frame crosses the veth with its checksum unfinished.
+fn inject_from_router(lab: &Lab, frame: Vec<u8>, csum_not_ready: bool) {
+    in_netns(&lab.router, move || {
+        // SAFETY: plain system call with constant arguments.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh descriptor nothing else owns.
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let on: libc::c_int = 1;
+        // SAFETY: on is a live c_int and the length is its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_VNET_HDR,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "PACKET_VNET_HDR: {}",
+            std::io::Error::last_os_error()
+        );
+        let ifindex = sidecar::route::interface_index(ROUTER_IF).expect("router link");
+        // SAFETY: sockaddr_ll is plain old data, for which all zeroes is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as libc::c_int;
+        // SAFETY: addr is a valid sockaddr_ll and the length passed is its size.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+
+        // struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+        // csum_offset (native endian, as for a legacy virtio device).
+        let (flags, start, offset): (u8, u16, u16) = if csum_not_ready {
+            (1, 14 + 40, 2)
+        } else {
+            (0, 0, 0)
+        };
+        let mut packet = vec![flags, 0];
+        for field in [0u16, 0, start, offset] {
+            packet.extend_from_slice(&field.to_ne_bytes());
+        }
+        packet.extend_from_slice(&frame);
+        // SAFETY: packet is valid for reads of packet.len() bytes for the whole call.
+        let n = unsafe { libc::send(sock.as_raw_fd(), packet.as_ptr().cast(), packet.len(), 0) };
+        assert_eq!(
+            n,
+            packet.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    });
+}
+
+#[test]
+fn solicitation_with_checksum_left_to_the_nic_is_answered() {
+    require_root_and_tools();
+    let lab = Lab::new();
+    let owned = Arc::new(Owned {
+        v6: vec![OWNED_V6.parse().unwrap()],
+        ..Owned::default()
+    });
+    let running = Running::start(&lab.relay, Arc::clone(&owned));
+    let responder = running.get();
+    // The router's duplicate address detection for its link-local address is a
+    // solicitation too; let it pass so that the counts below are ours alone.
+    assert!(
+        wait_until(Duration::from_secs(5), || run(&[
+            "ip",
+            "-n",
+            &lab.router,
+            "-6",
+            "addr",
+            "show",
+            "dev",
+            ROUTER_IF,
+            "tentative"
+        ])
+        .trim()
+        .is_empty()),
+        "router's link-local address stays tentative"
+    );
+    thread::sleep(Duration::from_millis(100));
+    let before = responder.stats();
+    let asked_before = owned.asked.lock().unwrap().len();
+
+    // A finished but wrong checksum is refused before the allocation is consulted;
+    // the same solicitation unfinished, with the kernel saying so, is answered. The
+    // responder handles them in order, so once the second is answered the first has
+    // been dealt with.
+    inject_from_router(&lab, solicitation(false, 0x0100), false);
+    inject_from_router(&lab, solicitation(true, 0), true);
+    assert!(
+        wait_until(Duration::from_secs(2), || responder.answered()
+            > before.answered),
+        "solicitation with its checksum left to the NIC not answered: {:?}",
+        responder.stats()
+    );
+    let after = responder.stats();
+    assert_eq!(after.solicitations, before.solicitations + 2, "{after:?}");
+    assert_eq!(after.answered, before.answered + 1, "{after:?}");
+    assert_eq!(
+        owned.asked.lock().unwrap()[asked_before..],
+        [OWNED_V6.parse::<IpAddr>().unwrap()],
+        "only the unfinished solicitation got as far as the allocation"
     );
 }
 
