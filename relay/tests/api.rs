@@ -12,8 +12,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sidecar::proto::{Allocation, ApiError, PeerList, PeerView, Status};
 use sidecar::{IpPrefix, Key};
-use sidecar_relay::api::{self, ApiState, DataPlane, RelayInfo};
+use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::dataplane::PeerEntry;
+use sidecar_relay::service::{DataPlane, PeerService, ServiceOptions};
 use sidecar_relay::store::{AddressPlan, Store, TokenRecord, TokenSpec};
 use sidecar_relay::tls::{self, Identity};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -126,7 +127,8 @@ impl Relay {
             mtu: 1420,
             version: "9.9.9-test",
         };
-        let state = Arc::new(ApiState::new(store, dataplane.clone(), info));
+        let service = PeerService::new(store, dataplane.clone(), ServiceOptions::default());
+        let state = Arc::new(ApiState::new(service, info));
 
         let identity = Identity::generate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
