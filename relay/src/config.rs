@@ -294,6 +294,19 @@ mod tests {
     }
 
     #[test]
+    fn address_hold_defaults_to_a_week() {
+        let text = sample()
+            .to_commented_toml()
+            .replace("address_hold_hours = 24\n", "");
+        let c: RelayConfig = toml::from_str(&text).unwrap();
+        assert_eq!(c.network.address_hold_hours, 168);
+        assert_eq!(
+            c.network.address_hold(),
+            std::time::Duration::from_secs(7 * 24 * 3600)
+        );
+    }
+
+    #[test]
     fn rejects_bad_settings() {
         let mut c = sample();
         c.network.uplink = None;
