@@ -1,5 +1,6 @@
 //! The relay's persistent state: API tokens, registered peers and their address
-//! leases, kept in sled. No HTTP here; the API layer calls into [`Store`].
+//! leases, kept in sled. No HTTP here; [`crate::service::PeerService`] calls into
+//! [`Store`] for every change to peers.
 //!
 //! # Layout
 //!
