@@ -1132,7 +1132,7 @@ async fn racing_calls_over_http_leave_the_data_plane_equal_to_the_store() {
         let admin = relay.admin.clone();
         tasks.push(tokio::spawn(async move {
             match i % 5 {
-                0 | 1 | 2 => {
+                0..=2 => {
                     client
                         .post("/v1/peers", Some(&secret), register_body(&key, i % 2 == 0))
                         .await
