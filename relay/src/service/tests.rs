@@ -415,3 +415,30 @@ async fn churn_neither_grows_the_store_nor_uses_up_a_small_prefix() {
     svc.store().verify().unwrap();
     assert!(dp.snapshot().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_racing_new_registrations_of_its_token_leaves_none_behind() {
+    // New keys joining a token while it is revoked: the revocation must neither
+    // miss a peer the store gave the token nor remove one it kept.
+    let (svc, dp) = service(plan("2001:db8:e::/64", None), DEFAULT_ADDRESS_HOLD);
+    for round in 0..80u64 {
+        let tok = tenant(&svc, "t", None).await;
+        let mut tasks = Vec::new();
+        for i in 0..10u64 {
+            let (svc, tok) = (svc.clone(), tok.clone());
+            tasks.push(tokio::spawn(async move {
+                if i == 4 {
+                    drop(svc.revoke_token(&tok.id).await);
+                } else {
+                    drop(svc.register(&tok, reg(key(round * 100 + i), false)).await);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(dp.snapshot(), expected(svc.store()), "round {round}");
+        // Whatever registered after the revocation was refused: nothing is left.
+        assert!(dp.snapshot().is_empty(), "round {round}");
+    }
+}
