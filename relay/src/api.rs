@@ -1,5 +1,9 @@
 //! The control API: agents register WireGuard peers here and get addresses back.
 //!
+//! HTTP only: parsing, authentication, status codes and JSON. Every change to
+//! peers goes through [`crate::service::PeerService`], which sequences it against
+//! racing changes and keeps the data plane equal to the store.
+//!
 //! HTTPS only (see [`crate::tls`]), bearer tokens from the store, JSON in and out.
 //! Every error, including axum's own rejections and unknown routes, leaves as
 //! `{"error": code, "message": text}` with a stable code from
@@ -34,7 +38,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::dataplane::PeerEntry;
+use crate::service::PeerService;
 use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord, TokenSpec};
 
 /// Request bodies are a few hundred bytes; anything much larger is a mistake or abuse.
@@ -45,25 +49,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// so idle connections cannot pile up.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
-
-/// The relay's forwarding side, as the API needs it. Implemented by the data
-/// plane; tests use a recording fake.
-///
-/// Calls are made only after the store has durably recorded the change, and are
-/// not retried: implementations must apply them (or queue them) infallibly.
-pub trait DataPlane: Send + Sync + 'static {
-    /// Start forwarding for a peer, or refresh it: called on every successful
-    /// registration, including idempotent re-registrations, because those can
-    /// change the peer's addresses (IPv4 gained, or re-addressed after an address
-    /// plan change). Must be an upsert that keeps a live session.
-    fn add_peer(&self, peer: &PeerEntry);
-    /// Stop forwarding for a peer (deleted, or its token revoked).
-    fn remove_peer(&self, key: &Key);
-    /// Live counters for a peer: (last handshake in unix seconds, rx bytes, tx
-    /// bytes). `None` if the data plane does not know the key; the API then shows
-    /// the values last persisted in the store.
-    fn peer_stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)>;
-}
 
 /// What every allocation tells the agent about this relay.
 #[derive(Debug, Clone)]
@@ -78,18 +63,16 @@ pub struct RelayInfo {
 
 /// Shared by all handlers.
 pub struct ApiState {
-    store: Store,
-    dataplane: Arc<dyn DataPlane>,
+    service: PeerService,
     info: RelayInfo,
     started: Instant,
     draining: AtomicBool,
 }
 
 impl ApiState {
-    pub fn new(store: Store, dataplane: Arc<dyn DataPlane>, info: RelayInfo) -> ApiState {
+    pub fn new(service: PeerService, info: RelayInfo) -> ApiState {
         ApiState {
-            store,
-            dataplane,
+            service,
             info,
             started: Instant::now(),
             draining: AtomicBool::new(false),
@@ -108,7 +91,11 @@ impl ApiState {
     }
 
     pub fn store(&self) -> &Store {
-        &self.store
+        self.service.store()
+    }
+
+    pub fn service(&self) -> &PeerService {
+        &self.service
     }
 
     pub fn info(&self) -> &RelayInfo {
@@ -270,7 +257,7 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Failure> {
         let secret = bearer_secret(&parts.headers)?;
         let token = state
-            .store
+            .store()
             .authenticate(secret)?
             .ok_or_else(|| Failure::unauthorized("unknown or revoked token"))?;
         if let Some(slot) = parts.extensions.get::<TokenSlot>() {
@@ -351,7 +338,7 @@ fn allocation(peer: &PeerRecord, info: &RelayInfo, created: bool) -> Allocation 
 /// store only holds what was last persisted).
 fn peer_view(peer: &PeerRecord, state: &ApiState) -> PeerView {
     let (last_handshake, rx_bytes, tx_bytes) = state
-        .dataplane
+        .service
         .peer_stats(&peer.public_key)
         .unwrap_or((peer.last_handshake, peer.rx_bytes, peer.tx_bytes));
     let Allocation {
@@ -381,23 +368,6 @@ fn peer_view(peer: &PeerRecord, state: &ApiState) -> PeerView {
     }
 }
 
-/// Runs a store change and its data-plane follow-up on its own task. A client
-/// that disconnects makes hyper drop the handler future; without this, a peer
-/// could be committed to the store but never reach the data plane.
-async fn detached<T, F>(work: F) -> Result<T, Failure>
-where
-    T: Send + 'static,
-    F: Future<Output = Result<T, Failure>> + Send + 'static,
-{
-    match tokio::spawn(work).await {
-        Ok(result) => result,
-        Err(err) => {
-            tracing::error!(error = %err, "API task failed");
-            Err(Failure::internal())
-        }
-    }
-}
-
 #[utoipa::path(
     get, path = "/v1/health", tag = "relay",
     summary = "Liveness and drain state (no authentication)",
@@ -413,7 +383,7 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Health> {
     Json(Health {
         status: status.to_owned(),
         version: state.info.version.to_owned(),
-        peers: state.store.peer_count(),
+        peers: state.store().peer_count(),
         uptime_secs: state.started.elapsed().as_secs(),
     })
 }
@@ -431,7 +401,7 @@ async fn status(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
 ) -> Result<Json<Status>, Failure> {
-    let usage = state.store.usage(&token.id).map_err(|e| match e {
+    let usage = state.store().usage(&token.id).map_err(|e| match e {
         // Revoked since authentication.
         StoreError::NotFound => Failure::unauthorized("unknown or revoked token"),
         other => other.into(),
@@ -487,15 +457,7 @@ async fn register_peer(
         name: req.name,
         container: req.container,
     };
-    let task_state = state.clone();
-    let (peer, created) = detached(async move {
-        let (peer, created) = task_state.store.register(&token, registration).await?;
-        task_state
-            .dataplane
-            .add_peer(&PeerEntry::new(&peer, &token));
-        Ok((peer, created))
-    })
-    .await?;
+    let (peer, created) = state.service.register(&token, registration).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -518,7 +480,7 @@ async fn list_peers(
     Caller(token): Caller,
 ) -> Result<Json<PeerList>, Failure> {
     let scope = (!token.admin).then_some(token.id.as_str());
-    let peers = state.store.peers(scope)?;
+    let peers = state.store().peers(scope)?;
     Ok(Json(PeerList {
         peers: peers.iter().map(|p| peer_view(p, &state)).collect(),
     }))
@@ -540,7 +502,7 @@ async fn peer_by_container(
     Caller(token): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PeerView>, Failure> {
-    match state.store.peer_by_container(&token.id, &id)? {
+    match state.store().peer_by_container(&token.id, &id)? {
         Some(peer) => Ok(Json(peer_view(&peer, &state))),
         None => Err(Failure::new(
             StatusCode::NOT_FOUND,
@@ -568,16 +530,7 @@ async fn delete_peer(
     ApiJson(req): ApiJson<DeletePeer>,
 ) -> Result<StatusCode, Failure> {
     let key = parse_pubkey(&req.pubkey, &state.info)?;
-    let task_state = state.clone();
-    let removed = detached(async move {
-        let removed = task_state.store.delete_peer(&token.id, &key).await?;
-        if let Some(peer) = &removed {
-            task_state.dataplane.remove_peer(&peer.public_key);
-        }
-        Ok(removed)
-    })
-    .await?;
-    match removed {
+    match state.service.delete(&token.id, &key).await? {
         Some(_) => Ok(StatusCode::NO_CONTENT),
         None => Err(Failure::new(
             StatusCode::NOT_FOUND,
@@ -604,21 +557,17 @@ async fn create_token(
     Admin(_admin): Admin,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), Failure> {
-    let (record, token) = detached(async move {
-        let created = state
-            .store
-            .create_token(TokenSpec {
-                name: req.name,
-                max_peers: req.max_peers,
-                max_ipv4: req.max_ipv4,
-                bandwidth_mbps: req.bandwidth_mbps,
-                isolate_peers: req.isolate_peers,
-                admin: false,
-            })
-            .await?;
-        Ok(created)
-    })
-    .await?;
+    let (record, token) = state
+        .store()
+        .create_token(TokenSpec {
+            name: req.name,
+            max_peers: req.max_peers,
+            max_ipv4: req.max_ipv4,
+            bandwidth_mbps: req.bandwidth_mbps,
+            isolate_peers: req.isolate_peers,
+            admin: false,
+        })
+        .await?;
     tracing::info!(token_id = %record.id, name = %record.name, "token created");
     Ok((
         StatusCode::CREATED,
@@ -656,9 +605,11 @@ async fn revoke_token(
             "a token cannot revoke itself",
         ));
     }
-    let id = req.id.clone();
-    let removed = detached(async move {
-        let removed = state.store.revoke_token(&id).await.map_err(|e| match e {
+    let removed = state
+        .service
+        .revoke_token(&req.id)
+        .await
+        .map_err(|e| match e {
             StoreError::NotFound => Failure::new(
                 StatusCode::NOT_FOUND,
                 codes::NOT_FOUND,
@@ -666,13 +617,7 @@ async fn revoke_token(
             ),
             other => other.into(),
         })?;
-        for peer in &removed {
-            state.dataplane.remove_peer(&peer.public_key);
-        }
-        Ok(removed.len())
-    })
-    .await?;
-    tracing::info!(token_id = %req.id, peers_removed = removed, "token revoked");
+    tracing::info!(token_id = %req.id, peers_removed = removed.len(), "token revoked");
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -61,6 +61,16 @@ pub struct NetworkSection {
     /// the relay's own).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reserved: Vec<IpAddr>,
+    /// Hours a deleted peer's addresses stay reserved for its key before they are
+    /// reclaimed and may go to others. 0 reclaims them at the next sweep.
+    #[serde(default = "default_address_hold_hours")]
+    pub address_hold_hours: u64,
+}
+
+impl NetworkSection {
+    pub fn address_hold(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.address_hold_hours.saturating_mul(3600))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,6 +91,11 @@ fn default_mtu() -> u16 {
 }
 fn default_keepalive() -> u16 {
     25
+}
+/// Seven days: a peer deleted by mistake, or whose host is rebuilt, gets its
+/// addresses back within a week.
+pub fn default_address_hold_hours() -> u64 {
+    7 * 24
 }
 fn default_ipv4_mode() -> PrefixMode {
     PrefixMode::Routed
@@ -213,7 +228,13 @@ impl RelayConfig {
         }
         s.push_str("# Addresses never handed out (the router's, the relay's own).\n");
         let reserved: Vec<String> = n.reserved.iter().map(|a| format!("\"{a}\"")).collect();
-        s.push_str(&format!("reserved = [{}]\n\n", reserved.join(", ")));
+        s.push_str(&format!("reserved = [{}]\n", reserved.join(", ")));
+        s.push_str("# Hours a deleted peer's addresses stay reserved for its key (it gets them\n");
+        s.push_str("# back if it registers again); then they are reclaimed for others.\n");
+        s.push_str(&format!(
+            "address_hold_hours = {}\n\n",
+            n.address_hold_hours
+        ));
         s.push_str("[api]\n");
         s.push_str("# HTTPS control API (TLS 1.3 only).\n");
         s.push_str(&format!("listen = \"{}\"\n", self.api.listen));
@@ -255,6 +276,7 @@ mod tests {
                 ipv4_mode: PrefixMode::Routed,
                 uplink: Some("eth0".into()),
                 reserved: vec!["2001:db8:1::1".parse().unwrap()],
+                address_hold_hours: 24,
             },
             api: ApiSection {
                 listen: "[::]:8443".parse().unwrap(),
@@ -269,6 +291,19 @@ mod tests {
         let back: RelayConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
         back.validate().unwrap();
+    }
+
+    #[test]
+    fn address_hold_defaults_to_a_week() {
+        let text = sample()
+            .to_commented_toml()
+            .replace("address_hold_hours = 24\n", "");
+        let c: RelayConfig = toml::from_str(&text).unwrap();
+        assert_eq!(c.network.address_hold_hours, 168);
+        assert_eq!(
+            c.network.address_hold(),
+            std::time::Duration::from_secs(7 * 24 * 3600)
+        );
     }
 
     #[test]

@@ -247,18 +247,6 @@ fn enable_forwarding(uplink: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-impl crate::api::DataPlane for RelayDataPlane {
-    fn add_peer(&self, peer: &PeerEntry) {
-        self.add(peer);
-    }
-    fn remove_peer(&self, key: &Key) {
-        self.remove(key);
-    }
-    fn peer_stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)> {
-        self.stats(key)
-    }
-}
-
 impl crate::neighbor::OwnedAddresses for OwnedAddresses {
     fn owns_v6(&self, a: Ipv6Addr) -> bool {
         OwnedAddresses::owns_v6(self, a)

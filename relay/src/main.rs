@@ -3,26 +3,24 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sidecar::{IpPrefix, Key};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::{
-    ApiSection, NetworkSection, PrefixMode, RelayConfig, WireguardSection,
+    default_address_hold_hours, ApiSection, NetworkSection, PrefixMode, RelayConfig,
+    WireguardSection,
 };
-use sidecar_relay::dataplane::{PeerEntry, RelayDataPlane};
+use sidecar_relay::dataplane::RelayDataPlane;
 use sidecar_relay::neighbor::NeighborResponder;
+use sidecar_relay::service::{PeerService, ServiceOptions};
 use sidecar_relay::store::{AddressPlan, Store, TokenSpec};
 use sidecar_relay::tls::Identity;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Where `run` without `--config` keeps its state.
 const DEFAULT_DATA_DIR: &str = "/var/lib/sidecar-relay";
-
-/// How often live peer counters are written back to the store.
-const USAGE_SYNC: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -141,6 +139,7 @@ async fn init(args: InitArgs) -> Result<()> {
             ipv4_mode: args.ipv4_mode.into(),
             uplink: args.uplink,
             reserved: args.reserve,
+            address_hold_hours: default_address_hold_hours(),
         },
         api: ApiSection {
             listen: args.api_listen,
@@ -292,22 +291,19 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
 
     let dataplane = Arc::new(RelayDataPlane::start(&config, setup.private_key)?);
     let store = setup.store.clone();
-    let mut loaded = 0;
-    for peer in store.peers(None)? {
-        if !store.in_plan(&peer) {
-            tracing::warn!(peer = %peer.public_key, ipv6 = %peer.ipv6, "peer's address is outside the configured prefix; it gets a new one when it registers again");
-            continue;
-        }
-        let Some(token) = store.token(&peer.token_id)? else {
-            continue;
-        };
-        dataplane.add(&PeerEntry::new(&peer, &token));
-        if let Some(endpoint) = peer.endpoint {
-            dataplane.restore_endpoint(&peer.public_key, endpoint);
-        }
-        loaded += 1;
-    }
-    tracing::info!(peers = loaded, "restored peers from the store");
+    let service = PeerService::new(
+        store.clone(),
+        dataplane.clone(),
+        ServiceOptions {
+            address_hold: config.network.address_hold(),
+        },
+    );
+    let restored = service.restore().await?;
+    tracing::info!(
+        peers = restored.peers,
+        out_of_plan = restored.out_of_plan,
+        "restored peers from the store"
+    );
 
     let neighbor = start_neighbor_responder(&config, &dataplane)?;
     let uapi = sidecar::uapi::UapiServer::bind(&config.wireguard.interface, dataplane.control())
@@ -315,8 +311,7 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot serve `wg show {}`", config.wireguard.interface))?;
 
     let state = Arc::new(ApiState::new(
-        store.clone(),
-        dataplane.clone(),
+        service.clone(),
         RelayInfo {
             public_key: setup.private_key.public_key(),
             endpoint: config.wireguard.endpoint.clone(),
@@ -353,7 +348,7 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }))
     };
-    let usage_task = tokio::spawn(sync_usage(store.clone(), dataplane.clone()));
+    let periodic_task = tokio::spawn(service.clone().run_periodic());
 
     wait_for_signal().await?;
     // Drain: refuse registrations, let requests in flight finish, persist, exit 0.
@@ -365,8 +360,11 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         Ok(Ok(())) => {}
     }
     let _ = uapi_task.await;
-    usage_task.abort();
-    write_usage(&store, &dataplane).await;
+    periodic_task.abort();
+    let _ = periodic_task.await;
+    if let Err(e) = service.sync_usage().await {
+        tracing::warn!(error = %e, "cannot record usage at shutdown");
+    }
     store.flush().await.context("cannot flush the peer store")?;
     drop(neighbor);
     tracing::info!("relay stopped");
@@ -398,41 +396,6 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-async fn sync_usage(store: Store, dataplane: Arc<RelayDataPlane>) {
-    let mut tick = tokio::time::interval(USAGE_SYNC);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        write_usage(&store, &dataplane).await;
-    }
-}
-
-async fn write_usage(store: &Store, dataplane: &RelayDataPlane) {
-    let peers = match store.peers(None) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list peers to record usage");
-            return;
-        }
-    };
-    for peer in peers {
-        if let Some((handshake, rx, tx)) = dataplane.stats(&peer.public_key) {
-            if let Err(e) = store
-                .record_usage(
-                    &peer.public_key,
-                    handshake,
-                    rx,
-                    tx,
-                    dataplane.endpoint(&peer.public_key),
-                )
-                .await
-            {
-                tracing::warn!(peer = %peer.public_key, error = %e, "cannot record usage");
-            }
-        }
-    }
-}
-
 /// The embedded defaults: a random ULA /64, routed (no uplink needed), remembered in
 /// `DIR/relay.toml` so restarts keep the same prefix and so the same addresses.
 fn default_config(data_dir: &Path) -> Result<RelayConfig> {
@@ -462,6 +425,7 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
             ipv4_mode: PrefixMode::Routed,
             uplink: None,
             reserved: Vec::new(),
+            address_hold_hours: default_address_hold_hours(),
         },
         api: ApiSection {
             listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8443),

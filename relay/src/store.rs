@@ -1,5 +1,6 @@
 //! The relay's persistent state: API tokens, registered peers and their address
-//! leases, kept in sled. No HTTP here; the API layer calls into [`Store`].
+//! leases, kept in sled. No HTTP here; [`crate::service::PeerService`] calls into
+//! [`Store`] for every change to peers.
 //!
 //! # Layout
 //!
@@ -15,11 +16,13 @@
 //! | `peers` | public key, 32 bytes | [`PeerRecord`] |
 //! | `token_peers` | token id, 0, public key | empty (peers of one token) |
 //! | `containers` | token id, 0, container, 0, public key | empty |
-//! | `v6_owner` | IPv6 address, 16 bytes | public key; **never removed** |
+//! | `v6_owner` | IPv6 address, 16 bytes | public key of the peer or held lease |
 //! | `v4_owner` | IPv4 address, 4 bytes | public key of the current peer |
-//! | `v4_lease` | IPv4 address | public key it was last leased to (kept) |
-//! | `leases` | public key | last IPv6 and IPv4 of that key (kept) |
+//! | `v4_lease` | IPv4 address | public key it was last leased to (until reclaimed) |
+//! | `leases` | public key | last IPv6 and IPv4 of that key, and when it was released |
+//! | `released` | release time u64 BE, public key | empty: a lease on hold, oldest first |
 //! | `v4_free` | sequence u64 BE | an IPv4 address released by a deleted peer |
+//! | `v4_free_seq` | IPv4 address | its sequence in `v4_free` (one entry per address) |
 //! | `meta` | name | schema version, IPv4 cursor, `v4_free` head/tail |
 //!
 //! # Consistency
@@ -43,19 +46,30 @@
 //!
 //! IPv6: the search starts at the first 8 bytes of SHA-256(public key) used as the
 //! host part (see [`plan`]) and probes linearly past taken or reserved addresses.
-//! `v6_owner` entries are permanent, so an IPv6 address once leased to a key is never
-//! given to another key and a key always finds its own address again.
+//! A deleted peer's `v6_owner` entry stays while its lease is on hold, so during
+//! the hold its IPv6 address is given to no other key and the key finds it again.
 //!
 //! IPv4: a key gets its previous address back if it is free. Otherwise the lowest
 //! never-leased address (a cursor in `meta` makes this O(1) amortised); only when
-//! none is left, the address released longest ago (`v4_free`, FIFO).
+//! none is left, the address released longest ago (`v4_free`, FIFO). IPv4 is scarce,
+//! so a held lease keeps its IPv4 address only as long as the pool has others.
+//!
+//! # Reclaiming
+//!
+//! Deleting a peer (or revoking its token) puts its lease on hold: the lease gets
+//! its release time and an entry in `released`. Registering the key again lifts
+//! the hold. [`Store::reclaim_released`] removes leases released before a cutoff
+//! with their `v6_owner` and `v4_lease` entries, after which the addresses may go
+//! to other keys. So every tree holds current peers plus held leases (and
+//! `v4_free` at most one entry per pool address): register/delete churn grows
+//! neither the store nor the share of the prefix in use.
 //!
 //! # Cost
 //!
 //! A registration is a fixed number of point reads and writes plus one fsync; quota
 //! checks read the token's counters, never its peers. IPv6 probing is O(1) expected
-//! in a /64. `v6_owner` and `leases` grow with every key ever registered (roughly
-//! 150 bytes per key before sled's overhead) because IPv6 addresses are never reused. The ignored test
+//! in a /64. `v6_owner` and `leases` hold every current and held key (roughly
+//! 150 bytes per key before sled's overhead). The ignored test
 //! `ten_thousand_registrations` reports the rate per thousand peers and the size on
 //! disk; [`Store::temporary`] gives benchmarks a throwaway store that still fsyncs.
 //!
@@ -102,6 +116,10 @@ const META_SCHEMA: &[u8] = b"schema";
 const META_V4_CURSOR: &[u8] = b"v4_cursor";
 const META_FREE_HEAD: &[u8] = b"v4_free_head";
 const META_FREE_TAIL: &[u8] = b"v4_free_tail";
+/// Set once every released lease of an older store has its `released` entry.
+const META_RELEASED_INDEX: &[u8] = b"released_index";
+/// Leases reclaimed per transaction, so one sweep never builds a huge one.
+const RECLAIM_BATCH: usize = 256;
 
 /// Where peer addresses come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -279,6 +297,10 @@ macro_rules! trees {
             fn all(&self) -> Vec<sled::Tree> {
                 vec![$(self.$name.clone(),)+]
             }
+
+            fn named(&self) -> Vec<(&'static str, &sled::Tree)> {
+                vec![$((stringify!($name), &self.$name),)+]
+            }
         }
 
         struct Tx<'a> { $($name: &'a TransactionalTree,)+ }
@@ -306,7 +328,9 @@ trees!(
     v4_owner,
     v4_lease,
     leases,
+    released,
     v4_free,
+    v4_free_seq,
     meta,
 );
 
@@ -321,6 +345,9 @@ struct StoredToken {
 struct Lease {
     ipv6: Ipv6Addr,
     ipv4: Option<Ipv4Addr>,
+    /// Unix seconds when the key's peer was deleted; `None` while it is registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -395,8 +422,18 @@ impl Store {
             })
             .collect::<Result<_, _>>()?;
         for id in pending {
-            let removed = store.finish_revocation(&id)?;
+            let removed = store.finish_revocation(&id, now_secs())?;
             tracing::info!(token = %id, peers = removed.len(), "finished an interrupted token revocation");
+        }
+
+        if store.inner.trees.meta.get(META_RELEASED_INDEX)?.is_none() {
+            let held = store.index_released_leases(now_secs())?;
+            if held > 0 {
+                tracing::info!(
+                    leases = held,
+                    "put the leases of earlier deleted peers on hold"
+                );
+            }
         }
 
         let mut count = 0;
@@ -511,7 +548,8 @@ impl Store {
     }
 
     /// Deletes the token and its peers and returns the peers removed. Their leases
-    /// stay, so the keys get the same addresses if they register again elsewhere.
+    /// go on hold, so the keys get the same addresses if they register again
+    /// elsewhere before the hold ends.
     pub async fn revoke_token(&self, id: &str) -> Result<Vec<PeerRecord>, StoreError> {
         let this = self.clone();
         let id = id.to_owned();
@@ -536,7 +574,7 @@ impl Store {
             if !exists {
                 return Err(StoreError::NotFound);
             }
-            let removed = this.finish_revocation(&id)?;
+            let removed = this.finish_revocation(&id, now_secs())?;
             this.inner.db.flush()?;
             Ok(removed)
         })
@@ -544,7 +582,7 @@ impl Store {
     }
 
     /// Step 2 of a revocation: removes the peers of a token already removed.
-    fn finish_revocation(&self, id: &str) -> Result<Vec<PeerRecord>, StoreError> {
+    fn finish_revocation(&self, id: &str, now: u64) -> Result<Vec<PeerRecord>, StoreError> {
         let mut keys = Vec::new();
         for item in self.inner.trees.token_peers.scan_prefix(token_prefix(id)) {
             let (k, _) = item?;
@@ -554,7 +592,7 @@ impl Store {
         let removed = self.txn(|tx| {
             let mut removed = Vec::with_capacity(keys.len());
             for key in &keys {
-                if let Some(rec) = remove_peer(tx, plan, key, id)? {
+                if let Some(rec) = remove_peer(tx, plan, key, id, now)? {
                     removed.push(rec);
                 }
             }
@@ -677,9 +715,10 @@ impl Store {
     }
 
     /// Deletes a peer of `token_id`. `None` if the key is not registered under that
-    /// token (a peer of another token is not touched, nor revealed). The leases
-    /// stay: the IPv6 address stays the key's forever, the IPv4 one until the pool
-    /// runs out of never-used addresses.
+    /// token (a peer of another token is not touched, nor revealed). The lease goes
+    /// on hold: the IPv6 address stays the key's until [`Store::reclaim_released`]
+    /// passes its release time, the IPv4 one until then or until the pool runs out
+    /// of never-used addresses.
     pub async fn delete_peer(
         &self,
         token_id: &str,
@@ -690,7 +729,8 @@ impl Store {
         let key = *key;
         blocking(move || {
             let plan = &this.inner.plan;
-            let removed = this.txn(|tx| remove_peer(tx, plan, &key, &token_id))?;
+            let now = now_secs();
+            let removed = this.txn(|tx| remove_peer(tx, plan, &key, &token_id, now))?;
             this.inner.db.flush()?;
             if removed.is_some() {
                 this.uncount(1);
@@ -739,6 +779,94 @@ impl Store {
                 return Ok(());
             }
         }
+    }
+
+    /// Reclaims the leases of peers deleted before `released_before` (unix
+    /// seconds): their records go, and their addresses may be given to other keys.
+    /// Returns how many were reclaimed. Not flushed: losing a sweep to a crash only
+    /// means the next one does the work.
+    pub async fn reclaim_released(&self, released_before: u64) -> Result<usize, StoreError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut total = 0;
+            loop {
+                let mut batch = Vec::with_capacity(RECLAIM_BATCH);
+                for item in this
+                    .inner
+                    .trees
+                    .released
+                    .range(..&released_before.to_be_bytes()[..])
+                {
+                    let (k, _) = item?;
+                    batch.push(k);
+                    if batch.len() == RECLAIM_BATCH {
+                        break;
+                    }
+                }
+                if batch.is_empty() {
+                    return Ok(total);
+                }
+                let done = batch.len();
+                total += this.txn(|tx| {
+                    let mut reclaimed = 0;
+                    for k in &batch {
+                        if reclaim_one(tx, k)? {
+                            reclaimed += 1;
+                        }
+                    }
+                    Ok(reclaimed)
+                })?;
+                if done < RECLAIM_BATCH {
+                    return Ok(total);
+                }
+            }
+        })
+        .await
+    }
+
+    /// Number of leases on hold (deleted peers whose addresses are still kept).
+    /// O(held).
+    pub fn held(&self) -> usize {
+        self.inner.trees.released.len()
+    }
+
+    /// Entries per tree, for capacity checks and tests. O(entries).
+    pub fn entry_counts(&self) -> Vec<(&'static str, usize)> {
+        self.inner
+            .trees
+            .named()
+            .into_iter()
+            .map(|(name, tree)| (name, tree.len()))
+            .collect()
+    }
+
+    /// Stores written before leases went on hold kept the leases of deleted peers
+    /// forever; put each on hold from `now`, once.
+    fn index_released_leases(&self, now: u64) -> Result<usize, StoreError> {
+        let t = &self.inner.trees;
+        let mut orphans = Vec::new();
+        for item in t.leases.iter() {
+            let (k, v) = item?;
+            let lease: Lease = decode("lease", &v)?;
+            if lease.released.is_none() && !t.peers.contains_key(&k)? {
+                orphans.push(key_from_bytes(&k)?);
+            }
+        }
+        let held = orphans.len();
+        self.txn(|tx| {
+            for key in &orphans {
+                if let Some(v) = tx.leases.get(key.0)? {
+                    let mut lease: Lease = decode("lease", &v).abort()?;
+                    lease.released = Some(now);
+                    tx.leases.insert(&key.0[..], encode(&lease).abort()?)?;
+                    tx.released.insert(released_key(now, key), &[][..])?;
+                }
+            }
+            tx.meta.insert(META_RELEASED_INDEX, &[1u8][..])?;
+            Ok(())
+        })?;
+        self.inner.db.flush()?;
+        Ok(held)
     }
 
     /// Number of registered peers (kept in memory; O(1)).
@@ -828,6 +956,46 @@ impl Store {
                 ));
             }
         }
+        for item in t.v6_owner.iter() {
+            let (a, owner) = item?;
+            let addr = <[u8; 16]>::try_from(a.as_ref())
+                .map(Ipv6Addr::from)
+                .map_err(|_| StoreError::Corrupt("stored IPv6 address is not 16 bytes".into()))?;
+            if v6.get(&addr).map(|k| &k.0[..]) == Some(&owner[..]) {
+                continue;
+            }
+            let held = match t.leases.get(&owner)? {
+                Some(v) => {
+                    let lease: Lease = decode("lease", &v)?;
+                    lease.ipv6 == addr && lease.released.is_some()
+                }
+                None => false,
+            };
+            if !held {
+                problems.push(format!(
+                    "v6_owner lists {addr} for neither a peer nor a held lease"
+                ));
+            }
+        }
+        for item in t.released.iter() {
+            let (k, _) = item?;
+            let held = k.len() == 40
+                && match t.leases.get(&k[8..])? {
+                    Some(v) => {
+                        let lease: Lease = decode("lease", &v)?;
+                        lease
+                            .released
+                            .map(u64::to_be_bytes)
+                            .as_ref()
+                            .map(|b| &b[..])
+                            == Some(&k[..8])
+                    }
+                    None => false,
+                };
+            if !held {
+                problems.push("a released entry names no held lease".into());
+            }
+        }
         for item in t.token_peers.iter() {
             let (k, _) = item?;
             let key = key_from_bytes(&k[k.len().saturating_sub(32)..])?;
@@ -906,6 +1074,10 @@ fn register_tx(
         None => None,
         Some(v) => Some(decode::<Lease>("lease", &v).abort()?),
     };
+    // Registering again lifts the hold; `write_lease` below clears the release time.
+    if let Some(t) = lease.as_ref().and_then(|l| l.released) {
+        tx.released.remove(released_key(t, key))?;
+    }
 
     if let Some(current) = tx.peers.get(key.0)? {
         let mut rec: PeerRecord = decode("peer", &current).abort()?;
@@ -944,6 +1116,10 @@ fn register_tx(
         };
 
         if let Some(a) = new_v6 {
+            // The old address is outside the plan now: nobody else can get it.
+            if tx.v6_owner.get(rec.ipv6.octets())?.as_deref() == Some(&key.0[..]) {
+                tx.v6_owner.remove(&rec.ipv6.octets()[..])?;
+            }
             tx.v6_owner.insert(&a.octets()[..], &key.0[..])?;
             rec.ipv6 = a;
         }
@@ -1053,12 +1229,14 @@ fn register_tx(
     Ok(Ok((rec, true)))
 }
 
-/// Removes a peer of `token_id` and releases its IPv4 address.
+/// Removes a peer of `token_id`, releases its IPv4 address and puts its lease on
+/// hold from `now`.
 fn remove_peer(
     tx: &Tx<'_>,
     plan: &Plan,
     key: &Key,
     token_id: &str,
+    now: u64,
 ) -> TxResult<Option<PeerRecord>> {
     let Some(current) = tx.peers.get(key.0)? else {
         return Ok(None);
@@ -1076,15 +1254,33 @@ fn remove_peer(
         if tx.v4_owner.get(a.octets())?.as_deref() == Some(&key.0[..]) {
             tx.v4_owner.remove(&a.octets()[..])?;
             if plan.v4_allowed(a) {
+                // One entry per address: re-queue it rather than adding a second.
+                unqueue_v4(tx, a)?;
                 let tail = read_u64(tx.meta, META_FREE_TAIL)?;
                 tx.v4_free
                     .insert(&tail.to_be_bytes()[..], &a.octets()[..])?;
+                tx.v4_free_seq
+                    .insert(&a.octets()[..], &tail.to_be_bytes()[..])?;
                 tx.meta
                     .insert(META_FREE_TAIL, &(tail + 1).to_be_bytes()[..])?;
             }
         }
     }
-    // The IPv6 owner entry stays: that address is this key's for good.
+    // The IPv6 owner entry stays while the lease is held.
+    let previous = match tx.leases.get(key.0)? {
+        None => None,
+        Some(v) => Some(decode::<Lease>("lease", &v).abort()?),
+    };
+    if let Some(t) = previous.as_ref().and_then(|l| l.released) {
+        tx.released.remove(released_key(t, key))?;
+    }
+    let lease = Lease {
+        ipv6: rec.ipv6,
+        ipv4: rec.ipv4.or(previous.and_then(|l| l.ipv4)),
+        released: Some(now),
+    };
+    tx.leases.insert(&key.0[..], encode(&lease).abort()?)?;
+    tx.released.insert(released_key(now, key), &[][..])?;
     let mut usage = read_usage(tx, token_id)?;
     usage.peers = usage.peers.saturating_sub(1);
     usage.ipv4 = usage.ipv4.saturating_sub(u32::from(rec.ipv4.is_some()));
@@ -1159,10 +1355,14 @@ fn alloc_v4(tx: &Tx<'_>, plan: &Plan, preferred: Option<Ipv4Addr>) -> TxResult<O
     let tail = read_u64(tx.meta, META_FREE_TAIL)?;
     let head_before = head;
     while head < tail {
-        let entry = tx.v4_free.remove(&head.to_be_bytes()[..])?;
+        let seq = head.to_be_bytes();
+        let entry = tx.v4_free.remove(&seq[..])?;
         head += 1;
         let Some(bytes) = entry else { continue };
         let a = ipv4_from_bytes(&bytes).abort()?;
+        if tx.v4_free_seq.get(a.octets())?.as_deref() == Some(&seq[..]) {
+            tx.v4_free_seq.remove(&a.octets()[..])?;
+        }
         if plan.v4_allowed(a) && tx.v4_owner.get(a.octets())?.is_none() {
             found = Some(a);
             break;
@@ -1177,13 +1377,67 @@ fn alloc_v4(tx: &Tx<'_>, plan: &Plan, preferred: Option<Ipv4Addr>) -> TxResult<O
 fn take_v4(tx: &Tx<'_>, addr: Ipv4Addr, key: &Key) -> TxResult<()> {
     tx.v4_owner.insert(&addr.octets()[..], &key.0[..])?;
     tx.v4_lease.insert(&addr.octets()[..], &key.0[..])?;
+    unqueue_v4(tx, addr)
+}
+
+/// Takes `addr` off the free list, if it is on it.
+fn unqueue_v4(tx: &Tx<'_>, addr: Ipv4Addr) -> TxResult<()> {
+    if let Some(seq) = tx.v4_free_seq.remove(&addr.octets()[..])? {
+        tx.v4_free.remove(seq)?;
+    }
     Ok(())
 }
 
+/// A registered key's lease: not on hold.
 fn write_lease(tx: &Tx<'_>, key: &Key, ipv6: Ipv6Addr, ipv4: Option<Ipv4Addr>) -> TxResult<()> {
-    let value = encode(&Lease { ipv6, ipv4 }).abort()?;
+    let value = encode(&Lease {
+        ipv6,
+        ipv4,
+        released: None,
+    })
+    .abort()?;
     tx.leases.insert(&key.0[..], value)?;
     Ok(())
+}
+
+/// `released` index key: release time first, so a range scan finds the oldest.
+fn released_key(released: u64, key: &Key) -> Vec<u8> {
+    let mut k = Vec::with_capacity(40);
+    k.extend_from_slice(&released.to_be_bytes());
+    k.extend_from_slice(&key.0);
+    k
+}
+
+/// Reclaims the held lease named by one `released` entry; false if the entry was
+/// stale (the key registered again, or was released again later).
+fn reclaim_one(tx: &Tx<'_>, entry: &[u8]) -> TxResult<bool> {
+    tx.released.remove(entry)?;
+    let (Ok(time), Ok(key)) = (
+        <[u8; 8]>::try_from(&entry[..entry.len().min(8)]),
+        key_from_bytes(&entry[entry.len().min(8)..]),
+    ) else {
+        return Err(abort(StoreError::Corrupt(format!(
+            "released entry has {} bytes, not 40",
+            entry.len()
+        ))));
+    };
+    let Some(v) = tx.leases.get(key.0)? else {
+        return Ok(false);
+    };
+    let lease: Lease = decode("lease", &v).abort()?;
+    if lease.released != Some(u64::from_be_bytes(time)) || tx.peers.get(key.0)?.is_some() {
+        return Ok(false);
+    }
+    tx.leases.remove(&key.0[..])?;
+    if tx.v6_owner.get(lease.ipv6.octets())?.as_deref() == Some(&key.0[..]) {
+        tx.v6_owner.remove(&lease.ipv6.octets()[..])?;
+    }
+    if let Some(a) = lease.ipv4 {
+        if tx.v4_lease.get(a.octets())?.as_deref() == Some(&key.0[..]) {
+            tx.v4_lease.remove(&a.octets()[..])?;
+        }
+    }
+    Ok(true)
 }
 
 fn read_usage(tx: &Tx<'_>, token_id: &str) -> TxResult<TokenUsage> {

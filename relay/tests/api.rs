@@ -12,8 +12,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sidecar::proto::{Allocation, ApiError, PeerList, PeerView, Status};
 use sidecar::{IpPrefix, Key};
-use sidecar_relay::api::{self, ApiState, DataPlane, RelayInfo};
+use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::dataplane::PeerEntry;
+use sidecar_relay::service::{DataPlane, PeerService, ServiceOptions};
 use sidecar_relay::store::{AddressPlan, Store, TokenRecord, TokenSpec};
 use sidecar_relay::tls::{self, Identity};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -126,7 +127,8 @@ impl Relay {
             mtu: 1420,
             version: "9.9.9-test",
         };
-        let state = Arc::new(ApiState::new(store, dataplane.clone(), info));
+        let service = PeerService::new(store, dataplane.clone(), ServiceOptions::default());
+        let state = Arc::new(ApiState::new(service, info));
 
         let identity = Identity::generate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1099,6 +1101,72 @@ async fn fifty_parallel_registrations_get_distinct_addresses() {
         .collect();
     assert_eq!(added, keys.into_iter().collect());
     assert_eq!(relay.state.store().peer_count(), 50);
+}
+
+/// The keys the data plane forwards for after replaying its calls in order.
+fn forwarded(events: &[Event]) -> HashSet<Key> {
+    let mut live = HashSet::new();
+    for e in events {
+        match e {
+            Event::Added { key, .. } => live.insert(*key),
+            Event::Removed(key) => live.remove(key),
+        };
+    }
+    live
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_calls_over_http_leave_the_data_plane_equal_to_the_store() {
+    let relay = Relay::start().await;
+    let client = Arc::new(relay.client());
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(relay.token(100, 100, None).await);
+    }
+    let keys: Vec<Key> = (0..12).map(|_| new_key()).collect();
+    let mut tasks = Vec::new();
+    for i in 0..240usize {
+        let client = client.clone();
+        let (record, secret) = tokens[i % 3].clone();
+        let key = keys[(i * 7) % keys.len()];
+        let admin = relay.admin.clone();
+        tasks.push(tokio::spawn(async move {
+            match i % 5 {
+                0..=2 => {
+                    client
+                        .post("/v1/peers", Some(&secret), register_body(&key, i % 2 == 0))
+                        .await
+                }
+                3 => {
+                    let body = json!({"pubkey": key.to_base64()});
+                    client.delete("/v1/peers", Some(&secret), body).await
+                }
+                // Two of the three tokens are revoked somewhere in the middle.
+                _ if i == 124 || i == 179 => {
+                    let body = json!({"id": record.id});
+                    client.delete("/v1/admin/tokens", Some(&admin), body).await
+                }
+                _ => client.get("/v1/peers", Some(&secret)).await,
+            }
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let resp = t.await.unwrap();
+        assert!(resp.status < 500, "{resp:?}");
+        if i == 124 || i == 179 {
+            assert_eq!(resp.status, 204, "revocation: {resp:?}");
+        }
+    }
+    let stored: HashSet<Key> = relay
+        .state
+        .store()
+        .peers(None)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.public_key)
+        .collect();
+    assert_eq!(forwarded(&relay.dataplane.events()), stored);
+    relay.state.store().verify().unwrap();
 }
 
 #[tokio::test]

@@ -276,7 +276,7 @@ async fn same_addresses_after_delete_and_register() {
 }
 
 #[tokio::test]
-async fn ipv6_is_never_given_to_another_key() {
+async fn ipv6_is_given_to_another_key_only_once_reclaimed() {
     // A /119 has 256 usable addresses (offsets 0x100..0x1ff).
     let small = AddressPlan {
         ipv6: "2001:db8::/119".parse().unwrap(),
@@ -306,10 +306,79 @@ async fn ipv6_is_never_given_to_another_key() {
         matches!(err, StoreError::PoolExhausted { family: "ipv6" }),
         "{err:?}"
     );
-    // The old keys still find theirs.
+    // The old keys still find theirs while their leases are held.
     for i in [0, 57, 199] {
         let (rec, _) = store.register(&tok, reg(key(i), false)).await.unwrap();
         assert_eq!(rec.ipv6, old[&key(i)]);
+    }
+    assert_eq!(store.held(), 197);
+    store.verify().unwrap();
+
+    // Reclaiming frees the held addresses (never a registered key's) for others.
+    assert_eq!(store.reclaim_released(now_secs() + 1).await.unwrap(), 197);
+    assert_eq!(store.held(), 0);
+    for i in [0, 57, 199] {
+        assert_eq!(store.peer(&key(i)).unwrap().unwrap().ipv6, old[&key(i)]);
+    }
+    let mut taken: HashSet<Ipv6Addr> = fresh.clone();
+    taken.extend([0, 57, 199].map(|i| old[&key(i)]));
+    for i in 2000..2197 {
+        let (rec, _) = store.register(&tok, reg(key(i), false)).await.unwrap();
+        assert!(taken.insert(rec.ipv6), "{} handed out twice", rec.ipv6);
+    }
+    assert!(matches!(
+        store.register(&tok, reg(key(3000), false)).await,
+        Err(StoreError::PoolExhausted { family: "ipv6" })
+    ));
+    store.verify().unwrap();
+}
+
+#[tokio::test]
+async fn leases_of_an_older_store_go_on_hold_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), plan()).unwrap();
+        let tok = token(&store, 10, 10).await;
+        store.register(&tok, reg(key(1), true)).await.unwrap();
+        store.register(&tok, reg(key(2), false)).await.unwrap();
+        store.delete_peer(&tok.id, &key(1)).await.unwrap().unwrap();
+        // What a store written before holds existed looks like.
+        let t = &store.inner.trees;
+        let lease: Lease = decode("lease", &t.leases.get(key(1).0).unwrap().unwrap()).unwrap();
+        let old = serde_json::json!({"ipv6": lease.ipv6, "ipv4": lease.ipv4});
+        t.leases
+            .insert(key(1).0, serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        t.released.clear().unwrap();
+        t.meta.remove(META_RELEASED_INDEX).unwrap();
+        store.flush().await.unwrap();
+    }
+    let store = Store::open(dir.path(), plan()).unwrap();
+    assert_eq!(store.held(), 1);
+    store.verify().unwrap();
+    assert_eq!(store.reclaim_released(now_secs() + 1).await.unwrap(), 1);
+    assert!(store.inner.trees.leases.get(key(1).0).unwrap().is_none());
+    assert!(store.inner.trees.leases.get(key(2).0).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn the_ipv4_free_list_holds_each_address_once() {
+    let small = AddressPlan {
+        ipv4_pool: Some("192.0.2.0/29".parse().unwrap()),
+        ..plan()
+    };
+    let store = Store::temporary(small).unwrap();
+    let tok = token(&store, 100, 100).await;
+    for round in 0..50 {
+        for i in 0..3 {
+            store.register(&tok, reg(key(i), true)).await.unwrap();
+        }
+        for i in 0..3 {
+            store.delete_peer(&tok.id, &key(i)).await.unwrap().unwrap();
+        }
+        let free = store.inner.trees.v4_free.len();
+        assert!(free <= 3, "round {round}: {free} free-list entries");
+        assert_eq!(store.inner.trees.v4_free_seq.len(), free);
     }
     store.verify().unwrap();
 }
