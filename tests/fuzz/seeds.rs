@@ -191,12 +191,12 @@ fn wg_datagram() -> Vec<Vec<u8>> {
         if let TunnResult::WriteToNetwork(keepalive) =
             client.decapsulate(Some(targets::CLIENT_ENDPOINT.ip()), &response, &mut buf)
         {
-            seeds.push(with(wg_mode::DATAGRAM, Some(0), &keepalive.to_vec()));
+            seeds.push(with(wg_mode::DATAGRAM, Some(0), keepalive));
         }
         let ping = echo_v6(targets::CLIENT_V6, REMOTE_V6);
         if let TunnResult::WriteToNetwork(data) = client.encapsulate(&ping, &mut buf) {
-            seeds.push(with(wg_mode::DATAGRAM, Some(0), &data.to_vec()));
-            seeds.push(with(wg_mode::DATAGRAM, Some(3), &data.to_vec()));
+            seeds.push(with(wg_mode::DATAGRAM, Some(0), data));
+            seeds.push(with(wg_mode::DATAGRAM, Some(3), data));
         }
     }
     // A cookie reply's shape: type 3, receiver index, nonce, sealed cookie.

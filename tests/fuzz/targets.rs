@@ -62,7 +62,8 @@ pub mod wg_mode {
     pub const INNER: u8 = 1;
     /// The rest is a packet from the TUN device for the device to encrypt.
     pub const OUTBOUND: u8 = 2;
-    /// The peer starts a fresh handshake, then the rest arrives as a datagram.
+    /// The peer starts a fresh handshake, then the rest arrives as a datagram. Only
+    /// this exact byte; any other value above 2 counts modulo 3.
     pub const REHANDSHAKE: u8 = 3;
 }
 
@@ -143,14 +144,14 @@ impl WgFixture {
         }
         if from == CLIENT_ENDPOINT {
             for d in to_client {
-                self.to_client(&d);
+                self.answer_as_peer(&d);
             }
         }
     }
 
     /// The peer's side: answers go back to the device (handshake completion,
     /// keepalives), bounded so a ping-pong cannot run away.
-    fn to_client(&mut self, datagram: &[u8]) {
+    fn answer_as_peer(&mut self, datagram: &[u8]) {
         let mut pending = vec![datagram.to_vec()];
         let mut buf = std::mem::take(&mut self.scratch);
         for _ in 0..4 {
@@ -235,7 +236,7 @@ pub fn wg_datagram(data: &[u8]) {
             let mut small = [0u8; 16];
             let _ = fx.device.encapsulate(rest, &mut small);
             if let Some(d) = sent {
-                fx.to_client(&d);
+                fx.answer_as_peer(&d);
             }
         }
         _ => {
