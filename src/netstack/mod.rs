@@ -21,7 +21,7 @@
 mod device;
 mod driver;
 mod link;
-mod packet;
+pub mod packet;
 mod tcp;
 mod udp;
 mod wake;

@@ -16,7 +16,7 @@ const HOP_LIMIT: u8 = 64;
 
 /// The packet fails to parse or its checksum is wrong.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Malformed;
+pub struct Malformed;
 
 impl From<smoltcp::wire::Error> for Malformed {
     fn from(_: smoltcp::wire::Error) -> Malformed {
@@ -26,16 +26,16 @@ impl From<smoltcp::wire::Error> for Malformed {
 
 /// The parts of a TCP segment the driver acts on before smoltcp sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct TcpSegment {
-    pub(super) local: IpEndpoint,
-    pub(super) remote: IpEndpoint,
+pub struct TcpSegment {
+    pub local: IpEndpoint,
+    pub remote: IpEndpoint,
     /// A connection request: SYN without ACK or RST, checksum verified.
-    pub(super) opens: bool,
-    pub(super) rst: bool,
+    pub opens: bool,
+    pub rst: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Inbound {
+pub enum Inbound {
     Tcp(TcpSegment),
     Udp {
         local: IpEndpoint,
@@ -50,10 +50,7 @@ pub(super) enum Inbound {
 }
 
 /// Parses the IP and transport headers of a packet from the tunnel.
-pub(super) fn classify(
-    packet: &[u8],
-    is_ours: impl Fn(&IpAddress) -> bool,
-) -> Result<Inbound, Malformed> {
+pub fn classify(packet: &[u8], is_ours: impl Fn(&IpAddress) -> bool) -> Result<Inbound, Malformed> {
     let caps = ChecksumCapabilities::default();
     let (ip, offset) = match packet.first().map(|b| b >> 4) {
         Some(4) => {

@@ -667,6 +667,12 @@ impl Device {
 
     /// Cryptokey routing, inbound half: a peer may only send from its allowed IPs.
     fn check_source<'a>(&self, peer: &PeerRef, src: IpAddr, packet: &'a [u8]) -> Action<'a> {
+        // boringtun cuts the plaintext at the header's length field without checking
+        // that this length covers the header itself: a peer could otherwise have a
+        // runt, even empty, packet written to the tunnel device.
+        if !holds_whole_ip_header(packet) {
+            return self.drop(DropReason::Malformed);
+        }
         if self.state.read().routes.lookup(src) == Some(peer) {
             if let Some(shaper) = peer.shaper() {
                 if let Some(action) = self.shape(peer, &shaper.ingress, packet) {
@@ -821,5 +827,15 @@ impl Device {
                 p.config.public_key, p.rx_dropped_source
             );
         }
+    }
+}
+
+/// Whether a decrypted packet (already cut to its length field) is an IP packet
+/// whose header fits in it and agrees with its length.
+fn holds_whole_ip_header(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => smoltcp::wire::Ipv4Packet::new_checked(packet).is_ok(),
+        Some(6) => smoltcp::wire::Ipv6Packet::new_checked(packet).is_ok(),
+        _ => false,
     }
 }
