@@ -443,6 +443,7 @@ pub fn sample_relay_config() -> sidecar_relay::config::RelayConfig {
                 "2001:db8:1::1".parse().unwrap(),
                 "203.0.113.17".parse().unwrap(),
             ],
+            address_hold_hours: default_address_hold_hours(),
         },
         api: ApiSection {
             listen: "[::]:8443".parse().unwrap(),
