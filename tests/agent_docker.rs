@@ -952,7 +952,14 @@ fn removed_while_agent_is_down_is_deregistered_at_start() {
         agent.log()
     );
     assert!(agent.row(&name).is_none(), "{}", agent.status().0);
-    assert_eq!(peers_of(&relay, &kept).len(), 1, "the running one was deregistered");
-    assert!(kept_key.is_file(), "the running container's key was removed");
+    assert_eq!(
+        peers_of(&relay, &kept).len(),
+        1,
+        "the running one was deregistered"
+    );
+    assert!(
+        kept_key.is_file(),
+        "the running container's key was removed"
+    );
     agent.wait_row(&kept_name, REACHABLE_BOUND, |r| r.state == "active");
 }

@@ -43,7 +43,7 @@ fn token_bandwidth_limit_shapes_both_directions() {
         report.push(format!("{what}: {mbps:.2} Mbit/s"));
         eprintln!("shaped to {LIMIT_MBPS} Mbit/s, TCP {what}: {mbps:.2} Mbit/s received");
         assert!(
-            mbps <= LIMIT_MBPS * CEILING && mbps >= LIMIT_MBPS * TCP_FLOOR,
+            (LIMIT_MBPS * TCP_FLOOR..=LIMIT_MBPS * CEILING).contains(&mbps),
             "TCP {what}: {mbps:.2} Mbit/s, outside {:.1}..={:.1} Mbit/s (per second: {:?})",
             LIMIT_MBPS * TCP_FLOOR,
             LIMIT_MBPS * CEILING,
