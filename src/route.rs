@@ -598,22 +598,22 @@ mod tests {
             .collect()
     }
 
-    /// Runs as root only, in a private network namespace, so the machine's own
-    /// interfaces and routes are never touched.
+    /// Needs root; runs in a private network namespace, so the machine's own
+    /// interfaces and routes are never touched. Fails (never skips) without either.
     #[test]
     fn routes_in_private_namespace() {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipping routes_in_private_namespace: needs root");
-            return;
-        }
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(euid, 0, "this test changes routes and must run as root");
         std::thread::spawn(|| {
             // SAFETY: unshare affects only this thread, which owns no fds that care.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                let err = io::Error::last_os_error();
-                eprintln!("skipping routes_in_private_namespace: unshare: {err}");
-                return;
-            }
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            );
             let lo = interface_index("lo").unwrap();
             set_link_up(lo).unwrap();
             set_link_up(lo).unwrap();

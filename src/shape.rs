@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
 
 /// The bucket counts in cells of this many bytes: governor's interval is whole
@@ -38,9 +40,10 @@ pub enum Admit {
     Dropped,
 }
 
-/// One direction of one peer.
-pub struct Lane {
-    limiter: DefaultDirectRateLimiter,
+/// One direction of one peer. Time comes from `C`: the system's monotonic clock in
+/// use, a clock the caller advances in tests.
+pub struct Lane<C: Clock = DefaultClock> {
+    limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
     queue: Mutex<Queue>,
     max_bytes: usize,
     dropped: AtomicU64,
@@ -76,6 +79,13 @@ impl Queue {
 impl Lane {
     /// A lane limited to `bytes_per_sec` (at least one cell per second).
     pub fn new(bytes_per_sec: u64) -> Lane {
+        Lane::with_clock(bytes_per_sec, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> Lane<C> {
+    /// Like [`Lane::new`], on `clock`.
+    pub fn with_clock(bytes_per_sec: u64, clock: C) -> Lane<C> {
         let bytes_per_sec = bytes_per_sec.max(CELL as u64);
         let period_ns = (CELL as u64 * 1_000_000_000 / bytes_per_sec).max(1);
         let burst_bytes = ((bytes_per_sec as u128 * BURST_TIME.as_nanos() / 1_000_000_000)
@@ -87,7 +97,7 @@ impl Lane {
         let max_bytes = ((bytes_per_sec as u128 * QUEUE_TIME.as_nanos() / 1_000_000_000) as usize)
             .max(MIN_QUEUE_BYTES);
         Lane {
-            limiter: RateLimiter::direct(quota),
+            limiter: RateLimiter::direct_with_clock(quota, clock),
             queue: Mutex::new(Queue::default()),
             max_bytes,
             dropped: AtomicU64::new(0),
@@ -136,7 +146,7 @@ impl Lane {
                     }
                 }
                 Ok(Err(not_until)) => {
-                    return Some(not_until.wait_time_from(DefaultClock::default().now()));
+                    return Some(not_until.wait_time_from(self.limiter.clock().now()));
                 }
                 // Larger than the burst: it could never pass. The burst is sized above
                 // any packet, so this is only reachable with absurd inputs.
@@ -196,41 +206,60 @@ impl Shaper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+    use governor::clock::FakeRelativeClock;
+
+    /// A lane whose time stands still unless the test advances it.
+    fn fake_lane(bytes_per_sec: u64) -> (Lane<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        (Lane::with_clock(bytes_per_sec, clock.clone()), clock)
+    }
 
     #[test]
     fn within_burst_passes_then_queues_then_drops() {
-        // 8 Mbit/s = 1 MB/s: burst 64 KiB, queue 50 KB.
-        let lane = Lane::new(1_000_000);
+        // 8 Mbit/s = 1 MB/s: burst 64 KiB (65 packets of 1000 B), queue 50 KB.
+        let (lane, clock) = fake_lane(1_000_000);
         let pkt = [0u8; 1000];
         let mut now = 0;
         while lane.offer(&pkt) == Admit::Now {
             now += 1;
         }
-        assert!(
-            (60..=70).contains(&now),
-            "burst of about 64 KiB, got {now} packets"
-        );
+        assert_eq!(now, 65, "a burst of 64 KiB");
         let mut queued = 1;
         while lane.offer(&pkt) == Admit::Queued {
             queued += 1;
         }
-        assert!(
-            (48..=52).contains(&queued),
-            "about 50 ms of queue, got {queued}"
-        );
+        assert_eq!(queued, 50, "50 ms of queue");
         assert_eq!(lane.dropped(), 1);
+        assert_eq!(lane.queued_bytes(), 50_000);
+
+        // Nothing is due before its time; 10 ms at 1 MB/s release 10 packets.
+        let mut out = Vec::new();
+        let wait = lane.release(&mut out).expect("the queue is not empty");
+        assert!(out.is_empty(), "released {} early", out.len());
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(1),
+            "{wait:?}"
+        );
+        clock.advance(Duration::from_millis(10));
+        assert!(lane.release(&mut out).is_some());
+        assert_eq!(out.len(), 10);
+        assert_eq!(lane.queued_bytes(), 40_000);
+        // The queue drains completely at the rate, and a drained lane has nothing due.
+        clock.advance(Duration::from_millis(40));
+        assert_eq!(lane.release(&mut out), None);
+        assert_eq!(out.len(), 50);
     }
 
     #[test]
     fn released_packets_keep_order_and_rate() {
-        let lane = Lane::new(2_000_000); // 2 MB/s
-        let start = Instant::now();
+        let (lane, clock) = fake_lane(2_000_000); // 2 MB/s
         let mut sent = 0usize;
         let mut out = Vec::new();
         let mut seq = 0u32;
         let mut expect = 0u32;
-        // Offer 1 MB as fast as the queue takes it; release as the bucket allows.
+        let mut elapsed = Duration::ZERO;
+        // Offer 1 MB as fast as the queue takes it; release as the bucket allows, moving
+        // time on by exactly what the lane says it needs.
         while sent < 1_000_000 {
             let mut pkt = [0u8; 1000];
             pkt[..4].copy_from_slice(&seq.to_be_bytes());
@@ -250,14 +279,19 @@ mod tests {
                         sent += 1000;
                     }
                     if let Some(w) = wait {
-                        std::thread::sleep(w.min(Duration::from_millis(5)));
+                        clock.advance(w);
+                        elapsed += w;
                     }
                 }
             }
         }
-        let secs = start.elapsed().as_secs_f64();
-        // 1 MB at 2 MB/s, minus the 64 KiB burst: about 0.47 s.
-        assert!((0.40..0.60).contains(&secs), "took {secs:.3} s");
+        // 1 MB at 2 MB/s, less the 64 KiB burst: 0.467 s, give or take a packet.
+        let secs = elapsed.as_secs_f64();
+        let ideal = (1_000_000.0 - 65_536.0) / 2_000_000.0;
+        assert!(
+            (secs - ideal).abs() < 0.001,
+            "took {secs:.4} s, not {ideal:.4} s"
+        );
     }
 
     #[test]

@@ -65,6 +65,8 @@ fn require() {
     require_tools(BASE_TOOLS);
     require_tools(RELAY_TOOLS);
     require_tools(DOCKER_TOOLS);
+    // Drops CAP_NET_ADMIN for the netstack fallback (util-linux).
+    require_tools(&["setpriv"]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -194,27 +196,17 @@ impl SidecarAgent {
     }
 }
 
-/// The agent under `capsh --drop=cap_net_admin` (or `setpriv` where capsh is missing),
+/// The agent under `setpriv` without CAP_NET_ADMIN in its bounding and inheritable sets,
 /// inside `ns`.
 fn drop_net_admin(ns: &Netns, bin: &Path) -> Command {
-    let capsh = ["/usr/sbin/capsh", "/sbin/capsh", "/usr/bin/capsh"]
-        .iter()
-        .any(|p| Path::new(p).is_file());
-    let mut cmd;
-    if capsh {
-        cmd = ns.program("capsh");
-        // capsh runs /bin/bash with the arguments after `--`.
-        cmd.args(["--drop=cap_net_admin", "--", "-c", "exec \"$0\" \"$@\""]);
-    } else {
-        cmd = ns.program("setpriv");
-        cmd.args([
-            "--bounding-set",
-            "-net_admin",
-            "--inh-caps",
-            "-net_admin",
-            "--",
-        ]);
-    }
+    let mut cmd = ns.program("setpriv");
+    cmd.args([
+        "--bounding-set",
+        "-net_admin",
+        "--inh-caps",
+        "-net_admin",
+        "--",
+    ]);
     cmd.arg(bin);
     cmd
 }
@@ -843,8 +835,9 @@ fn without_net_admin_the_agent_falls_back_to_netstack() {
         .unwrap_or_else(|e| panic!("UDP through netstack to [{ip}]:{UDP_PORT}: {e}"));
 }
 
-/// A container that stopped while no agent was following it (here: before the agent
-/// restarted) and is removed afterwards must still give its address back.
+/// A container that stopped while the agent was following it keeps its registration and
+/// its key across an agent restart (the new agent sees it stopped, not gone), and gives
+/// both back once it is removed.
 #[test]
 fn removed_after_agent_restart_is_deregistered() {
     require();
@@ -858,7 +851,13 @@ fn removed_after_agent_restart_is_deregistered() {
 
     let name = unique_name("late");
     let id = docker.run_named(&name, &[ENABLE], SERVERS);
-    agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let addr = agent
+        .wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some())
+        .ipv6
+        .expect("IPv6 address");
+    let key_file = state.path().join("keys").join(format!("{id}.key"));
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap_or_else(|e| panic!("no key at {key_file:?}: {e}"));
     docker.stop(&id);
     agent.wait_row(&name, Duration::from_secs(10), |r| r.state == "stopped");
     let status = agent.stop();
@@ -866,8 +865,37 @@ fn removed_after_agent_restart_is_deregistered() {
     drop(agent);
     let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
 
+    // The new agent has reconciled once (its status is written): a stopped container is
+    // not a removed one.
+    let assert_kept = |when: &str| {
+        let peers = peers_of(&relay, &id);
+        assert_eq!(
+            peers.len(),
+            1,
+            "{when}: the stopped container lost its registration: {peers:?}\n{}",
+            agent.log()
+        );
+        assert_eq!(
+            peers[0]["ipv6"].as_str(),
+            Some(format!("{addr}/128").as_str()),
+            "{when}: the registration changed"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&key_file).ok().as_deref(),
+            Some(key.as_str()),
+            "{when}: the stopped container's key is gone or changed"
+        );
+    };
+    assert_kept("right after the agent restarted");
+    // Its periodic clean-up also runs right after start-up, and a status round follows
+    // every 2 s: the registration must outlast them, not merely be removed late.
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        assert_kept("after the agent restarted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     docker.rm(&id);
-    let key_file = state.path().join("keys").join(format!("{id}.key"));
     let gone = wait_until(Duration::from_secs(10), || {
         peers_of(&relay, &id).is_empty() && !key_file.exists()
     });
@@ -878,4 +906,60 @@ fn removed_after_agent_restart_is_deregistered() {
         key_file.exists(),
         agent.log()
     );
+}
+
+/// A container removed while no agent runs gives its address and key back when the
+/// agent comes up again: the agent finds its key with no container behind it.
+#[test]
+fn removed_while_agent_is_down_is_deregistered_at_start() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let name = unique_name("down");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    // A neighbour that stays, so that the start-up clean-up is seen to be selective.
+    let kept_name = unique_name("stay");
+    let kept = docker.run_named(&kept_name, &[ENABLE], SERVERS);
+    agent.wait_row(&kept_name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let key_file = state.path().join("keys").join(format!("{id}.key"));
+    let kept_key = state.path().join("keys").join(format!("{kept}.key"));
+    assert!(key_file.is_file() && kept_key.is_file(), "keys missing");
+
+    let status = agent.stop();
+    assert!(status.success(), "agent exited with {status}");
+    drop(agent);
+    docker.rm(&id);
+    // Nobody told the relay: the removed container is still registered.
+    assert_eq!(peers_of(&relay, &id).len(), 1, "registration vanished");
+
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    let gone = wait_until(Duration::from_secs(10), || {
+        peers_of(&relay, &id).is_empty() && !key_file.exists()
+    });
+    assert!(
+        gone,
+        "container removed while the agent was down is still registered ({} peer(s)) or \
+         its key is still on disk ({})\n{}",
+        peers_of(&relay, &id).len(),
+        key_file.exists(),
+        agent.log()
+    );
+    assert!(agent.row(&name).is_none(), "{}", agent.status().0);
+    assert_eq!(
+        peers_of(&relay, &kept).len(),
+        1,
+        "the running one was deregistered"
+    );
+    assert!(
+        kept_key.is_file(),
+        "the running container's key was removed"
+    );
+    agent.wait_row(&kept_name, REACHABLE_BOUND, |r| r.state == "active");
 }

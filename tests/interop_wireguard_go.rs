@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use support::relay::SourceCounter;
 use support::traffic::{iperf3_start, ping_until_reply};
 use support::tunnel::{AGENT_PORT, WGGO_PORT};
 use support::{
@@ -133,6 +134,11 @@ fn ping_both_ways_outer_v6() {
     ping_both_ways(Family::V6);
 }
 
+/// What a 2 s TCP run must at least move: 4 Mbit/s, far below what either side does on a
+/// busy machine, far above what a tunnel that only passes small packets (an MTU black
+/// hole) or stalls after its first packets manages.
+const TCP_FLOOR_BYTES: u64 = 1 << 20;
+
 /// TCP iperf3 with the server on our side: B -> A, then A -> B with `-R`.
 fn tcp_both_ways(outer: Family, inner_family: Family) {
     require();
@@ -142,15 +148,12 @@ fn tcp_both_ways(outer: Family, inner_family: Family) {
     assert!(ping_until_reply(&pair.b, server, HANDSHAKE_TIMEOUT));
     for args in ["-t 2", "-t 2 -R"] {
         let run = iperf3(&pair.a, &pair.b, server, args);
-        assert!(
-            run.received_bytes() > 0,
-            "iperf3 {args} moved no data: {}",
-            run.json["end"]
-        );
         eprintln!(
-            "tcp {args} outer {outer:?} inner {inner_family:?}: {:.0} Mbit/s",
-            run.received_bits_per_second() / 1e6
+            "tcp {args} outer {outer:?} inner {inner_family:?}: {:.0} Mbit/s, {} retransmits",
+            run.received_bits_per_second() / 1e6,
+            run.retransmits()
         );
+        run.assert_tcp_delivered(TCP_FLOOR_BYTES, &format!("iperf3 {args}"));
     }
 }
 
@@ -174,9 +177,12 @@ fn tcp_both_ways_outer_v6_inner_v6() {
     tcp_both_ways(Family::V6, Family::V6);
 }
 
-/// Loss a 50 Mbit/s stream may see on a loaded two-core machine running tests in parallel
-/// without pointing at a broken data path.
+/// Loss a 10 Mbit/s stream may see on a loaded two-core machine running tests in parallel
+/// (a scheduling stall of a few hundred milliseconds overflows a socket buffer) without
+/// pointing at a broken data path. The rate is low enough that neither side is short of
+/// CPU for the crypto itself, even in a debug build.
 const MAX_UDP_LOSS_PERCENT: f64 = 10.0;
+const UDP_DATAGRAM: u64 = 1200;
 
 fn udp_both_ways(outer: Family, inner_family: Family) {
     require();
@@ -186,16 +192,16 @@ fn udp_both_ways(outer: Family, inner_family: Family) {
     assert!(ping_until_reply(&pair.b, server, HANDSHAKE_TIMEOUT));
     // 1200-byte datagrams fit the tunnel MTU in both families, so loss means the tunnel
     // lost them, not that fragments were dropped.
-    for args in ["-u -b 50M -l 1200 -t 2", "-u -b 50M -l 1200 -t 2 -R"] {
-        let run = iperf3(&pair.a, &pair.b, server, args);
+    for reverse in ["", " -R"] {
+        let args = format!("-u -b 10M -l {UDP_DATAGRAM} -t 2{reverse}");
+        let run = iperf3(&pair.a, &pair.b, server, &args);
         let loss = run.udp_loss_percent();
-        assert!(
-            run.received_bytes() > 0 && loss < MAX_UDP_LOSS_PERCENT,
-            "iperf3 {args}: {} bytes received, {loss:.1}% lost: {}",
-            run.received_bytes(),
-            run.json["end"]
-        );
         eprintln!("udp {args} outer {outer:?} inner {inner_family:?}: {loss:.2}% loss");
+        run.assert_udp_delivered(
+            UDP_DATAGRAM,
+            MAX_UDP_LOSS_PERCENT,
+            &format!("iperf3 {args}"),
+        );
     }
 }
 
@@ -219,6 +225,9 @@ fn udp_both_ways_outer_v6_inner_v6() {
     udp_both_ways(Family::V6, Family::V6);
 }
 
+/// Tunnel bytes that show a transfer is really flowing, before and after a move.
+const MOVED_BYTES: u64 = 1 << 20;
+
 /// wireguard-go's host moves to another network in the middle of a transfer; we must follow
 /// it to the new source address without the transfer breaking.
 fn roaming_peer(outer: Family) {
@@ -239,8 +248,16 @@ fn roaming_peer(outer: Family) {
         HANDSHAKE_TIMEOUT
     ));
 
-    let run = iperf3_start(&pair.a, &pair.b, inner(Family::V4, 1), "-t 4");
-    std::thread::sleep(Duration::from_millis(1500));
+    // What the agent has received from wireguard-go so far, by its own `wg show`.
+    let received = || t.agent.peer(&t.wggo_keys.public).map_or(0, |p| p.rx_bytes);
+    let run = iperf3_start(&pair.a, &pair.b, inner(Family::V4, 1), "-t 8");
+    // Move only once the transfer is under way.
+    let start = received();
+    assert!(
+        wait_until(Duration::from_secs(5), || received() >= start + MOVED_BYTES),
+        "the transfer did not get going before the move: {} bytes",
+        received() - start
+    );
     pair.b.add_addr(link, &cidr(new_b, len));
     pair.b
         .ip(&format!("addr del {} dev {link}", cidr(old_b, len)));
@@ -257,23 +274,24 @@ fn roaming_peer(outer: Family) {
         t.agent_keys.public,
         endpoint(underlay(outer, 1), AGENT_PORT)
     ));
-    let report = run.finish();
-
-    let intervals = report.interval_bytes();
-    assert!(
-        intervals.len() >= 3 && intervals.iter().rev().take(2).all(|&b| b > 0),
-        "transfer stalled after the move: bytes per second {intervals:?}"
-    );
+    // The same transfer goes on from the new address: the agent follows it and keeps
+    // receiving, well before iperf3's 8 s are up.
+    let moved_at = received();
     let new_endpoint = endpoint(new_b, WGGO_PORT);
-    let seen = wait_until(Duration::from_secs(5), || {
+    let followed = wait_until(Duration::from_secs(5), || {
         t.agent.peer(&t.wggo_keys.public).and_then(|p| p.endpoint) == Some(new_endpoint.clone())
+            && received() >= moved_at + MOVED_BYTES
     });
+    let after_move = received() - moved_at;
     assert!(
-        seen,
-        "`wg show {} endpoints` does not show {new_endpoint}: {}",
+        followed,
+        "after the move the agent received {after_move} bytes and `wg show {} endpoints` \
+         shows {}, not {new_endpoint}",
         t.agent.iface,
         t.agent.wg("show {} endpoints")
     );
+    let report = run.finish();
+    report.assert_tcp_delivered(2 * MOVED_BYTES, "the transfer across the move");
     // Our side must now answer to the new address on its own initiative too.
     let p = ping(&pair.a, inner(Family::V6, 2));
     assert!(p.all_received(), "A -> B after the move:\n{}", p.output);
@@ -321,6 +339,12 @@ fn spoofed_source(inner_family: Family) {
         cidr(spoofed, inner_family.host_len()),
         t.wggo.iface
     ));
+    // Counted by the kernel as the packets come out of our TUN device, so a spoofed
+    // packet we delivered shows here even though its reply (to an address no peer is
+    // allowed) could never go back.
+    let delivered_spoofed = SourceCounter::on_interface(&pair.a, &t.agent.iface, spoofed);
+    let delivered_legit =
+        SourceCounter::on_interface(&pair.a, &t.agent.iface, inner(inner_family, 2));
     let p = ping_with(&pair.b, ours, &format!("-c 3 -i 0.2 -W 1 -I {spoofed}"));
     assert_eq!(
         p.received, 0,
@@ -335,8 +359,22 @@ fn spoofed_source(inner_family: Family) {
         t.agent.metrics()
     );
 
+    assert_eq!(
+        delivered_spoofed.packets(),
+        0,
+        "packets from {spoofed}, outside the peer's AllowedIPs, reached the network stack"
+    );
+
     let p = ping(&pair.b, ours);
     assert!(p.all_received(), "legitimate traffic broke:\n{}", p.output);
+    // The same counter does see what the tunnel may deliver.
+    assert!(
+        delivered_legit.packets() >= u64::from(p.transmitted),
+        "the TUN ingress counter saw {} of {} legitimate packets",
+        delivered_legit.packets(),
+        p.transmitted
+    );
+    assert_eq!(delivered_spoofed.packets(), 0);
 }
 
 #[test]

@@ -331,6 +331,9 @@ fn delete_and_revoke_stop_traffic_at_once() {
 struct SlowRegistration {
     child: std::process::Child,
     body: String,
+    /// curl's `--trace-ascii` log, written as the request goes out.
+    trace: std::path::PathBuf,
+    _dir: support::TempDir,
 }
 
 impl SlowRegistration {
@@ -338,8 +341,12 @@ impl SlowRegistration {
         let mut cmd = relay.curl(from, "POST", Some(&format!("Bearer {token}")));
         // Upload from stdin streams it (chunked): curl sends the headers at once and the
         // body when stdin has it.
+        let dir = support::TempDir::new();
+        let trace = dir.join("trace");
         cmd.args(["-H", "Content-Type: application/json", "-H", "Expect:"])
             .args(["-T", "-"])
+            .arg("--trace-ascii")
+            .arg(&trace)
             .arg(relay.url("/v1/peers"));
         let child = cmd
             .stdin(Stdio::piped())
@@ -350,7 +357,14 @@ impl SlowRegistration {
         SlowRegistration {
             child,
             body: json!({"pubkey": pubkey, "ipv4": false}).to_string(),
+            trace,
+            _dir: dir,
         }
+    }
+
+    /// Whether curl has sent the request line and headers (over TLS).
+    fn headers_sent(&self) -> bool {
+        std::fs::read_to_string(&self.trace).is_ok_and(|t| t.contains("=> Send header"))
     }
 
     fn send(mut self) -> ApiResponse {
@@ -384,15 +398,24 @@ fn draining_refuses_registrations_and_loses_none_acknowledged() {
     // A registration in flight (headers sent, body pending) when SIGTERM arrives.
     let slow_key = random_pubkey();
     let slow = SlowRegistration::start(&relay, &site.ns, &token, &slow_key);
-    let connected = wait_until(Duration::from_secs(5), || {
-        !relay
+    // In flight: curl has sent the headers and the relay has read everything that
+    // arrived on the connection.
+    let api_sockets = || {
+        relay
             .ns()
-            .try_exec(&format!("ss -Htn state established sport = :{API_PORT}"))
-            .stdout
-            .is_empty()
+            .exec(&format!("ss -Htn state established sport = :{API_PORT}"))
+    };
+    let in_flight = wait_until(Duration::from_secs(10), || {
+        let ss = api_sockets();
+        slow.headers_sent()
+            && !ss.is_empty()
+            && ss.lines().all(|l| l.split_whitespace().next() == Some("0"))
     });
-    assert!(connected, "the slow registration never connected");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        in_flight,
+        "the slow registration never got its headers to the relay: {}",
+        api_sockets()
+    );
 
     // Registrations keep coming from four clients until the relay stops answering.
     let acked: Arc<Mutex<Vec<(String, Ipv6Addr)>>> = Arc::default();
@@ -414,10 +437,20 @@ fn draining_refuses_registrations_and_loses_none_acknowledged() {
                 }
             });
         }
-        std::thread::sleep(Duration::from_millis(1500));
+        let flowing = wait_until(Duration::from_secs(30), || acked.lock().unwrap().len() >= 8);
         sigterm_sent.store(true, std::sync::atomic::Ordering::SeqCst);
         relay.signal(libc::SIGTERM);
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            flowing,
+            "too few registrations before SIGTERM: {:?}",
+            acked.lock().unwrap().len()
+        );
+        // The relay logs this as it starts draining; only then is the in-flight
+        // registration's outcome defined.
+        let draining = wait_until(Duration::from_secs(10), || {
+            relay.log().contains("SIGTERM: draining")
+        });
+        assert!(draining, "no drain after SIGTERM:\n{}", relay.log_tail(20));
         let refused = slow.send();
         assert_eq!(
             refused.status, 503,

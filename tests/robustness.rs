@@ -12,7 +12,8 @@ use support::traffic::ping_until_reply;
 use support::tunnel::{AGENT_PORT, WGGO_PORT};
 use support::wg::uapi_socket;
 use support::{
-    endpoint, inner, ping, require_tools, underlay, Endpoints, Family, Pair, Tunnel, BASE_TOOLS,
+    endpoint, inner, ping, require_tools, underlay, wait_until, Endpoints, Family, Pair, Tunnel,
+    BASE_TOOLS,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,8 +112,16 @@ fn malformed_udp(outer: Family) {
         // ENOBUFS/ECONNREFUSED on a flood is fine: what arrives is what matters.
         let _ = socket.send_to(d, target);
     }
-    // Let the agent chew through its receive queue before judging it.
-    std::thread::sleep(Duration::from_millis(300));
+    // Judge the agent once it has read everything that reached its socket.
+    let drained = wait_until(Duration::from_secs(10), || {
+        let ss = pair.a.exec(&format!("ss -Huan sport = :{AGENT_PORT}"));
+        ss.lines().all(|l| l.split_whitespace().nth(1) == Some("0"))
+    });
+    assert!(
+        drained,
+        "the agent left datagrams unread: {}",
+        pair.a.exec(&format!("ss -Huan sport = :{AGENT_PORT}"))
+    );
 
     assert!(
         t.agent.is_running(),

@@ -3,7 +3,7 @@
 //! The device behind the socket is an in-memory stand-in that applies updates with
 //! wireguard-go's semantics, so these tests check the wire protocol end to end
 //! without a TUN device or UDP socket. They need root (for `/var/run/wireguard`) and
-//! `/usr/bin/wg`; without the tool they are skipped, except under `CI=true`.
+//! `wg` in `PATH`, and fail without either.
 //!
 //! They only ever name their own interfaces: `wg show all`/`interfaces` would
 //! unlink every stale socket in the directory, other tests' included.
@@ -24,24 +24,14 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const WG: &str = "/usr/bin/wg";
+mod support;
 
 /// The test device refuses this port, to check how `wg` reports a device error.
 const REFUSED_PORT: u16 = 1;
 
-/// Whether to run; `false` means skip. A missing tool only fails the test in CI,
-/// where it means the image is broken.
-fn wg_available() -> bool {
-    if Path::new(WG).exists() {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "{WG} is missing under CI=true"
-    );
-    eprintln!("skipping: {WG} is not installed");
-    false
+/// `wg` and root, or a loud failure.
+fn require() {
+    support::require_tools(&["wg"]);
 }
 
 /// An interface name unique to this process and test, within the 15-byte limit.
@@ -258,7 +248,7 @@ fn wg_ok(args: &[&str]) -> String {
 }
 
 fn wg(args: &[&str]) -> Output {
-    Command::new(WG)
+    Command::new("wg")
         .args(args)
         .env("WG_COLOR_MODE", "never")
         .output()
@@ -352,9 +342,7 @@ fn seed() -> Seed {
 
 #[test]
 fn wg_show_and_set_work_against_the_server() {
-    if !wg_available() {
-        return;
-    }
+    require();
     let Seed {
         state,
         private,
@@ -563,12 +551,22 @@ fn garbage(len: usize, mut seed: u64) -> Vec<u8> {
 
 #[test]
 fn garbage_on_the_socket_does_not_disturb_the_server() {
-    if !wg_available() {
-        return;
-    }
+    require();
     let seeded = seed();
-    let h = Harness::start('b', seeded.state);
+    let h = Harness::start('b', seeded.state.clone());
     let path = h.path.clone();
+    // `dump` rather than `show`: it has absolute handshake times, so it only changes
+    // when the device does.
+    let dump = || wg_ok(&["show", &h.name, "dump"]);
+    let baseline = dump();
+    let unchanged = |when: &str| {
+        assert_eq!(
+            h.device.snapshot(),
+            seeded.state,
+            "{when}: the device changed"
+        );
+        assert_eq!(dump(), baseline, "{when}: wg sees a different device");
+    };
     let einval = "errno=-22\n\n";
     let is_error_or_close = |reply: &str| reply.is_empty() || reply.starts_with("errno=-");
 
@@ -580,7 +578,7 @@ fn garbage_on_the_socket_does_not_disturb_the_server() {
         bytes.push(b'\n');
         let reply = exchange(&path, &bytes);
         assert!(is_error_or_close(&reply), "round {round}: {reply:?}");
-        h.show();
+        unchanged(&format!("garbage round {round}"));
     }
 
     // One enormous line.
@@ -588,9 +586,11 @@ fn garbage_on_the_socket_does_not_disturb_the_server() {
     long.extend(std::iter::repeat_n(b'9', 100_000));
     long.extend_from_slice(b"\n\n");
     assert_eq!(exchange(&path, &long), einval);
+    unchanged("a 100 kB line");
 
     // Invalid UTF-8 in a value.
     assert_eq!(exchange(&path, b"set=1\nlisten_port=\xff\xfe\n\n"), einval);
+    unchanged("invalid UTF-8");
 
     // Half a request, then the client goes away: nothing is applied.
     {
@@ -599,6 +599,7 @@ fn garbage_on_the_socket_does_not_disturb_the_server() {
     }
     // Half a request with a half-close: answered with an error.
     assert_eq!(exchange(&path, b"set=1\nlisten_port=7777\n"), einval);
+    unchanged("half requests");
 
     // An unknown key is refused, and the connection goes on serving.
     {
@@ -617,7 +618,7 @@ fn garbage_on_the_socket_does_not_disturb_the_server() {
     }
 
     // None of it changed the device, and wg still works.
-    assert_eq!(h.device.snapshot().listen_port, 51820);
+    unchanged("an unknown key");
     let show = h.show();
     assert!(show.contains("listening port: 51820"), "{show}");
     assert!(show.contains(&format!("peer: {}", seeded.a)), "{show}");
@@ -626,9 +627,7 @@ fn garbage_on_the_socket_does_not_disturb_the_server() {
 
 #[test]
 fn a_second_server_on_the_same_interface_is_refused() {
-    if !wg_available() {
-        return;
-    }
+    require();
     let h = Harness::start('c', seed().state);
     let other: Arc<dyn DeviceControl> = Arc::new(MemDevice {
         state: Mutex::new(seed().state),

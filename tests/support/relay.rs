@@ -729,12 +729,23 @@ pub struct SourceCounter<'n> {
 
 impl<'n> SourceCounter<'n> {
     pub fn new(ns: &'n Netns, saddr: IpAddr) -> Self {
-        let table = unique_name("cnt");
         let family = if saddr.is_ipv6() { "ip6" } else { "ip" };
+        Self::matching(ns, &format!("{family} saddr {saddr}"))
+    }
+
+    /// Counts only packets with source `saddr` that arrive on `iface` (a TUN device:
+    /// what a userspace tunnel delivered to the kernel).
+    pub fn on_interface(ns: &'n Netns, iface: &str, saddr: IpAddr) -> Self {
+        let family = if saddr.is_ipv6() { "ip6" } else { "ip" };
+        Self::matching(ns, &format!("iifname \"{iface}\" {family} saddr {saddr}"))
+    }
+
+    fn matching(ns: &'n Netns, rule: &str) -> Self {
+        let table = unique_name("cnt");
         ns.exec_with_stdin(
             "nft -f -",
             &format!(
-                "table inet {table} {{\n  counter seen {{ }}\n  chain pre {{\n    type filter hook prerouting priority raw;\n    {family} saddr {saddr} counter name seen\n  }}\n}}\n"
+                "table inet {table} {{\n  counter seen {{ }}\n  chain pre {{\n    type filter hook prerouting priority raw;\n    {rule} counter name seen\n  }}\n}}\n"
             ),
         );
         SourceCounter { ns, table }

@@ -110,6 +110,57 @@ impl Iperf {
         self.received()["bits_per_second"].as_f64().unwrap_or(0.0)
     }
 
+    /// Bytes the sending side wrote.
+    pub fn sent_bytes(&self) -> u64 {
+        self.json["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0)
+    }
+
+    /// TCP segments the sender retransmitted (0 for UDP).
+    pub fn retransmits(&self) -> u64 {
+        self.json["end"]["sum_sent"]["retransmits"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Checks a TCP run: at least `floor` bytes arrived, and what arrived is what was sent
+    /// short of at most what can still be in flight when the sender's clock stops (the
+    /// socket buffers, a few MiB at most). `what` names the run in the failure message.
+    pub fn assert_tcp_delivered(&self, floor: u64, what: &str) {
+        let (sent, received) = (self.sent_bytes(), self.received_bytes());
+        let in_flight = (sent / 10).max(8 << 20);
+        assert!(
+            received >= floor && received <= sent && sent - received <= in_flight,
+            "{what}: {sent} bytes sent, {received} received (at least {floor} required, \
+             at most {in_flight} short): {}",
+            self.json["end"]
+        );
+    }
+
+    /// Checks a UDP run of `len`-byte datagrams: every datagram that arrived arrived whole,
+    /// no more arrived than were sent, and at most `max_loss_percent` were lost.
+    pub fn assert_udp_delivered(&self, len: u64, max_loss_percent: f64, what: &str) {
+        let r = self.received();
+        let packets = r["packets"].as_u64().unwrap_or(0);
+        let lost = r["lost_packets"].as_u64().unwrap_or(0);
+        let sent = self.json["end"]["sum_sent"]["packets"]
+            .as_u64()
+            .unwrap_or(0);
+        let arrived = packets.saturating_sub(lost);
+        let loss = self.udp_loss_percent();
+        assert!(
+            arrived > 0
+                && arrived <= sent
+                && self.received_bytes() == arrived * len
+                && self.sent_bytes() == sent * len
+                && loss <= max_loss_percent,
+            "{what}: {sent} datagrams of {len} bytes sent ({} bytes), {arrived} arrived \
+             ({} bytes), {loss:.2}% lost (at most {max_loss_percent}% allowed): {}",
+            self.sent_bytes(),
+            self.received_bytes(),
+            self.json["end"]
+        );
+    }
+
     /// UDP datagrams lost, in percent of those sent.
     pub fn udp_loss_percent(&self) -> f64 {
         let r = self.received();
