@@ -477,6 +477,8 @@ pub struct RouteEntry {
     /// The output interface, or each next hop's for a multipath route; empty for
     /// routes without one (blackhole and the like).
     pub oifs: Vec<u32>,
+    /// The next hop, for routes through a gateway (`None`: directly on the link).
+    pub gateway: Option<IpAddr>,
     pub metric: u32,
 }
 
@@ -530,9 +532,11 @@ fn parse_route(body: &[u8]) -> Option<RouteEntry> {
     let mut dst = None;
     let mut oifs = Vec::new();
     let mut metric = 0;
+    let mut gateway = None;
     for (kind, payload) in attributes(body.get(align4(RTMSG_LEN)..)?) {
         match kind {
             libc::RTA_DST => dst = Some(payload),
+            libc::RTA_GATEWAY => gateway = ip_from(family, payload),
             libc::RTA_OIF => oifs.push(u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?)),
             libc::RTA_PRIORITY => metric = u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?),
             libc::RTA_TABLE => table = u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?),
@@ -552,8 +556,7 @@ fn parse_route(body: &[u8]) -> Option<RouteEntry> {
         }
     }
     let addr: IpAddr = match (i32::from(family), dst) {
-        (libc::AF_INET, Some(d)) => IpAddr::from(<[u8; 4]>::try_from(d.get(..4)?).ok()?),
-        (libc::AF_INET6, Some(d)) => IpAddr::from(<[u8; 16]>::try_from(d.get(..16)?).ok()?),
+        (_, Some(d)) => ip_from(family, d)?,
         (libc::AF_INET, None) => IpAddr::from([0u8; 4]),
         (libc::AF_INET6, None) => IpAddr::from([0u8; 16]),
         _ => return None,
@@ -570,8 +573,17 @@ fn parse_route(body: &[u8]) -> Option<RouteEntry> {
         kind,
         dst: IpPrefix::new(addr, dst_len).ok()?.network(),
         oifs,
+        gateway,
         metric,
     })
+}
+
+fn ip_from(family: u8, bytes: &[u8]) -> Option<IpAddr> {
+    match i32::from(family) {
+        libc::AF_INET => Some(IpAddr::from(<[u8; 4]>::try_from(bytes.get(..4)?).ok()?)),
+        libc::AF_INET6 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes.get(..16)?).ok()?)),
+        _ => None,
+    }
 }
 
 /// The (type, payload) pairs of a run of netlink attributes; stops at a malformed one.
@@ -907,6 +919,12 @@ mod tests {
             assert_eq!(
                 (r4.table, r4.kind, r4.oifs.clone(), r4.metric),
                 (MAIN_TABLE, RouteKind::Unicast, vec![lo], 100)
+            );
+            assert_eq!(r4.gateway, None);
+            add_route("0.0.0.0/0".parse().unwrap(), lo, None).unwrap();
+            assert_eq!(
+                dump_routes().unwrap().iter().find(|r| r.dst.len() == 0 && r.dst.is_ipv4()).map(|r| r.oifs.clone()),
+                Some(vec![lo])
             );
             assert_eq!(find(v6).map(|r| r.metric), Some(1024));
             let local = find("127.0.0.1/32".parse().unwrap()).expect("lo's own address");

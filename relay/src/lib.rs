@@ -5,5 +5,6 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod neighbor;
+pub mod policy;
 pub mod store;
 pub mod tls;
