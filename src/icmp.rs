@@ -40,14 +40,16 @@ fn v6(original: &[u8], out: &mut [u8]) -> Option<usize> {
     }
     let src = Ipv6Addr::from(<[u8; 16]>::try_from(&original[8..24]).ok()?);
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&original[24..40]).ok()?);
-    if src.is_unspecified() || src.is_multicast() || dst.is_multicast() || dst.is_unspecified()
-    {
+    if src.is_unspecified() || src.is_multicast() || dst.is_multicast() || dst.is_unspecified() {
         return None;
     }
     if original[6] == 58 && original.get(40).is_none_or(|t| *t < 128) {
         return None;
     }
-    let quote = original.len().min(V6_MAX - V6_HEADERS).min(out.len() - V6_HEADERS);
+    let quote = original
+        .len()
+        .min(V6_MAX - V6_HEADERS)
+        .min(out.len() - V6_HEADERS);
     let icmp_len = 8 + quote;
     let total = V6_HEADERS + quote;
     let out = &mut out[..total];
@@ -91,7 +93,10 @@ fn v4(original: &[u8], out: &mut [u8]) -> Option<usize> {
     {
         return None;
     }
-    let quote = original.len().min(V4_MAX - V4_HEADERS).min(out.len() - V4_HEADERS);
+    let quote = original
+        .len()
+        .min(V4_MAX - V4_HEADERS)
+        .min(out.len() - V4_HEADERS);
     let total = V4_HEADERS + quote;
     let out = &mut out[..total];
     out[0] = 0x45;

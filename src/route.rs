@@ -923,7 +923,11 @@ mod tests {
             assert_eq!(r4.gateway, None);
             add_route("0.0.0.0/0".parse().unwrap(), lo, None).unwrap();
             assert_eq!(
-                dump_routes().unwrap().iter().find(|r| r.dst.len() == 0 && r.dst.is_ipv4()).map(|r| r.oifs.clone()),
+                dump_routes()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r.dst.len() == 0 && r.dst.is_ipv4())
+                    .map(|r| r.oifs.clone()),
                 Some(vec![lo])
             );
             assert_eq!(find(v6).map(|r| r.metric), Some(1024));

@@ -140,7 +140,11 @@ impl RelayDataPlane {
         device.set_policy(Some(policy.clone()));
         let tunnel = Tunnel::start(device, tun, socket);
         for prefix in prefixes {
-            let mode = if prefix.is_ipv4() { n.ipv4_mode } else { n.ipv6_mode };
+            let mode = if prefix.is_ipv4() {
+                n.ipv4_mode
+            } else {
+                n.ipv6_mode
+            };
             route_unallocated(prefix, mode, n.uplink.as_deref(), ifindex);
         }
         Ok(RelayDataPlane {

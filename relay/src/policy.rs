@@ -231,7 +231,9 @@ impl TenantPolicy {
         let routes = route::dump_routes()?;
         let view = HostView::from_routes(&routes, &uplinks, self.tun_ifindex);
         if view.uplinks.is_empty() {
-            tracing::warn!("no uplink: neither configured nor a default route; peers reach only each other");
+            tracing::warn!(
+                "no uplink: neither configured nor a default route; peers reach only each other"
+            );
         }
         tracing::debug!(
             own = view.own.len(),
@@ -397,20 +399,38 @@ mod tests {
             assert_eq!(from("2001:db8:1::1"), Verdict::Pass, "the router itself");
             assert_eq!(from("2001:db8:1::b"), Verdict::Pass, "same tenant");
             assert_eq!(from("2001:db8:1::a"), Verdict::Pass, "itself");
-            assert_eq!(from("2001:db8:1::c"), Verdict::Drop(DropReason::OtherTenant));
-            assert_eq!(from("2001:db8:1::2"), Verdict::Drop(DropReason::HostAddress));
-            assert_eq!(from("2001:db8:9::1"), Verdict::Drop(DropReason::HostAddress));
+            assert_eq!(
+                from("2001:db8:1::c"),
+                Verdict::Drop(DropReason::OtherTenant)
+            );
+            assert_eq!(
+                from("2001:db8:1::2"),
+                Verdict::Drop(DropReason::HostAddress)
+            );
+            assert_eq!(
+                from("2001:db8:9::1"),
+                Verdict::Drop(DropReason::HostAddress)
+            );
             assert_eq!(from("ff02::1"), Verdict::Drop(DropReason::HostAddress));
             assert_eq!(from("fe80::1"), Verdict::Drop(DropReason::HostAddress));
             assert_eq!(from("::1"), Verdict::Drop(DropReason::HostAddress));
-            assert_eq!(from("2001:db8:9::2"), Verdict::Drop(DropReason::PrivateNetwork));
+            assert_eq!(
+                from("2001:db8:9::2"),
+                Verdict::Drop(DropReason::PrivateNetwork)
+            );
             let from4 = |dst: &str| p.from_peer(&pkt("192.0.2.70", dst, false));
             assert_eq!(from4("198.51.100.2"), Verdict::Pass);
             assert_eq!(from4("192.0.2.2"), Verdict::Drop(DropReason::HostAddress));
             assert_eq!(from4("192.0.2.255"), Verdict::Drop(DropReason::HostAddress));
-            assert_eq!(from4("255.255.255.255"), Verdict::Drop(DropReason::HostAddress));
+            assert_eq!(
+                from4("255.255.255.255"),
+                Verdict::Drop(DropReason::HostAddress)
+            );
             assert_eq!(from4("127.0.0.1"), Verdict::Drop(DropReason::HostAddress));
-            assert_eq!(from4("192.0.2.200"), Verdict::Drop(DropReason::PrivateNetwork));
+            assert_eq!(
+                from4("192.0.2.200"),
+                Verdict::Drop(DropReason::PrivateNetwork)
+            );
             let iso = p.from_peer(&pkt("2001:db8:1::d", "2001:db8:1::e", false));
             assert_eq!(iso, Verdict::Drop(DropReason::PeerIsolated));
         }
@@ -422,11 +442,27 @@ mod tests {
         let to = |src: &str, err: bool| p.to_peer(&pkt(src, "2001:db8:1::a", err));
         assert_eq!(to("2001:db8:5::2", false), Verdict::Pass);
         assert_eq!(to("2001:db8:1::b", false), Verdict::Pass);
-        assert_eq!(to("2001:db8:1::c", false), Verdict::Drop(DropReason::OtherTenant));
-        assert_eq!(to("2001:db8:1::2", false), Verdict::Drop(DropReason::HostAddress));
-        assert_eq!(to("2001:db8:1::2", true), Verdict::Pass, "packet too big from the host");
-        assert_eq!(to("2001:db8:9::2", false), Verdict::Drop(DropReason::PrivateNetwork));
-        assert_eq!(to("2001:db8:9::2", true), Verdict::Drop(DropReason::PrivateNetwork));
+        assert_eq!(
+            to("2001:db8:1::c", false),
+            Verdict::Drop(DropReason::OtherTenant)
+        );
+        assert_eq!(
+            to("2001:db8:1::2", false),
+            Verdict::Drop(DropReason::HostAddress)
+        );
+        assert_eq!(
+            to("2001:db8:1::2", true),
+            Verdict::Pass,
+            "packet too big from the host"
+        );
+        assert_eq!(
+            to("2001:db8:9::2", false),
+            Verdict::Drop(DropReason::PrivateNetwork)
+        );
+        assert_eq!(
+            to("2001:db8:9::2", true),
+            Verdict::Drop(DropReason::PrivateNetwork)
+        );
         let iso = p.to_peer(&pkt("2001:db8:1::d", "2001:db8:1::e", false));
         assert_eq!(iso, Verdict::Drop(DropReason::PeerIsolated));
     }
@@ -459,14 +495,44 @@ mod tests {
         // The uplink named explicitly: a default route elsewhere is private too.
         let routes = vec![
             r(route::MAIN_TABLE, RouteKind::Unicast, "::/0", LAN, 1024),
-            r(route::MAIN_TABLE, RouteKind::Unicast, "2001:db8:5::/64", UPLINK, 1024),
-            r(route::MAIN_TABLE, RouteKind::Unicast, "2001:db8:5::/64", LAN, 1024),
-            r(route::MAIN_TABLE, RouteKind::Unicast, "2001:db8:6::/64", LAN, 10),
-            r(route::MAIN_TABLE, RouteKind::Unicast, "2001:db8:6::/64", UPLINK, 5),
+            r(
+                route::MAIN_TABLE,
+                RouteKind::Unicast,
+                "2001:db8:5::/64",
+                UPLINK,
+                1024,
+            ),
+            r(
+                route::MAIN_TABLE,
+                RouteKind::Unicast,
+                "2001:db8:5::/64",
+                LAN,
+                1024,
+            ),
+            r(
+                route::MAIN_TABLE,
+                RouteKind::Unicast,
+                "2001:db8:6::/64",
+                LAN,
+                10,
+            ),
+            r(
+                route::MAIN_TABLE,
+                RouteKind::Unicast,
+                "2001:db8:6::/64",
+                UPLINK,
+                5,
+            ),
         ];
         let view = HostView::from_routes(&routes, &[UPLINK], TUN);
         assert!(view.is_private("2001:db8:7::1".parse().unwrap()));
-        assert!(view.is_private("2001:db8:5::1".parse().unwrap()), "ties count as private");
-        assert!(!view.is_private("2001:db8:6::1".parse().unwrap()), "the lowest metric wins");
+        assert!(
+            view.is_private("2001:db8:5::1".parse().unwrap()),
+            "ties count as private"
+        );
+        assert!(
+            !view.is_private("2001:db8:6::1".parse().unwrap()),
+            "the lowest metric wins"
+        );
     }
 }

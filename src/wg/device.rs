@@ -192,7 +192,10 @@ impl Identity {
         let public = x25519::PublicKey::from(&secret);
         Identity {
             private,
-            gate: Arc::new(HandshakeGate::new(&public, HANDSHAKES_PER_SECOND_BEFORE_LOAD)),
+            gate: Arc::new(HandshakeGate::new(
+                &public,
+                HANDSHAKES_PER_SECOND_BEFORE_LOAD,
+            )),
             per_peer: Arc::new(HandshakeGate::new(&public, u64::MAX)),
             secret,
             public,
