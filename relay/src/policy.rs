@@ -283,7 +283,7 @@ impl TenantPolicy {
 }
 
 impl Policy for TenantPolicy {
-    fn from_peer(&self, p: &PacketInfo) -> Verdict {
+    fn check_from_peer(&self, p: &PacketInfo) -> Verdict {
         let t = self.tables.read();
         if let Some(to) = t.peers.get(&p.dst) {
             return t.between(p.src, to);
@@ -297,7 +297,7 @@ impl Policy for TenantPolicy {
         }
     }
 
-    fn to_peer(&self, p: &PacketInfo) -> Verdict {
+    fn check_to_peer(&self, p: &PacketInfo) -> Verdict {
         let t = self.tables.read();
         if t.peers.contains_key(&p.src) {
             return match t.peers.get(&p.dst) {
@@ -391,10 +391,10 @@ mod tests {
     }
 
     #[test]
-    fn from_peer() {
+    fn check_from_peer() {
         for uplinks in [&[][..], &[UPLINK][..]] {
             let p = policy(uplinks);
-            let from = |dst: &str| p.from_peer(&pkt("2001:db8:1::a", dst, false));
+            let from = |dst: &str| p.check_from_peer(&pkt("2001:db8:1::a", dst, false));
             assert_eq!(from("2001:db8:5::2"), Verdict::Pass, "beyond the router");
             assert_eq!(from("2001:db8:1::1"), Verdict::Pass, "the router itself");
             assert_eq!(from("2001:db8:1::b"), Verdict::Pass, "same tenant");
@@ -418,7 +418,7 @@ mod tests {
                 from("2001:db8:9::2"),
                 Verdict::Drop(DropReason::PrivateNetwork)
             );
-            let from4 = |dst: &str| p.from_peer(&pkt("192.0.2.70", dst, false));
+            let from4 = |dst: &str| p.check_from_peer(&pkt("192.0.2.70", dst, false));
             assert_eq!(from4("198.51.100.2"), Verdict::Pass);
             assert_eq!(from4("192.0.2.2"), Verdict::Drop(DropReason::HostAddress));
             assert_eq!(from4("192.0.2.255"), Verdict::Drop(DropReason::HostAddress));
@@ -431,15 +431,15 @@ mod tests {
                 from4("192.0.2.200"),
                 Verdict::Drop(DropReason::PrivateNetwork)
             );
-            let iso = p.from_peer(&pkt("2001:db8:1::d", "2001:db8:1::e", false));
+            let iso = p.check_from_peer(&pkt("2001:db8:1::d", "2001:db8:1::e", false));
             assert_eq!(iso, Verdict::Drop(DropReason::PeerIsolated));
         }
     }
 
     #[test]
-    fn to_peer() {
+    fn check_to_peer() {
         let p = policy(&[UPLINK]);
-        let to = |src: &str, err: bool| p.to_peer(&pkt(src, "2001:db8:1::a", err));
+        let to = |src: &str, err: bool| p.check_to_peer(&pkt(src, "2001:db8:1::a", err));
         assert_eq!(to("2001:db8:5::2", false), Verdict::Pass);
         assert_eq!(to("2001:db8:1::b", false), Verdict::Pass);
         assert_eq!(
@@ -463,14 +463,14 @@ mod tests {
             to("2001:db8:9::2", true),
             Verdict::Drop(DropReason::PrivateNetwork)
         );
-        let iso = p.to_peer(&pkt("2001:db8:1::d", "2001:db8:1::e", false));
+        let iso = p.check_to_peer(&pkt("2001:db8:1::d", "2001:db8:1::e", false));
         assert_eq!(iso, Verdict::Drop(DropReason::PeerIsolated));
     }
 
     #[test]
     fn follows_adds_readdressing_and_removals() {
         let p = policy(&[UPLINK]);
-        let a_to_c = || p.from_peer(&pkt("2001:db8:1::a", "2001:db8:1::c", false));
+        let a_to_c = || p.check_from_peer(&pkt("2001:db8:1::a", "2001:db8:1::c", false));
         assert_eq!(a_to_c(), Verdict::Drop(DropReason::OtherTenant));
         p.insert(&entry(3, "2001:db8:1::c", None, "t1", false));
         assert_eq!(a_to_c(), Verdict::Pass);
@@ -478,12 +478,12 @@ mod tests {
         // The old address is no peer's now: it leaves by the uplink's on-link route.
         assert_eq!(a_to_c(), Verdict::Pass);
         assert_eq!(
-            p.from_peer(&pkt("2001:db8:1::a", "2001:db8:1::f", false)),
+            p.check_from_peer(&pkt("2001:db8:1::a", "2001:db8:1::f", false)),
             Verdict::Drop(DropReason::OtherTenant)
         );
         p.remove(&Key([3; 32]));
         assert_eq!(
-            p.from_peer(&pkt("2001:db8:1::a", "2001:db8:1::f", false)),
+            p.check_from_peer(&pkt("2001:db8:1::a", "2001:db8:1::f", false)),
             Verdict::Pass
         );
         assert!(p.answers_unrouted("2001:db8:1::f".parse().unwrap()));

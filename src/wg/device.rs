@@ -546,7 +546,7 @@ impl Device {
             let Some(info) = PacketInfo::parse(packet) else {
                 return self.drop(DropReason::Malformed);
             };
-            if let Verdict::Drop(reason) = policy.to_peer(&info) {
+            if let Verdict::Drop(reason) = policy.check_to_peer(&info) {
                 return self.policy_drop(reason, &info);
             }
         }
@@ -787,7 +787,7 @@ impl Device {
                 let Some(info) = PacketInfo::parse(packet) else {
                     return self.drop(DropReason::Malformed);
                 };
-                if let Verdict::Drop(reason) = policy.from_peer(&info) {
+                if let Verdict::Drop(reason) = policy.check_from_peer(&info) {
                     return self.policy_drop(reason, &info);
                 }
             }

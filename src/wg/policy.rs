@@ -71,11 +71,11 @@ pub enum Verdict {
 pub trait Policy: Send + Sync {
     /// A decrypted packet from a peer, its source already checked against that peer's
     /// allowed IPs, before it is written to the tunnel device.
-    fn from_peer(&self, packet: &PacketInfo) -> Verdict;
+    fn check_from_peer(&self, packet: &PacketInfo) -> Verdict;
 
     /// A packet read from the tunnel device, before it is encrypted for the peer whose
     /// allowed IPs hold its destination.
-    fn to_peer(&self, packet: &PacketInfo) -> Verdict;
+    fn check_to_peer(&self, packet: &PacketInfo) -> Verdict;
 
     /// A packet read from the tunnel device for an address no peer holds: whether to
     /// answer it with a destination unreachable error (rate limited) written back to

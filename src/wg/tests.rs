@@ -533,14 +533,14 @@ fn shaped_peer_queues_then_releases_in_order() {
 struct TestPolicy;
 
 impl Policy for TestPolicy {
-    fn from_peer(&self, p: &PacketInfo) -> Verdict {
+    fn check_from_peer(&self, p: &PacketInfo) -> Verdict {
         if p.src == "198.51.100.66".parse::<IpAddr>().unwrap() {
             Verdict::Drop(DropReason::OtherTenant)
         } else {
             Verdict::Pass
         }
     }
-    fn to_peer(&self, p: &PacketInfo) -> Verdict {
+    fn check_to_peer(&self, p: &PacketInfo) -> Verdict {
         if p.src == "198.51.100.66".parse::<IpAddr>().unwrap() && !p.icmp_error {
             Verdict::Drop(DropReason::HostAddress)
         } else {
