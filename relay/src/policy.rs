@@ -14,6 +14,8 @@
 //! interface the kernel received a packet on.
 
 use std::collections::HashMap;
+
+use foldhash::HashMap as FastMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -48,7 +50,8 @@ pub struct TenantPolicy {
 
 #[derive(Default)]
 struct Tables {
-    peers: HashMap<IpAddr, Owner>,
+    /// Probed on every packet: a fast seeded hash.
+    peers: FastMap<IpAddr, Owner>,
     addresses: HashMap<Key, Vec<IpAddr>>,
     host: HostView,
 }
