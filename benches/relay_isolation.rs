@@ -201,7 +201,7 @@ fn main() {
         on / off,
         (on / off - 1.0) * 100.0
     );
-    println!("  the policy checks alone (from_peer + to_peer): {check_ns:.0} ns");
+    println!("  the two policy checks alone (from and to the peer): {check_ns:.0} ns");
     println!();
 
     let mut c = Criterion::default()
