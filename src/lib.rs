@@ -5,6 +5,7 @@
 //! bytes and actions out; thin tokio drivers own sockets and devices.
 
 pub mod cli;
+pub mod icmp;
 pub mod key;
 pub mod neighbor;
 pub mod netstack;

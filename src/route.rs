@@ -453,6 +453,293 @@ fn find_ack(mut data: &[u8], seq: u32) -> Option<io::Result<()>> {
     None
 }
 
+/// What a route does with matching packets (the kernel's `rtm_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Forwarded through an interface (or a gateway on one).
+    Unicast,
+    /// One of the host's own addresses (table `local`).
+    Local,
+    /// A broadcast address of one of the host's networks (table `local`).
+    Broadcast,
+    /// An anycast address the host answers (table `local`).
+    Anycast,
+    /// Blackhole, unreachable, prohibit, multicast and the rest.
+    Other,
+}
+
+/// One route as a table dump reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub table: u32,
+    pub kind: RouteKind,
+    pub dst: IpPrefix,
+    /// The output interface, or each next hop's for a multipath route; empty for
+    /// routes without one (blackhole and the like).
+    pub oifs: Vec<u32>,
+    /// The next hop, for routes through a gateway (`None`: directly on the link).
+    pub gateway: Option<IpAddr>,
+    pub metric: u32,
+}
+
+/// Every IPv4 and IPv6 route of every table in the calling thread's namespace, as
+/// `ip route show table all` lists them. Source-specific routes are left out.
+pub fn dump_routes() -> io::Result<Vec<RouteEntry>> {
+    let mut routes = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let seq = next_seq();
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+        let mut msg = MessageBuilder::new(libc::RTM_GETROUTE, flags, seq);
+        msg.push_header(&[family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let sock = open_socket()?;
+        send_all(&sock, &msg.finish())?;
+        let mut buf = vec![0u8; 32 * 1024];
+        'dump: loop {
+            let n = recv_from_kernel(&sock, &mut buf)?;
+            let mut data = &buf[..n];
+            while let Some((msg_type, msg_seq, body, rest)) = next_message(data) {
+                data = rest;
+                if msg_seq != seq {
+                    continue;
+                }
+                match i32::from(msg_type) {
+                    libc::NLMSG_DONE => break 'dump,
+                    libc::NLMSG_ERROR => {
+                        let errno = body
+                            .get(..4)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(libc::EIO, |b| i32::from_ne_bytes(b).saturating_neg());
+                        return Err(io::Error::from_raw_os_error(errno));
+                    }
+                    _ if msg_type == libc::RTM_NEWROUTE => routes.extend(parse_route(body)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(routes)
+}
+
+/// Reads one route message's body (rtmsg and attributes).
+fn parse_route(body: &[u8]) -> Option<RouteEntry> {
+    let header = body.get(..RTMSG_LEN)?;
+    let (family, dst_len, src_len, table_byte, rtm_type) =
+        (header[0], header[1], header[2], header[4], header[7]);
+    if src_len != 0 {
+        return None;
+    }
+    let mut table = u32::from(table_byte);
+    let mut dst = None;
+    let mut oifs = Vec::new();
+    let mut metric = 0;
+    let mut gateway = None;
+    for (kind, payload) in attributes(body.get(align4(RTMSG_LEN)..)?) {
+        match kind {
+            libc::RTA_DST => dst = Some(payload),
+            libc::RTA_GATEWAY => gateway = ip_from(family, payload),
+            libc::RTA_OIF => oifs.push(u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?)),
+            libc::RTA_PRIORITY => metric = u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?),
+            libc::RTA_TABLE => table = u32::from_ne_bytes(payload.get(..4)?.try_into().ok()?),
+            libc::RTA_MULTIPATH => {
+                // struct rtnexthop { len: u16, flags: u8, hops: u8, ifindex: i32 }, attrs.
+                let mut hops = payload;
+                while hops.len() >= 8 {
+                    let len = usize::from(u16::from_ne_bytes([hops[0], hops[1]]));
+                    oifs.push(u32::from_ne_bytes(hops[4..8].try_into().ok()?));
+                    if len < 8 {
+                        break;
+                    }
+                    hops = hops.get(align4(len)..).unwrap_or(&[]);
+                }
+            }
+            _ => {}
+        }
+    }
+    let addr: IpAddr = match (i32::from(family), dst) {
+        (_, Some(d)) => ip_from(family, d)?,
+        (libc::AF_INET, None) => IpAddr::from([0u8; 4]),
+        (libc::AF_INET6, None) => IpAddr::from([0u8; 16]),
+        _ => return None,
+    };
+    let kind = match rtm_type {
+        libc::RTN_UNICAST => RouteKind::Unicast,
+        libc::RTN_LOCAL => RouteKind::Local,
+        libc::RTN_BROADCAST => RouteKind::Broadcast,
+        libc::RTN_ANYCAST => RouteKind::Anycast,
+        _ => RouteKind::Other,
+    };
+    Some(RouteEntry {
+        table,
+        kind,
+        dst: IpPrefix::new(addr, dst_len).ok()?.network(),
+        oifs,
+        gateway,
+        metric,
+    })
+}
+
+fn ip_from(family: u8, bytes: &[u8]) -> Option<IpAddr> {
+    match i32::from(family) {
+        libc::AF_INET => Some(IpAddr::from(<[u8; 4]>::try_from(bytes.get(..4)?).ok()?)),
+        libc::AF_INET6 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes.get(..16)?).ok()?)),
+        _ => None,
+    }
+}
+
+/// The (type, payload) pairs of a run of netlink attributes; stops at a malformed one.
+fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < RTA_HDRLEN {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([data[0], data[1]]));
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff;
+        if len < RTA_HDRLEN || len > data.len() {
+            return None;
+        }
+        let payload = &data[RTA_HDRLEN..len];
+        data = data.get(align4(len)..).unwrap_or(&[]);
+        Some((kind, payload))
+    })
+}
+
+/// Splits the first netlink message off `data`: (type, seq, body, rest).
+fn next_message(data: &[u8]) -> Option<(u16, u32, &[u8], &[u8])> {
+    if data.len() < NLMSG_HDRLEN {
+        return None;
+    }
+    let len = u32::from_ne_bytes(data[0..4].try_into().ok()?) as usize;
+    if len < NLMSG_HDRLEN || len > data.len() {
+        return None;
+    }
+    let msg_type = u16::from_ne_bytes(data[4..6].try_into().ok()?);
+    let seq = u32::from_ne_bytes(data[8..12].try_into().ok()?);
+    Some((
+        msg_type,
+        seq,
+        &data[NLMSG_HDRLEN..len],
+        data.get(align4(len)..).unwrap_or(&[]),
+    ))
+}
+
+/// One datagram from the kernel (others' unicast messages are skipped).
+fn recv_from_kernel(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: sockaddr_nl is plain data, valid when zeroed.
+        let mut from: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        let mut from_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: buf and from are valid for writes of the lengths given.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_nl).cast(),
+                &mut from_len,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if from.nl_pid == 0 {
+            return Ok(n as usize);
+        }
+    }
+}
+
+/// Notifications of link, address and route changes in the calling thread's
+/// namespace, so a view of the host's routes can follow them instead of polling.
+pub struct RouteWatch {
+    sock: OwnedFd,
+}
+
+impl RouteWatch {
+    pub fn new() -> io::Result<RouteWatch> {
+        let sock = open_socket()?;
+        // SAFETY: sockaddr_nl is plain data, valid when zeroed.
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = (libc::RTMGRP_LINK
+            | libc::RTMGRP_IPV4_IFADDR
+            | libc::RTMGRP_IPV6_IFADDR
+            | libc::RTMGRP_IPV4_ROUTE
+            | libc::RTMGRP_IPV6_ROUTE) as u32;
+        // SAFETY: addr is a valid sockaddr_nl and the length matches it.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RouteWatch { sock })
+    }
+
+    /// Waits up to `timeout` for notifications and reads all that are queued.
+    /// Returns whether any change was seen other than a route through `ignore_oif`
+    /// (the caller's own per-peer routes). A lost notification (the socket's buffer
+    /// overflowed) counts as a change, since the view must then be read again.
+    pub fn wait(&self, timeout: std::time::Duration, ignore_oif: u32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: pfd is one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            };
+        }
+        if rc == 0 {
+            return Ok(false);
+        }
+        let mut changed = false;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(changed),
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => changed = true,
+                    _ => return Err(err),
+                }
+                continue;
+            }
+            let mut data = &buf[..n as usize];
+            while let Some((msg_type, _, body, rest)) = next_message(data) {
+                data = rest;
+                let own = (msg_type == libc::RTM_NEWROUTE || msg_type == libc::RTM_DELROUTE)
+                    && parse_route(body).is_some_and(|r| r.oifs == [ignore_oif]);
+                changed |= !own;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,6 +912,42 @@ mod tests {
             add_route(v6, lo, None).unwrap();
             assert!(ipv4_routes().contains(&(v4_net, "lo".into(), 100)));
             assert!(ipv6_routes().contains(&(v6, "lo".into(), 1024)));
+
+            let dump = dump_routes().unwrap();
+            let find = |dst: IpPrefix| dump.iter().find(|r| r.dst == dst).cloned();
+            let r4 = find(v4_net).expect("the IPv4 route in the dump");
+            assert_eq!(
+                (r4.table, r4.kind, r4.oifs.clone(), r4.metric),
+                (MAIN_TABLE, RouteKind::Unicast, vec![lo], 100)
+            );
+            assert_eq!(r4.gateway, None);
+            add_route("0.0.0.0/0".parse().unwrap(), lo, None).unwrap();
+            assert_eq!(
+                dump_routes()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r.dst.len() == 0 && r.dst.is_ipv4())
+                    .map(|r| r.oifs.clone()),
+                Some(vec![lo])
+            );
+            assert_eq!(find(v6).map(|r| r.metric), Some(1024));
+            let local = find("127.0.0.1/32".parse().unwrap()).expect("lo's own address");
+            assert_eq!(
+                (local.table, local.kind),
+                (libc::RT_TABLE_LOCAL as u32, RouteKind::Local)
+            );
+
+            // Changes are seen, except routes through the interface the caller ignores.
+            let watch = RouteWatch::new().unwrap();
+            let quiet = std::time::Duration::from_millis(200);
+            add_route("198.51.100.0/24".parse().unwrap(), lo, None).unwrap();
+            assert!(!watch.wait(quiet, lo).unwrap());
+            add_route_in_table("203.0.113.0/24".parse().unwrap(), lo, None, 7).unwrap();
+            assert!(!watch.wait(quiet, lo).unwrap());
+            let other = RouteWatch::new().unwrap();
+            delete_route("198.51.100.0/24".parse().unwrap(), lo).unwrap();
+            assert!(other.wait(quiet, 0).unwrap());
+            assert!(!other.wait(std::time::Duration::ZERO, 0).unwrap());
 
             let again = add_route(v4, lo, Some(100)).unwrap_err();
             assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);

@@ -317,6 +317,8 @@ struct SealBuffer {
     out: Vec<u8>,
     /// Largest encrypted datagram of one packet.
     slot: usize,
+    /// Errors the device answered unroutable packets with, going back to the link.
+    replies: TunWriter,
 }
 
 impl SealBuffer {
@@ -325,6 +327,7 @@ impl SealBuffer {
         SealBuffer {
             out: vec![0u8; slot * tun_rs::IDEAL_BATCH_SIZE + MIN_OUT_BUF],
             slot,
+            replies: TunWriter::new(),
         }
     }
 
@@ -347,6 +350,12 @@ impl SealBuffer {
                     shared.shaping.notify_one();
                     continue;
                 }
+                Action::Tunnel(reply) => {
+                    let len = reply.len();
+                    self.replies.slot(len).copy_from_slice(reply);
+                    shared.to_link(&mut self.replies, 0, len).await;
+                    continue;
+                }
                 _ => continue,
             };
             if !batch.accepts(to, len, end, max_segments) {
@@ -357,6 +366,7 @@ impl SealBuffer {
             end += len;
         }
         batch.flush(shared, socket, &self.out, end).await;
+        flush_tun(shared, &mut self.replies).await;
     }
 }
 

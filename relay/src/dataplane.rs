@@ -1,6 +1,7 @@
 //! The relay's data plane: the engine on the WireGuard port, one TUN device towards
 //! the kernel, a route per peer address into it, and kernel forwarding between the
-//! TUN device and the uplink.
+//! TUN device and the uplink. Which packets may cross between peers, the host and
+//! its networks is decided in the data path by [`TenantPolicy`].
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -15,7 +16,14 @@ use sidecar::udp::UdpTransport;
 use sidecar::wg::{Device, DeviceControl, DeviceUpdate, PeerUpdate};
 use sidecar::{route, IpPrefix, Key};
 
-use crate::config::RelayConfig;
+use crate::config::{PrefixMode, RelayConfig};
+use crate::policy::TenantPolicy;
+
+/// Metric of the routes that send the whole prefix and pool into the TUN device:
+/// above every usual route, so a peer's /128 or /32 and an uplink's on-link route
+/// win, and what is left (addresses no peer holds) reaches the data path, which
+/// answers it instead of the kernel sending it back towards the router.
+const UNALLOCATED_METRIC: u32 = 4242;
 
 /// A peer as the data plane needs it: its key, its addresses and its tenant's rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +100,7 @@ pub struct RelayDataPlane {
     tunnel: Tunnel,
     ifindex: u32,
     owned: Arc<OwnedAddresses>,
+    policy: Arc<TenantPolicy>,
 }
 
 impl RelayDataPlane {
@@ -114,13 +123,41 @@ impl RelayDataPlane {
         let ifindex = tun
             .if_index()
             .context("cannot read the TUN interface index")?;
+        let n = &config.network;
+        let prefixes: Vec<IpPrefix> = std::iter::once(n.ipv6_prefix).chain(n.ipv4_pool).collect();
+        let policy = Arc::new(TenantPolicy::new(
+            prefixes.clone(),
+            n.uplink.clone(),
+            ifindex,
+        ));
+        policy
+            .refresh()
+            .context("cannot read the host's addresses and routes for tenant isolation")?;
+        policy
+            .follow_host()
+            .context("cannot follow the host's route changes")?;
         let device = Arc::new(Device::with_private_key(private_key));
+        device.set_policy(Some(policy.clone()));
         let tunnel = Tunnel::start(device, tun, socket);
+        for prefix in prefixes {
+            let mode = if prefix.is_ipv4() {
+                n.ipv4_mode
+            } else {
+                n.ipv6_mode
+            };
+            route_unallocated(prefix, mode, n.uplink.as_deref(), ifindex);
+        }
         Ok(RelayDataPlane {
             tunnel,
             ifindex,
             owned: Arc::new(OwnedAddresses::default()),
+            policy,
         })
+    }
+
+    /// The tenant isolation in the data path.
+    pub fn policy(&self) -> &Arc<TenantPolicy> {
+        &self.policy
     }
 
     pub fn device(&self) -> &Arc<Device> {
@@ -145,6 +182,8 @@ impl RelayDataPlane {
         let bandwidth_mbps = peer.bandwidth_mbps;
         let addrs = peer.prefixes();
         let before = self.prefixes_of(&peer.public_key);
+        // The policy knows the peer before any packet of it can pass.
+        self.policy.insert(peer);
         let mut update = PeerUpdate::new(peer.public_key);
         update.replace_allowed_ips = true;
         update.allowed_ips = addrs.clone();
@@ -178,6 +217,7 @@ impl RelayDataPlane {
     pub fn remove(&self, key: &Key) {
         let prefixes = self.prefixes_of(key);
         self.device().remove_peer(key);
+        self.policy.remove(key);
         for prefix in prefixes {
             self.unroute(prefix);
         }
@@ -223,6 +263,35 @@ impl RelayDataPlane {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
         Some((handshake, peer.rx_bytes(), peer.tx_bytes()))
+    }
+}
+
+/// Sends `prefix` into the TUN device below every other route (see
+/// [`UNALLOCATED_METRIC`]). An on-link prefix that an on-link route of the uplink
+/// already covers is left to that route: the kernel asks the link for unallocated
+/// addresses, nobody answers, and it drops them itself; a TUN route there would be
+/// more specific than the link's and take the router's own address away.
+fn route_unallocated(prefix: IpPrefix, mode: PrefixMode, uplink: Option<&str>, ifindex: u32) {
+    if mode == PrefixMode::OnLink {
+        let uplink = uplink.and_then(|u| route::interface_index(u).ok());
+        let covered = route::dump_routes().unwrap_or_default().iter().any(|r| {
+            r.table == route::MAIN_TABLE
+                && r.gateway.is_none()
+                && uplink.is_some_and(|u| r.oifs == [u])
+                && r.dst.len() <= prefix.len()
+                && r.dst.contains(prefix.addr())
+        });
+        if covered {
+            tracing::debug!(%prefix, "unallocated addresses are left to the uplink's on-link route");
+            return;
+        }
+    }
+    match route::add_route(prefix, ifindex, Some(UNALLOCATED_METRIC)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            tracing::warn!(%prefix, error = %e, "cannot route the prefix into the TUN device; packets for unallocated addresses may loop towards the router")
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod neighbor;
+pub mod policy;
 pub mod service;
 pub mod store;
 pub mod tls;

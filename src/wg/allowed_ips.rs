@@ -5,8 +5,11 @@
 //! length, which in practice is a handful (/32, /128, a few subnets, /0), so it
 //! stays a few hash probes even with tens of thousands of peers.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+
+// A fast seeded hash: the probes are on every packet's path, and keys (prefixes
+// the owner configured) are not the sender's to choose.
+use foldhash::HashMap;
 
 use crate::prefix::{mask, IpPrefix};
 
@@ -21,7 +24,7 @@ pub struct AllowedIps<T> {
 impl<T> Default for AllowedIps<T> {
     fn default() -> Self {
         AllowedIps {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             v4_lens: Vec::new(),
             v6_lens: Vec::new(),
         }

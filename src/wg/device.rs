@@ -8,26 +8,37 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::rate_limiter::RateLimiter as HandshakeGate;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::{Mutex, RwLock};
 
 use super::allowed_ips::AllowedIps;
 use super::config::{DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError};
 use super::peer::{Peer, PeerRef};
+use super::policy::{PacketInfo, Policy, Verdict};
 use crate::key::Key;
 use crate::shape::{Admit, Lane, Shaper};
 
 /// Handshake messages per second before the device starts demanding cookies
 /// (the same threshold as the reference implementations).
 const HANDSHAKES_PER_SECOND_BEFORE_LOAD: u64 = 100;
+
+/// Destination unreachable answers to packets for unallocated addresses: enough for
+/// a sender to learn quickly, too few to make the relay a reflector.
+const UNREACHABLE_PER_SECOND: NonZeroU32 = NonZeroU32::new(100).unwrap();
+const UNREACHABLE_BURST: NonZeroU32 = NonZeroU32::new(20).unwrap();
+
+/// How often each policy drop reason may be logged.
+const DROP_LOG_INTERVAL_MS: u64 = 1_000;
 
 /// The smallest output buffer any call may need: a handshake initiation.
 pub const MIN_OUT_BUF: usize = 148;
@@ -47,7 +58,9 @@ pub enum Action<'a> {
         datagram: &'a [u8],
         peer: PeerRef,
     },
-    /// Write this decrypted packet to the tunnel device.
+    /// Write this packet to the tunnel device: a decrypted one from
+    /// [`Device::decapsulate`], or from [`Device::encapsulate`] an error answering a
+    /// packet for an address no peer holds (see [`Policy::answers_unrouted`]).
     Tunnel(&'a [u8]),
     /// Nothing to do (a keepalive arrived, a cookie was stored, a packet was queued
     /// for a handshake).
@@ -84,10 +97,22 @@ pub enum DropReason {
     Protocol,
     /// Over the peer's rate with its shaping queue full.
     RateLimited,
+    /// Between a peer and a peer of another tenant (policy).
+    OtherTenant,
+    /// Between two peers of a tenant whose peers are isolated from each other (policy).
+    PeerIsolated,
+    /// From a peer to the host's own addresses, or from them to a peer (policy).
+    HostAddress,
+    /// From a peer to a network the host reaches other than through its uplink, or
+    /// from such a network to a peer (policy).
+    PrivateNetwork,
+    /// For an address of the peers' prefix that no peer holds (answered with
+    /// destination unreachable where the rate limit allows).
+    Unallocated,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 11] = [
+    const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::Unauthenticated,
@@ -99,6 +124,11 @@ impl DropReason {
         DropReason::BufferTooSmall,
         DropReason::Protocol,
         DropReason::RateLimited,
+        DropReason::OtherTenant,
+        DropReason::PeerIsolated,
+        DropReason::HostAddress,
+        DropReason::PrivateNetwork,
+        DropReason::Unallocated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -114,6 +144,11 @@ impl DropReason {
             DropReason::BufferTooSmall => "buffer_too_small",
             DropReason::Protocol => "protocol",
             DropReason::RateLimited => "rate_limited",
+            DropReason::OtherTenant => "tenant",
+            DropReason::PeerIsolated => "isolated",
+            DropReason::HostAddress => "host",
+            DropReason::PrivateNetwork => "private",
+            DropReason::Unallocated => "unallocated",
         }
     }
 
@@ -145,10 +180,10 @@ struct Identity {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     /// Counts every handshake message and demands cookies past the threshold.
-    gate: Arc<RateLimiter>,
+    gate: Arc<HandshakeGate>,
     /// Handed to each peer's noise state: handshakes already passed the gate, so this
     /// one never limits (it still verifies MACs).
-    per_peer: Arc<RateLimiter>,
+    per_peer: Arc<HandshakeGate>,
 }
 
 impl Identity {
@@ -157,8 +192,11 @@ impl Identity {
         let public = x25519::PublicKey::from(&secret);
         Identity {
             private,
-            gate: Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND_BEFORE_LOAD)),
-            per_peer: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            gate: Arc::new(HandshakeGate::new(
+                &public,
+                HANDSHAKES_PER_SECOND_BEFORE_LOAD,
+            )),
+            per_peer: Arc::new(HandshakeGate::new(&public, u64::MAX)),
             secret,
             public,
         }
@@ -183,6 +221,7 @@ struct State {
     by_index: HashMap<u32, PeerRef>,
     routes: AllowedIps<PeerRef>,
     fwmark: u32,
+    policy: Option<Arc<dyn Policy>>,
 }
 
 /// The WireGuard device: identity, peers and cryptokey routing.
@@ -193,6 +232,12 @@ pub struct Device {
     epoch: Instant,
     /// Peers that may have packets waiting in a shaping queue.
     shaping: Mutex<Vec<PeerRef>>,
+    /// When each drop reason was last logged (ms since `epoch`, 0 = never), so
+    /// floods of drops log at a bounded rate.
+    logged: [AtomicU64; DropReason::ALL.len()],
+    /// Destination unreachable answers, shared by all peers.
+    unreachable_limit: DefaultDirectRateLimiter,
+    unreachable_sent: AtomicU64,
 }
 
 /// Packets a shaping queue let go, ready to continue on their way.
@@ -218,6 +263,11 @@ impl Device {
             cookie_replies: AtomicU64::new(0),
             epoch: Instant::now(),
             shaping: Mutex::new(Vec::new()),
+            logged: Default::default(),
+            unreachable_limit: RateLimiter::direct(
+                Quota::per_second(UNREACHABLE_PER_SECOND).allow_burst(UNREACHABLE_BURST),
+            ),
+            unreachable_sent: AtomicU64::new(0),
         }
     }
 
@@ -259,6 +309,34 @@ impl Device {
     fn drop(&self, reason: DropReason) -> Action<'static> {
         self.drops[reason.slot()].fetch_add(1, Ordering::Relaxed);
         Action::Dropped(reason)
+    }
+
+    /// Counts a drop the policy decided, and logs it unless this reason was logged
+    /// within the last [`DROP_LOG_INTERVAL_MS`].
+    fn policy_drop(&self, reason: DropReason, packet: &PacketInfo) -> Action<'static> {
+        let total = self.drops[reason.slot()].fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.now_ms().max(1);
+        let last = &self.logged[reason.slot()];
+        let before = last.load(Ordering::Relaxed);
+        if (before == 0 || now.saturating_sub(before) >= DROP_LOG_INTERVAL_MS)
+            && last
+                .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::info!(
+                reason = reason.as_str(),
+                src = %packet.src,
+                dst = %packet.dst,
+                total,
+                "policy dropped a packet (logged at most once a second per reason)"
+            );
+        }
+        Action::Dropped(reason)
+    }
+
+    /// Puts `policy` in the data path (or takes it out), for packets from now on.
+    pub fn set_policy(&self, policy: Option<Arc<dyn Policy>>) {
+        self.state.write().policy = policy;
     }
 
     fn now_ms(&self) -> u64 {
@@ -451,15 +529,50 @@ impl Device {
         let Some(dst) = Tunn::dst_address(packet) else {
             return self.drop(DropReason::Malformed);
         };
-        let Some(peer) = self.route(dst) else {
-            return self.drop(DropReason::NoRoute);
+        let state = self.state.read();
+        let Some(peer) = state.routes.lookup(dst).cloned() else {
+            let answer = state
+                .policy
+                .as_ref()
+                .is_some_and(|p| p.answers_unrouted(dst));
+            drop(state);
+            return if answer {
+                self.answer_unreachable(packet, out)
+            } else {
+                self.drop(DropReason::NoRoute)
+            };
         };
+        if let Some(policy) = &state.policy {
+            let Some(info) = PacketInfo::parse(packet) else {
+                return self.drop(DropReason::Malformed);
+            };
+            if let Verdict::Drop(reason) = policy.check_to_peer(&info) {
+                return self.policy_drop(reason, &info);
+            }
+        }
+        drop(state);
         if let Some(shaper) = peer.shaper() {
             if let Some(action) = self.shape(&peer, &shaper.egress, packet) {
                 return action;
             }
         }
         self.encapsulate_for(&peer, packet, out)
+    }
+
+    /// Drops a packet for an address no peer holds and, within the rate limit, builds
+    /// the destination unreachable error that goes back through the tunnel device.
+    fn answer_unreachable<'a>(&self, packet: &[u8], out: &'a mut [u8]) -> Action<'a> {
+        self.drops[DropReason::Unallocated.slot()].fetch_add(1, Ordering::Relaxed);
+        if self.unreachable_limit.check().is_err() {
+            return Action::Dropped(DropReason::Unallocated);
+        }
+        match crate::icmp::destination_unreachable(packet, out) {
+            Some(n) => {
+                self.unreachable_sent.fetch_add(1, Ordering::Relaxed);
+                Action::Tunnel(&out[..n])
+            }
+            None => Action::Dropped(DropReason::Unallocated),
+        }
     }
 
     /// Runs `packet` through `lane`; `None` means it may go on now.
@@ -666,6 +779,7 @@ impl Device {
     }
 
     /// Cryptokey routing, inbound half: a peer may only send from its allowed IPs.
+    /// Then the policy, if any, says whether the packet may go on.
     fn check_source<'a>(&self, peer: &PeerRef, src: IpAddr, packet: &'a [u8]) -> Action<'a> {
         // boringtun cuts the plaintext at the header's length field without checking
         // that this length covers the header itself: a peer could otherwise have a
@@ -673,7 +787,17 @@ impl Device {
         if !holds_whole_ip_header(packet) {
             return self.drop(DropReason::Malformed);
         }
-        if self.state.read().routes.lookup(src) == Some(peer) {
+        let state = self.state.read();
+        if state.routes.lookup(src) == Some(peer) {
+            if let Some(policy) = &state.policy {
+                let Some(info) = PacketInfo::parse(packet) else {
+                    return self.drop(DropReason::Malformed);
+                };
+                if let Verdict::Drop(reason) = policy.check_from_peer(&info) {
+                    return self.policy_drop(reason, &info);
+                }
+            }
+            drop(state);
             if let Some(shaper) = peer.shaper() {
                 if let Some(action) = self.shape(peer, &shaper.ingress, packet) {
                     return action;
@@ -772,6 +896,16 @@ impl Device {
             out,
             "sidecar_cookie_replies_total {}",
             self.cookie_replies.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sidecar_unreachable_sent_total Destination unreachable errors sent for unallocated addresses."
+        );
+        let _ = writeln!(out, "# TYPE sidecar_unreachable_sent_total counter");
+        let _ = writeln!(
+            out,
+            "sidecar_unreachable_sent_total {}",
+            self.unreachable_sent.load(Ordering::Relaxed)
         );
         type PeerMetric = (
             &'static str,

@@ -4,6 +4,7 @@ mod allowed_ips;
 pub mod config;
 mod device;
 mod peer;
+pub mod policy;
 
 pub use allowed_ips::AllowedIps;
 pub use config::{
@@ -11,6 +12,7 @@ pub use config::{
 };
 pub use device::{Action, Device, DropReason, Released, DATA_OVERHEAD, MIN_OUT_BUF};
 pub use peer::{Peer, PeerRef};
+pub use policy::{PacketInfo, Policy, Verdict};
 
 #[cfg(test)]
 mod tests;

@@ -528,3 +528,83 @@ fn shaped_peer_queues_then_releases_in_order() {
         ));
     }
 }
+
+/// Refuses traffic to and from 198.51.100.66, answers for 192.0.2.128/25.
+struct TestPolicy;
+
+impl Policy for TestPolicy {
+    fn check_from_peer(&self, p: &PacketInfo) -> Verdict {
+        if p.src == "198.51.100.66".parse::<IpAddr>().unwrap() {
+            Verdict::Drop(DropReason::OtherTenant)
+        } else {
+            Verdict::Pass
+        }
+    }
+    fn check_to_peer(&self, p: &PacketInfo) -> Verdict {
+        if p.src == "198.51.100.66".parse::<IpAddr>().unwrap() && !p.icmp_error {
+            Verdict::Drop(DropReason::HostAddress)
+        } else {
+            Verdict::Pass
+        }
+    }
+    fn answers_unrouted(&self, dst: IpAddr) -> bool {
+        "192.0.2.128/25"
+            .parse::<crate::IpPrefix>()
+            .unwrap()
+            .contains(dst)
+    }
+}
+
+#[test]
+fn policy_decides_both_directions_and_answers_unallocated_addresses() {
+    let p = pair();
+    handshake(&p);
+    p.b.set_policy(Some(std::sync::Arc::new(TestPolicy)));
+
+    // From the peer: refused by the policy before it reaches the tunnel device.
+    let (_, d) = net(send(&p.a, &ipv4("198.51.100.66", "198.51.100.2", b"x")));
+    let outs = deliver(&p.b, sa(A_ADDR), &d);
+    assert!(matches!(outs[0], Out::Dropped(DropReason::OtherTenant)));
+    let (_, d) = net(send(&p.a, &ipv4("198.51.100.7", "198.51.100.2", b"x")));
+    assert!(matches!(deliver(&p.b, sa(A_ADDR), &d)[0], Out::Tun(_)));
+
+    // To the peer: refused, except an ICMP error.
+    let plain = ipv4("198.51.100.66", "198.51.100.1", b"x");
+    assert!(matches!(
+        send(&p.b, &plain),
+        Out::Dropped(DropReason::HostAddress)
+    ));
+    let mut error = ipv4("198.51.100.66", "198.51.100.1", &[3, 4, 0, 0, 0, 0, 5, 0]);
+    error[9] = 1;
+    assert!(matches!(send(&p.b, &error), Out::Net(..)));
+
+    // For an address nobody holds: an error back through the tunnel device.
+    let mut buf = vec![0u8; 2048];
+    let lost = ipv4("203.0.113.5", "192.0.2.200", b"where");
+    let Action::Tunnel(answer) = p.b.encapsulate(&lost, &mut buf) else {
+        panic!("an unallocated address must be answered")
+    };
+    assert_eq!(&answer[12..16], &[192, 0, 2, 200]);
+    assert_eq!(&answer[16..20], &[203, 0, 113, 5]);
+    assert_eq!((answer[20], answer[21]), (3, 1));
+    // Outside the answered range it is a plain drop.
+    let elsewhere = ipv4("203.0.113.5", "192.0.2.99", b"x");
+    assert!(!TestPolicy.answers_unrouted("192.0.2.99".parse().unwrap()));
+    assert!(matches!(
+        send(&p.b, &elsewhere),
+        Out::Dropped(DropReason::NoRoute)
+    ));
+
+    assert_eq!(p.b.dropped(DropReason::OtherTenant), 1);
+    assert_eq!(p.b.dropped(DropReason::HostAddress), 1);
+    assert_eq!(p.b.dropped(DropReason::Unallocated), 1);
+    let mut metrics = String::new();
+    p.b.write_metrics(&mut metrics);
+    assert!(metrics.contains("sidecar_dropped_total{reason=\"tenant\"} 1"));
+    assert!(metrics.contains("sidecar_dropped_total{reason=\"unallocated\"} 1"));
+    assert!(metrics.contains("sidecar_unreachable_sent_total 1"));
+
+    // Without the policy the old rules apply.
+    p.b.set_policy(None);
+    assert!(matches!(send(&p.b, &plain), Out::Net(..)));
+}

@@ -48,6 +48,10 @@ pub const ROUTER_LINK4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const RELAY_UPLINK4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// On-link IPv4 pool inside the relay link's 192.0.2.0/24.
 pub const IPV4_POOL: &str = "192.0.2.64/27";
+/// With [`Relay::start_routed`]: the prefix and pool the router routes to the relay's
+/// uplink address, off every link. The pool takes the last two client-site /29s.
+pub const ROUTED_PREFIX: &str = "2001:db8:7::/64";
+pub const ROUTED_POOL: &str = "203.0.113.240/28";
 
 /// The host on the internet that talks to the peers.
 pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 2);
@@ -417,23 +421,44 @@ impl<'t> Relay<'t> {
         relay
     }
 
+    /// Like [`Relay::start`], handing out [`ROUTED_PREFIX`] (and [`ROUTED_POOL`]),
+    /// which the router routes to the relay's uplink address.
+    pub fn start_routed(topo: &'t Topology, opts: &RelayOptions) -> Self {
+        let mut relay = Self::init_with(topo, opts, true);
+        relay.run();
+        relay
+    }
+
     /// `sidecar-relay init` only.
     pub fn init(topo: &'t Topology, opts: &RelayOptions) -> Self {
+        Self::init_with(topo, opts, false)
+    }
+
+    fn init_with(topo: &'t Topology, opts: &RelayOptions, routed: bool) -> Self {
         let ns = &topo.relay;
         let dir = TempDir::new();
         let data = dir.join("relay");
         let iface = unique_name("sr");
         let mut cmd = ns.program(relay_bin());
+        let (prefix, pool, mode) = if routed {
+            topo.router
+                .ip(&format!("-6 route add {ROUTED_PREFIX} via {RELAY_UPLINK6}"));
+            topo.router
+                .ip(&format!("route add {ROUTED_POOL} via {RELAY_UPLINK4}"));
+            (ROUTED_PREFIX, ROUTED_POOL, "routed")
+        } else {
+            (PEER_PREFIX, IPV4_POOL, "on-link")
+        };
         cmd.arg("init")
             .arg("--dir")
             .arg(&data)
-            .args(["--ipv6-prefix", PEER_PREFIX, "--ipv6-mode", "on-link"])
+            .args(["--ipv6-prefix", prefix, "--ipv6-mode", mode])
             .args(["--uplink", UPLINK])
             .args(["--endpoint", &format!("{RELAY_UPLINK4}:{WG_PORT}")])
             .args(["--api-listen", &format!("{RELAY_UPLINK4}:{API_PORT}")])
             .args(["--interface", &iface]);
         if opts.ipv4_pool {
-            cmd.args(["--ipv4-pool", IPV4_POOL, "--ipv4-mode", "on-link"]);
+            cmd.args(["--ipv4-pool", pool, "--ipv4-mode", mode]);
         }
         let out = process::run_ok(cmd);
         let after = |prefix: &str| {
