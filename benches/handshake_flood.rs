@@ -153,8 +153,18 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("{:<28} {:>10.2}  {}", "without flood (median)", q, list(&quiet));
-    println!("{:<28} {:>10.2}  {}", "with flood (median)", f, list(&flooded));
+    println!(
+        "{:<28} {:>10.2}  {}",
+        "without flood (median)",
+        q,
+        list(&quiet)
+    );
+    println!(
+        "{:<28} {:>10.2}  {}",
+        "with flood (median)",
+        f,
+        list(&flooded)
+    );
     println!(
         "{:<28} {:>10.3}  (target >= 0.90)",
         "ratio flooded / quiet",

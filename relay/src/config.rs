@@ -117,7 +117,10 @@ impl LimitsSection {
             ("source_rate", self.source_rate),
             ("source_burst", self.source_burst),
             ("max_connections", self.max_connections),
-            ("max_connections_per_source", self.max_connections_per_source),
+            (
+                "max_connections_per_source",
+                self.max_connections_per_source,
+            ),
             ("max_requests_in_flight", self.max_requests_in_flight),
         ] {
             if value == 0 {
@@ -137,14 +140,18 @@ impl LimitsSection {
 
     fn write_commented(&self, s: &mut String) {
         s.push_str("[limits]\n");
-        s.push_str("# API requests a second per token (sustained), and how many may come at once.\n");
+        s.push_str(
+            "# API requests a second per token (sustained), and how many may come at once.\n",
+        );
         s.push_str(&format!("token_rate = {}\n", self.token_rate));
         s.push_str(&format!("token_burst = {}\n", self.token_burst));
         s.push_str("# The same per source address (an IPv6 /64 counts as one), checked before the token.\n");
         s.push_str("# Over either limit the API answers 429 with Retry-After.\n");
         s.push_str(&format!("source_rate = {}\n", self.source_rate));
         s.push_str(&format!("source_burst = {}\n", self.source_burst));
-        s.push_str("# Open API connections, in total and per source; excess ones are closed before TLS.\n");
+        s.push_str(
+            "# Open API connections, in total and per source; excess ones are closed before TLS.\n",
+        );
         s.push_str(&format!("max_connections = {}\n", self.max_connections));
         s.push_str(&format!(
             "max_connections_per_source = {}\n",
@@ -390,7 +397,11 @@ mod tests {
         assert_eq!(back.limits, LimitsSection::default());
         let mut c = sample();
         c.limits.source_burst = 0;
-        assert!(c.validate().unwrap_err().to_string().contains("source_burst"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("source_burst"));
         let mut c = sample();
         c.limits.max_connections_per_source = c.limits.max_connections + 1;
         assert!(c.validate().is_err());

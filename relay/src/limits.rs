@@ -142,7 +142,7 @@ impl<C: Clock + Clone> RequestLimits<C> {
             last_prune: Mutex::new(clock.now()),
             clock,
             in_flight: Arc::new(Semaphore::new(
-                settings.max_requests_in_flight.max(1) as usize,
+                settings.max_requests_in_flight.max(1) as usize
             )),
             rate_limited: AtomicU64::new(0),
             overloaded: AtomicU64::new(0),
@@ -369,8 +369,11 @@ pub async fn enforce(
             return limited.into_response();
         }
     }
-    let permit = match tokio::time::timeout(IN_FLIGHT_WAIT, limits.in_flight.clone().acquire_owned())
-        .await
+    let permit = match tokio::time::timeout(
+        IN_FLIGHT_WAIT,
+        limits.in_flight.clone().acquire_owned(),
+    )
+    .await
     {
         Ok(Ok(permit)) => permit,
         // Timed out, or the semaphore was closed (never done; treated alike).

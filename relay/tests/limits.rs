@@ -67,15 +67,9 @@ impl Relay {
         let router = api::router_with_limits(state.clone(), &limits);
         let served = limits.clone();
         tokio::spawn(async move {
-            api::serve_with_limits(
-                listener,
-                server_config,
-                router,
-                &served,
-                async move {
-                    let _ = rx.await;
-                },
-            )
+            api::serve_with_limits(listener, server_config, router, &served, async move {
+                let _ = rx.await;
+            })
             .await
         });
         let connector = TlsConnector::from(Arc::new(
@@ -182,7 +176,9 @@ async fn a_burst_over_the_token_limit_gets_429_with_retry_after_then_service_res
         .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"], codes::RATE_LIMITED, "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("token")));
+    assert!(body["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("token")));
     let wait: u64 = retry_after
         .expect("a 429 carries Retry-After")
         .parse()
@@ -221,7 +217,9 @@ async fn callers_without_a_valid_token_are_limited_by_source_first() {
     let (status, retry_after, body) = relay.call("GET", "/v1/status", Some(&token), None).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"], codes::RATE_LIMITED);
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("source")));
+    assert!(body["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("source")));
     let wait: u64 = retry_after.unwrap().parse().unwrap();
     tokio::time::sleep(Duration::from_secs(wait)).await;
     let (status, _, _) = relay.call("GET", "/v1/status", Some(&token), None).await;
@@ -282,7 +280,10 @@ async fn the_connection_limits_refuse_the_excess_connection_and_serve_again_afte
     drop(a1);
     let deadline = Instant::now() + Duration::from_secs(5);
     while relay.limits.connections.open() > 2 {
-        assert!(Instant::now() < deadline, "the closed connection kept its slot");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection kept its slot"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (status, _, _) = relay.call("GET", "/v1/health", None, None).await;
