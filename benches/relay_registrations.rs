@@ -12,6 +12,12 @@
 //!   request, with as many concurrent tasks, for `RELAY_BENCH_AGENT_PEERS` (default 1000)
 //!   further peers.
 //!
+//! Those two run with the API's rate limits raised out of reach (one token and one source
+//! address making thousands of requests a second is not a normal caller). Then the relay is
+//! restarted with the default `[limits]` and a third phase runs with rate limiting on:
+//! the same number of keep-alive clients, each with a token of its own and a source
+//! address of its own, registering `RELAY_BENCH_LIMITED_PEERS` (default 10000) more peers.
+//!
 //! Run with `cargo bench --bench relay_registrations`. The relay binary is rebuilt first.
 //! Prints a table and asserts only that every registration succeeded.
 
@@ -19,7 +25,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +35,9 @@ use base64::Engine as _;
 use rand_core::{OsRng, RngCore};
 use sidecar::proto::RegisterPeer;
 use sidecar_agent::relay_client::RelayClient;
-use support::relay::{relay_bin, Relay, RelayOptions, Topology, API_PORT, RELAY_UPLINK4};
+use support::relay::{
+    relay_bin, Relay, RelayOptions, Topology, API_PORT, RELAY_UPLINK4, ROUTER_LINK4,
+};
 use support::{require_tools, Netns, BASE_TOOLS};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -55,12 +63,21 @@ fn register_body(pubkey: &str) -> String {
     .expect("serialize registration")
 }
 
+/// Who a keep-alive client is: its token, and the address it connects from (the
+/// namespace's choice when `None`).
+#[derive(Clone)]
+struct Caller {
+    token: String,
+    source: Option<IpAddr>,
+}
+
 /// One HTTP/1.1 connection over pinned TLS, reused for every request; reconnects only
 /// when the relay closes it.
 struct KeepAlive {
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     token: String,
+    source: Option<IpAddr>,
     stream: Option<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
     connections: usize,
 }
@@ -70,11 +87,12 @@ fn io_error(msg: String) -> std::io::Error {
 }
 
 impl KeepAlive {
-    fn new(addr: SocketAddr, config: Arc<rustls::ClientConfig>, token: &str) -> Self {
+    fn new(addr: SocketAddr, config: Arc<rustls::ClientConfig>, caller: &Caller) -> Self {
         KeepAlive {
             addr,
             config,
-            token: token.to_owned(),
+            token: caller.token.clone(),
+            source: caller.source,
             stream: None,
             connections: 0,
         }
@@ -84,7 +102,16 @@ impl KeepAlive {
         &mut self,
     ) -> std::io::Result<&mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
         if self.stream.is_none() {
-            let tcp = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(self.addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            if let Some(source) = self.source {
+                socket.bind(&SocketAddr::new(source, 0).into())?;
+            }
+            socket.connect_timeout(&self.addr.into(), Duration::from_secs(5))?;
+            let tcp: TcpStream = socket.into();
             tcp.set_nodelay(true)?;
             tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
             let name = rustls::pki_types::ServerName::from(self.addr.ip());
@@ -164,6 +191,8 @@ impl KeepAlive {
 struct Outcome {
     created: usize,
     existing: usize,
+    /// Answers 429.
+    limited: usize,
     errors: Vec<String>,
     latencies: Vec<Duration>,
     connections: usize,
@@ -175,6 +204,7 @@ impl Outcome {
         for o in outcomes {
             all.created += o.created;
             all.existing += o.existing;
+            all.limited += o.limited;
             all.errors.extend(o.errors);
             all.latencies.extend(o.latencies);
             all.connections += o.connections;
@@ -198,26 +228,26 @@ impl Outcome {
     }
 }
 
-/// Registers `keys` over `clients` keep-alive connections opened from `from`.
+/// Registers `keys` over one keep-alive connection per caller, opened from `from`.
 fn register_keep_alive(
     from: &Netns,
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
-    token: &str,
+    callers: &[Caller],
     keys: &[String],
-    clients: usize,
 ) -> (Outcome, Duration) {
-    let per_client = keys.len().div_ceil(clients).max(1);
+    let per_client = keys.len().div_ceil(callers.len()).max(1);
     from.enter(|| {
         let start = Instant::now();
         let outcomes: Vec<Outcome> = std::thread::scope(|s| {
             let workers: Vec<_> = keys
                 .chunks(per_client)
-                .map(|chunk| {
+                .zip(callers)
+                .map(|(chunk, caller)| {
                     let config = config.clone();
                     // Threads started here inherit this thread's network namespace.
                     s.spawn(move || {
-                        let mut conn = KeepAlive::new(addr, config, token);
+                        let mut conn = KeepAlive::new(addr, config, caller);
                         let mut out = Outcome::default();
                         for key in chunk {
                             let body = register_body(key);
@@ -231,6 +261,10 @@ fn register_keep_alive(
                             match answer {
                                 Ok((201, _)) => out.created += 1,
                                 Ok((200, _)) => out.existing += 1,
+                                Ok((429, _)) => {
+                                    out.limited += 1;
+                                    out.note_error("429 rate_limited".into());
+                                }
                                 Ok((status, body)) => out.note_error(format!(
                                     "{status}: {}",
                                     String::from_utf8_lossy(&body)
@@ -363,11 +397,38 @@ fn mib(kib: u64) -> f64 {
 fn check(what: &str, expected: usize, out: &Outcome) {
     assert!(
         out.errors.is_empty() && out.created + out.existing == expected,
-        "{what}: {} created, {} existing of {expected}; first errors: {:#?}",
+        "{what}: {} created, {} existing, {} rate-limited of {expected}; first errors: {:#?}",
         out.created,
         out.existing,
+        out.limited,
         out.errors
     );
+}
+
+/// Rewrites `[limits]` in `relay.toml`: the defaults, or (`raised`) every limit out of reach.
+fn set_limits(config: &Path, raised: bool) {
+    let text = std::fs::read_to_string(config).expect("read relay.toml");
+    let base = match text.find("\n[limits]") {
+        Some(i) => text[..i + 1].to_owned(),
+        None => text,
+    };
+    let limits = if raised {
+        "[limits]\ntoken_rate = 1000000\ntoken_burst = 1000000\nsource_rate = 1000000\n\
+         source_burst = 1000000\nmax_connections = 4096\nmax_connections_per_source = 4096\n\
+         max_requests_in_flight = 4096\n"
+    } else {
+        ""
+    };
+    std::fs::write(config, format!("{base}{limits}")).expect("write relay.toml");
+}
+
+/// The router's interface on the relay link, found by its address there.
+fn router_relay_link(router: &Netns) -> String {
+    let out = router.ip(&format!("-o -4 addr show to {ROUTER_LINK4}/32"));
+    out.split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no interface with {ROUTER_LINK4}: {out}"))
+        .to_owned()
 }
 
 fn main() {
@@ -381,11 +442,14 @@ fn main() {
     let peers = env_usize("RELAY_BENCH_PEERS", 10_000).max(1);
     let clients = env_usize("RELAY_BENCH_CLIENTS", 16).max(1);
     let agent_peers = env_usize("RELAY_BENCH_AGENT_PEERS", 1_000);
+    let limited_peers = env_usize("RELAY_BENCH_LIMITED_PEERS", 10_000).max(clients);
     let max_peers = u32::try_from((peers + agent_peers).max(20_000)).expect("peer count fits u32");
 
     println!("sidecar-relay: {}", relay_bin().display());
     let topo = Topology::new();
-    let mut relay = Relay::start(&topo, &RelayOptions::default());
+    let mut relay = Relay::init(&topo, &RelayOptions::default());
+    set_limits(&relay.config, true);
+    relay.run();
     let pid = relay_pid(&topo.relay);
     let data_dir = relay
         .config
@@ -403,8 +467,15 @@ fn main() {
 
     let (rss0, _) = memory_kib(pid);
     let disk0 = disk_usage(&data_dir);
+    let one_token = vec![
+        Caller {
+            token: token.clone(),
+            source: None,
+        };
+        clients
+    ];
     let (keep_alive, keep_alive_time) =
-        register_keep_alive(&topo.router, addr, tls, &token, &keys, clients);
+        register_keep_alive(&topo.router, addr, tls.clone(), &one_token, &keys);
     check("keep-alive registrations", peers, &keep_alive);
     let (rss1, hwm1) = memory_kib(pid);
     let disk1 = disk_usage(&data_dir);
@@ -427,7 +498,9 @@ fn main() {
 
     // The same peers restored from the store by a fresh process: what steady state costs
     // without whatever the registration burst left behind (allocator, store caches).
+    // The restarted relay runs with the default limits, for the rate-limited phase.
     relay.stop(libc::SIGTERM);
+    set_limits(&relay.config, false);
     let restart = Instant::now();
     relay.run();
     let restart_time = restart.elapsed();
@@ -437,6 +510,27 @@ fn main() {
         peers + agent_peers,
         "the restarted relay restored a different number of peers"
     );
+
+    // Rate limiting on (the defaults): a token and a source address per client, as if
+    // each were its own Docker host.
+    let link = router_relay_link(&topo.router);
+    let per_token = u32::try_from(limited_peers.div_ceil(clients)).expect("fits u32");
+    let callers: Vec<Caller> = (0..clients)
+        .map(|i| {
+            let source = Ipv4Addr::new(192, 0, 2, 200 + u8::try_from(i).expect("< 56 clients"));
+            topo.router
+                .ip(&format!("addr add {source}/24 dev {link} noprefixroute"));
+            let (_, token) = relay.create_token(&format!("limited-{i}"), per_token, 0, None);
+            Caller {
+                token,
+                source: Some(source.into()),
+            }
+        })
+        .collect();
+    let limited_keys: Vec<String> = (0..limited_peers).map(|_| random_pubkey()).collect();
+    let (limited, limited_time) =
+        register_keep_alive(&topo.router, addr, tls, &callers, &limited_keys);
+    check("rate-limited registrations", limited_peers, &limited);
 
     println!(
         "relay registrations: relay in its namespace (on-link /64, interface {}), clients in the \
@@ -471,6 +565,18 @@ fn main() {
         format!("RelayClient (conn/request), {clients} tasks"),
         &agent,
         agent_time,
+    );
+    row(
+        format!("limits on, {clients} tokens+sources"),
+        &limited,
+        limited_time,
+    );
+    let rate = |o: &Outcome, t: Duration| (o.created + o.existing) as f64 / t.as_secs_f64();
+    println!(
+        "rate limiting on (default [limits], {} answered 429) / raised out of reach, keep-alive: \
+         {:.3} (target at least 1000 reg/s with limits on)",
+        limited.limited,
+        rate(&limited, limited_time) / rate(&keep_alive, keep_alive_time),
     );
     println!(
         "relay RSS: {:.1} MiB before, {:.1} MiB after {peers} peers (+{:.1} MiB, {:.0} bytes/peer), \

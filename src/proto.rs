@@ -48,6 +48,11 @@ pub mod codes {
     pub const POOL_EXHAUSTED: &str = "pool_exhausted";
     /// 503: the relay is shutting down and accepts no new peers.
     pub const DRAINING: &str = "draining";
+    /// 429: too many requests from this token or source address; `Retry-After` says
+    /// how many seconds to wait.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// 503: too many requests in flight on the relay; retry after `Retry-After`.
+    pub const OVERLOADED: &str = "overloaded";
     /// 500: an internal failure; details are in the relay's log only.
     pub const INTERNAL: &str = "internal";
 }

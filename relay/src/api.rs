@@ -26,7 +26,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use serde::de::DeserializeOwned;
 use sidecar::proto::{
     codes, Allocation, ApiError, CreateToken, CreatedToken, DeletePeer, Health, Limits, PeerList,
@@ -38,6 +38,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::limits::{self, ApiLimits, LimitedAcceptor};
 use crate::service::PeerService;
 use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord, TokenSpec};
 
@@ -691,8 +692,15 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(openapi_json))
 }
 
-/// The control API with all its middleware, ready for [`serve`].
+/// The control API with all its middleware and the default [`ApiLimits`], ready for
+/// [`serve`].
 pub fn router(state: Arc<ApiState>) -> Router {
+    router_with_limits(state, &ApiLimits::default())
+}
+
+/// The control API with all its middleware, its request rates and in-flight bound
+/// from `limits`; serve it with [`serve_with_limits`] and the same `limits`.
+pub fn router_with_limits(state: Arc<ApiState>, limits: &ApiLimits) -> Router {
     let (router, doc) = api_routes().split_for_parts();
     // Serializing our own static document cannot fail; if it ever did, the
     // relay must not start with a broken API description.
@@ -701,6 +709,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(not_found)
         .layer(Extension(OpenApiJson(Bytes::from(doc))))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            limits.requests.clone(),
+            limits::enforce,
+        ))
         .layer(middleware::from_fn(outcome))
         .with_state(state)
 }
@@ -766,14 +778,30 @@ async fn json_errors(response: Response) -> Response {
 
 /// Serves `router` over TLS on `listener` until `shutdown` resolves, then lets
 /// in-flight requests finish for up to [`SHUTDOWN_GRACE`] before closing.
+/// Connections are bounded by the default [`ApiLimits`].
 pub async fn serve(
     listener: std::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_with_limits(listener, tls, router, &ApiLimits::default(), shutdown).await
+}
+
+/// [`serve`], with the connection limits of `limits`.
+pub async fn serve_with_limits(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: &ApiLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let handle = axum_server::Handle::<SocketAddr>::new();
-    let server = axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(tls))?
+    // Connections over the limit are closed before their TLS handshake costs anything.
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
+        .acceptor(LimitedAcceptor::new(limits.connections.clone()));
+    let server = axum_server::from_tcp(listener)?
+        .acceptor(acceptor)
         .handle(handle.clone())
         .first_request_timeout(FIRST_REQUEST_TIMEOUT)
         // Failed handshakes are routine on a public port (scanners); keep them
@@ -785,7 +813,10 @@ pub async fn serve(
         shutdown.await;
         handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
     });
-    let result = server.serve(router.into_make_service()).await;
+    // The source address reaches the rate limits as `ConnectInfo`.
+    let result = server
+        .serve(router.into_make_service_with_connect_info::<SocketAddr>())
+        .await;
     watcher.abort();
     result
 }

@@ -25,6 +25,9 @@ pub struct RelayConfig {
     pub wireguard: WireguardSection,
     pub network: NetworkSection,
     pub api: ApiSection,
+    /// Bounds on what one caller of the API may cost; every field has a default.
+    #[serde(default)]
+    pub limits: LimitsSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,6 +81,98 @@ impl NetworkSection {
 pub struct ApiSection {
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+}
+
+/// `[limits]`: request rates, connections and requests in flight for the API.
+///
+/// The defaults let one host start 100 containers at once (one token, one address,
+/// a connection per request) without a single 429.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Requests a second one token may make, sustained.
+    pub token_rate: u32,
+    /// Requests one token may make at once before `token_rate` applies.
+    pub token_burst: u32,
+    /// Requests a second from one source (an IPv4 address or an IPv6 /64), sustained;
+    /// checked before any token is looked up.
+    pub source_rate: u32,
+    pub source_burst: u32,
+    /// TCP connections open at once, in total and from one source.
+    pub max_connections: u32,
+    pub max_connections_per_source: u32,
+    /// Requests being handled at once; more wait briefly, then get a 503.
+    pub max_requests_in_flight: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> LimitsSection {
+        LimitsSection {
+            token_rate: 100,
+            token_burst: 500,
+            source_rate: 200,
+            source_burst: 1000,
+            max_connections: 1024,
+            max_connections_per_source: 256,
+            max_requests_in_flight: 256,
+        }
+    }
+}
+
+impl LimitsSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("token_rate", self.token_rate),
+            ("token_burst", self.token_burst),
+            ("source_rate", self.source_rate),
+            ("source_burst", self.source_burst),
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_source",
+                self.max_connections_per_source,
+            ),
+            ("max_requests_in_flight", self.max_requests_in_flight),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be at least 1"
+                )));
+            }
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_connections_per_source {} exceeds limits.max_connections {}",
+                self.max_connections_per_source, self.max_connections
+            )));
+        }
+        Ok(())
+    }
+
+    fn write_commented(&self, s: &mut String) {
+        s.push_str("[limits]\n");
+        s.push_str(
+            "# API requests a second per token (sustained), and how many may come at once.\n",
+        );
+        s.push_str(&format!("token_rate = {}\n", self.token_rate));
+        s.push_str(&format!("token_burst = {}\n", self.token_burst));
+        s.push_str("# The same per source address (an IPv6 /64 counts as one), checked before the token.\n");
+        s.push_str("# Over either limit the API answers 429 with Retry-After.\n");
+        s.push_str(&format!("source_rate = {}\n", self.source_rate));
+        s.push_str(&format!("source_burst = {}\n", self.source_burst));
+        s.push_str(
+            "# Open API connections, in total and per source; excess ones are closed before TLS.\n",
+        );
+        s.push_str(&format!("max_connections = {}\n", self.max_connections));
+        s.push_str(&format!(
+            "max_connections_per_source = {}\n",
+            self.max_connections_per_source
+        ));
+        s.push_str("# Requests handled at once; more wait up to 2 s, then get 503.\n");
+        s.push_str(&format!(
+            "max_requests_in_flight = {}\n",
+            self.max_requests_in_flight
+        ));
+    }
 }
 
 fn default_listen_port() -> u16 {
@@ -174,6 +269,7 @@ impl RelayConfig {
                 self.wireguard.endpoint
             )));
         }
+        self.limits.validate()?;
         Ok(())
     }
 
@@ -237,7 +333,8 @@ impl RelayConfig {
         ));
         s.push_str("[api]\n");
         s.push_str("# HTTPS control API (TLS 1.3 only).\n");
-        s.push_str(&format!("listen = \"{}\"\n", self.api.listen));
+        s.push_str(&format!("listen = \"{}\"\n\n", self.api.listen));
+        self.limits.write_commented(&mut s);
         s
     }
 
@@ -281,6 +378,10 @@ mod tests {
             api: ApiSection {
                 listen: "[::]:8443".parse().unwrap(),
             },
+            limits: LimitsSection {
+                token_rate: 7,
+                ..LimitsSection::default()
+            },
         }
     }
 
@@ -321,5 +422,25 @@ mod tests {
             .to_commented_toml()
             .replace("[api]", "[api]\nbogus = 1");
         assert!(toml::from_str::<RelayConfig>(&text).is_err());
+    }
+
+    #[test]
+    fn limits_default_when_absent_and_are_validated() {
+        let text = sample().to_commented_toml();
+        let start = text.find("[limits]").unwrap();
+        let back: RelayConfig = toml::from_str(&text[..start]).unwrap();
+        assert_eq!(back.limits, LimitsSection::default());
+        let mut c = sample();
+        c.limits.source_burst = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("source_burst"));
+        let mut c = sample();
+        c.limits.max_connections_per_source = c.limits.max_connections + 1;
+        assert!(c.validate().is_err());
+        let bogus = text.replace("[limits]", "[limits]\nbogus = 1");
+        assert!(toml::from_str::<RelayConfig>(&bogus).is_err());
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod dataplane;
+pub mod limits;
 pub mod neighbor;
 pub mod policy;
 pub mod service;

@@ -144,6 +144,7 @@ async fn init(args: InitArgs) -> Result<()> {
         api: ApiSection {
             listen: args.api_listen,
         },
+        limits: Default::default(),
     };
     config.validate()?;
     let path = args.dir.join("relay.toml");
@@ -334,9 +335,10 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api_task = {
         let mut rx = stop_rx.clone();
-        let router = api::router(state.clone());
+        let limits = sidecar_relay::limits::ApiLimits::new(&config.limits);
+        let router = api::router_with_limits(state.clone(), &limits);
         tokio::spawn(async move {
-            api::serve(listener, tls, router, async move {
+            api::serve_with_limits(listener, tls, router, &limits, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
@@ -430,6 +432,7 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
         api: ApiSection {
             listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8443),
         },
+        limits: Default::default(),
     };
     config.validate()?;
     create_private_dir(data_dir)?;

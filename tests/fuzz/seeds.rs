@@ -448,6 +448,7 @@ pub fn sample_relay_config() -> sidecar_relay::config::RelayConfig {
         api: ApiSection {
             listen: "[::]:8443".parse().unwrap(),
         },
+        limits: LimitsSection::default(),
     }
 }
 

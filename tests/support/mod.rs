@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod flood;
 pub mod netns;
 pub mod process;
 pub mod relay;
