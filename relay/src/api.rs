@@ -560,14 +560,7 @@ async fn create_token(
 ) -> Result<(StatusCode, Json<CreatedToken>), Failure> {
     let (record, token) = state
         .store()
-        .create_token(TokenSpec {
-            name: req.name,
-            max_peers: req.max_peers,
-            max_ipv4: req.max_ipv4,
-            bandwidth_mbps: req.bandwidth_mbps,
-            isolate_peers: req.isolate_peers,
-            admin: false,
-        })
+        .create_token(TokenSpec::from(req))
         .await?;
     tracing::info!(token_id = %record.id, name = %record.name, "token created");
     Ok((

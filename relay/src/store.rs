@@ -159,6 +159,21 @@ pub struct TokenSpec {
     pub admin: bool,
 }
 
+/// What `POST /v1/admin/tokens` asks for: never an admin token (those are made at
+/// first start only).
+impl From<sidecar::proto::CreateToken> for TokenSpec {
+    fn from(req: sidecar::proto::CreateToken) -> TokenSpec {
+        TokenSpec {
+            name: req.name,
+            max_peers: req.max_peers,
+            max_ipv4: req.max_ipv4,
+            bandwidth_mbps: req.bandwidth_mbps,
+            isolate_peers: req.isolate_peers,
+            admin: false,
+        }
+    }
+}
+
 impl TokenSpec {
     /// A tenant token with these quotas, unshaped and not isolated.
     pub fn tenant(name: &str, max_peers: u32, max_ipv4: u32) -> TokenSpec {

@@ -609,14 +609,7 @@ pub fn api_body(data: &[u8]) {
             let Ok(req) = serde_json::from_slice::<CreateToken>(body) else {
                 return;
             };
-            let spec = sidecar_relay::store::TokenSpec {
-                name: req.name,
-                max_peers: req.max_peers,
-                max_ipv4: req.max_ipv4,
-                bandwidth_mbps: req.bandwidth_mbps,
-                isolate_peers: req.isolate_peers,
-                admin: false,
-            };
+            let spec = sidecar_relay::store::TokenSpec::from(req);
             fx.rt.block_on(async {
                 if let Ok((record, secret)) = store.create_token(spec).await {
                     let found = store.authenticate(&secret);
