@@ -382,39 +382,17 @@ fn send_all(sock: &OwnedFd, msg: &[u8]) -> io::Result<()> {
 fn wait_for_ack(sock: &OwnedFd, seq: u32) -> io::Result<()> {
     let mut buf = vec![0u8; 8192];
     loop {
-        // SAFETY: sockaddr_nl is plain data, valid when zeroed.
-        let mut from: libc::sockaddr_nl = unsafe { mem::zeroed() };
-        let mut from_len = mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-        // SAFETY: buf and from are valid for writes of the lengths given.
-        let n = unsafe {
-            libc::recvfrom(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut libc::sockaddr_nl).cast(),
-                &mut from_len,
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no acknowledgement from the kernel over rtnetlink",
-                    ))
-                }
-                _ => return Err(err),
+        let n = recv_from_kernel(sock, &mut buf).map_err(|err| {
+            if err.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no acknowledgement from the kernel over rtnetlink",
+                )
+            } else {
+                err
             }
-        }
-        // Other processes can send unicast netlink messages to our port; only the
-        // kernel's answer counts.
-        if from.nl_pid != 0 {
-            continue;
-        }
-        if let Some(result) = find_ack(&buf[..n as usize], seq) {
+        })?;
+        if let Some(result) = find_ack(&buf[..n], seq) {
             return result;
         }
     }
@@ -622,7 +600,8 @@ fn next_message(data: &[u8]) -> Option<(u16, u32, &[u8], &[u8])> {
     ))
 }
 
-/// One datagram from the kernel (others' unicast messages are skipped).
+/// One datagram from the kernel. Other processes can send unicast netlink messages
+/// to our port; only the kernel's count, the others are skipped.
 fn recv_from_kernel(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: sockaddr_nl is plain data, valid when zeroed.

@@ -558,10 +558,7 @@ async fn create_token(
     Admin(_admin): Admin,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), Failure> {
-    let (record, token) = state
-        .store()
-        .create_token(TokenSpec::from(req))
-        .await?;
+    let (record, token) = state.store().create_token(TokenSpec::from(req)).await?;
     tracing::info!(token_id = %record.id, name = %record.name, "token created");
     Ok((
         StatusCode::CREATED,
