@@ -389,14 +389,15 @@ fn cookie_reply_under_load_lets_the_initiator_complete_its_handshake() {
     let (_, init) = net(send(&p.b, &ipv4("198.51.100.2", "198.51.100.1", b"loaded")));
     assert_eq!(init.len(), 148);
     let (to, reply) = net(deliver(&p.a, sa(B_ADDR), &init).remove(0));
-    assert_eq!((to, reply.len()), (sa(B_ADDR), 64), "expected a cookie reply");
+    assert_eq!(
+        (to, reply.len()),
+        (sa(B_ADDR), 64),
+        "expected a cookie reply"
+    );
     assert_eq!(reply[0], 3, "message type 3 is a cookie reply");
     assert_eq!(cookie_replies(&p.a), cookies_before + 1);
     // B takes the cookie and says nothing yet.
-    assert!(matches!(
-        deliver(&p.b, sa(A_ADDR), &reply)[0],
-        Out::Nothing
-    ));
+    assert!(matches!(deliver(&p.b, sa(A_ADDR), &reply)[0], Out::Nothing));
     // B retries after the protocol's rekey timeout (5 s; boringtun reads its own
     // clock, so this is a real wait). The retry carries mac2 from the cookie.
     let mut buf = vec![0u8; 256];
@@ -699,7 +700,7 @@ fn shaped_peer_queues_then_releases_in_order() {
     let p = pair();
     handshake(&p);
     assert!(p.a.set_peer_rate(&p.b_key, Some(8))); // 1 MB/s each way
-    // Each packet carries its sequence number; B's tunnel must see them in that order.
+                                                   // Each packet carries its sequence number; B's tunnel must see them in that order.
     let numbered = |i: u32| {
         let mut payload = vec![0u8; 980];
         payload[..4].copy_from_slice(&i.to_be_bytes());
@@ -707,12 +708,11 @@ fn shaped_peer_queues_then_releases_in_order() {
     };
     let seq_of = |pkt: &[u8]| u32::from_be_bytes(pkt[20..24].try_into().unwrap());
     let mut arrived = Vec::new();
-    let mut at_b = |datagram: &[u8], arrived: &mut Vec<u32>| {
-        match &deliver(&p.b, sa(A_ADDR), datagram)[0] {
+    let mut at_b =
+        |datagram: &[u8], arrived: &mut Vec<u32>| match &deliver(&p.b, sa(A_ADDR), datagram)[0] {
             Out::Tun(pkt) => arrived.push(seq_of(pkt)),
             _ => panic!("B could not decrypt a shaped packet"),
-        }
-    };
+        };
     let mut sent_now = Vec::new();
     let mut queued = Vec::new();
     let mut dropped = 0;
