@@ -91,6 +91,7 @@ impl Tunnel {
             mtu = tun.mtu(),
             tun_offload = tun.offload(),
             udp_gso_segments = socket.max_gso_segments(),
+            udp_gro_segments = socket.gro_segments(),
             listen_port = socket.local_port(),
             "tunnel up"
         );
@@ -162,6 +163,12 @@ impl Drop for Tunnel {
 
 impl Shared {
     fn new(device: Arc<Device>, link: Link, socket: UdpTransport) -> Arc<Shared> {
+        let mark = device.fwmark();
+        if mark != 0 {
+            if let Err(e) = socket.set_fwmark(mark) {
+                tracing::warn!(fwmark = mark, error = %e, "could not mark the UDP socket");
+            }
+        }
         let (tx, _) = watch::channel(Arc::new(socket));
         Arc::new(Shared {
             device,
@@ -200,16 +207,25 @@ impl DeviceControl for Shared {
     }
 
     fn update(&self, update: DeviceUpdate) -> Result<(), UpdateError> {
+        let _guard = self.rebind.lock();
+        let mark = update.fwmark.unwrap_or_else(|| self.device.fwmark());
+        let mark_error = |e: io::Error| UpdateError::Invalid(format!("fwmark {mark}: {e}"));
         if let Some(port) = update.listen_port {
-            let _guard = self.rebind.lock();
             if port != self.socket.borrow().local_port() || port == 0 {
                 let socket = UdpTransport::bind(port).map_err(|e| UpdateError::Port {
                     port,
                     reason: e.to_string(),
                 })?;
+                // A new socket keeps the device's mark (or takes the new one).
+                if mark != 0 {
+                    socket.set_fwmark(mark).map_err(mark_error)?;
+                }
                 tracing::info!(listen_port = socket.local_port(), "listen port changed");
                 self.socket.send_replace(Arc::new(socket));
             }
+        }
+        if update.fwmark.is_some() {
+            self.socket.borrow().set_fwmark(mark).map_err(mark_error)?;
         }
         self.device.apply(&update)?;
         Ok(())
@@ -235,6 +251,23 @@ impl DeviceControl for Shared {
                 "sidecar_io_errors_total{{op=\"{op}\"}} {}",
                 v.load(Ordering::Relaxed)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sidecar_offload Whether the data path uses an offload (1) or moves one packet per system call (0)."
+        );
+        let _ = writeln!(out, "# TYPE sidecar_offload gauge");
+        let socket = self.socket.borrow().clone();
+        let tun = match &self.link {
+            Link::Tun(t) => t.offload(),
+            Link::User { .. } => false,
+        };
+        for (kind, on) in [
+            ("tun", tun),
+            ("udp_gso", socket.max_gso_segments() > 1),
+            ("udp_gro", socket.gro_segments() > 1),
+        ] {
+            let _ = writeln!(out, "sidecar_offload{{kind=\"{kind}\"}} {}", u8::from(on));
         }
         out
     }
