@@ -708,7 +708,7 @@ fn shaped_peer_queues_then_releases_in_order() {
     };
     let seq_of = |pkt: &[u8]| u32::from_be_bytes(pkt[20..24].try_into().unwrap());
     let mut arrived = Vec::new();
-    let mut at_b =
+    let at_b =
         |datagram: &[u8], arrived: &mut Vec<u32>| match &deliver(&p.b, sa(A_ADDR), datagram)[0] {
             Out::Tun(pkt) => arrived.push(seq_of(pkt)),
             _ => panic!("B could not decrypt a shaped packet"),
