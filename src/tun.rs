@@ -15,6 +15,17 @@ use crate::prefix::IpPrefix;
 /// Largest IP packet (and so largest superpacket) the device hands over.
 const MAX_PACKET: usize = 65_535;
 
+/// Environment variable that, set to `off`, keeps offloads off on the TUN device
+/// (no virtio-net headers) and the UDP socket (no GSO, no GRO): the one packet per
+/// system call path, otherwise only taken on kernels without offloads. For tests and
+/// for ruling offloads out when diagnosing a problem.
+pub const OFFLOAD_ENV: &str = "SIDECAR_OFFLOAD";
+
+/// Whether offloads may be used, per [`OFFLOAD_ENV`].
+pub fn offloads_allowed() -> bool {
+    std::env::var_os(OFFLOAD_ENV).is_none_or(|v| v != "off")
+}
+
 pub struct TunDevice {
     dev: AsyncDevice,
     name: String,
@@ -33,11 +44,18 @@ impl TunDevice {
                 .offload(offload)
                 .build_async()
         };
-        let (dev, offload) = match build(true) {
-            Ok(dev) => (dev, true),
-            Err(e) => {
-                tracing::info!(error = %e, "TUN offloads unavailable; using one packet per system call");
-                (build(false)?, false)
+        let (dev, offload) = if !offloads_allowed() {
+            tracing::info!(
+                "TUN offloads off ({OFFLOAD_ENV}=off); using one packet per system call"
+            );
+            (build(false)?, false)
+        } else {
+            match build(true) {
+                Ok(dev) => (dev, true),
+                Err(e) => {
+                    tracing::info!(error = %e, "TUN offloads unavailable; using one packet per system call");
+                    (build(false)?, false)
+                }
             }
         };
         let offload = offload && dev.tcp_gso();

@@ -91,6 +91,7 @@ impl Tunnel {
             mtu = tun.mtu(),
             tun_offload = tun.offload(),
             udp_gso_segments = socket.max_gso_segments(),
+            udp_gro_segments = socket.gro_segments(),
             listen_port = socket.local_port(),
             "tunnel up"
         );
@@ -162,6 +163,12 @@ impl Drop for Tunnel {
 
 impl Shared {
     fn new(device: Arc<Device>, link: Link, socket: UdpTransport) -> Arc<Shared> {
+        let mark = device.fwmark();
+        if mark != 0 {
+            if let Err(e) = socket.set_fwmark(mark) {
+                tracing::warn!(fwmark = mark, error = %e, "could not mark the UDP socket");
+            }
+        }
         let (tx, _) = watch::channel(Arc::new(socket));
         Arc::new(Shared {
             device,
@@ -200,16 +207,25 @@ impl DeviceControl for Shared {
     }
 
     fn update(&self, update: DeviceUpdate) -> Result<(), UpdateError> {
+        let _guard = self.rebind.lock();
+        let mark = update.fwmark.unwrap_or_else(|| self.device.fwmark());
+        let mark_error = |e: io::Error| UpdateError::Invalid(format!("fwmark {mark}: {e}"));
         if let Some(port) = update.listen_port {
-            let _guard = self.rebind.lock();
             if port != self.socket.borrow().local_port() || port == 0 {
                 let socket = UdpTransport::bind(port).map_err(|e| UpdateError::Port {
                     port,
                     reason: e.to_string(),
                 })?;
+                // A new socket keeps the device's mark (or takes the new one).
+                if mark != 0 {
+                    socket.set_fwmark(mark).map_err(mark_error)?;
+                }
                 tracing::info!(listen_port = socket.local_port(), "listen port changed");
                 self.socket.send_replace(Arc::new(socket));
             }
+        }
+        if update.fwmark.is_some() {
+            self.socket.borrow().set_fwmark(mark).map_err(mark_error)?;
         }
         self.device.apply(&update)?;
         Ok(())
@@ -235,6 +251,23 @@ impl DeviceControl for Shared {
                 "sidecar_io_errors_total{{op=\"{op}\"}} {}",
                 v.load(Ordering::Relaxed)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sidecar_offload Whether the data path uses an offload (1) or moves one packet per system call (0)."
+        );
+        let _ = writeln!(out, "# TYPE sidecar_offload gauge");
+        let socket = self.socket.borrow().clone();
+        let tun = match &self.link {
+            Link::Tun(t) => t.offload(),
+            Link::User { .. } => false,
+        };
+        for (kind, on) in [
+            ("tun", tun),
+            ("udp_gso", socket.max_gso_segments() > 1),
+            ("udp_gro", socket.gro_segments() > 1),
+        ] {
+            let _ = writeln!(out, "sidecar_offload{{kind=\"{kind}\"}} {}", u8::from(on));
         }
         out
     }
@@ -303,12 +336,25 @@ impl GsoBatch {
         self.count += 1;
     }
 
-    async fn flush(&mut self, shared: &Shared, socket: &UdpTransport, buf: &[u8], end: usize) {
-        if let (Some(to), true) = (self.to, self.count > 0) {
-            let seg = (self.count > 1).then_some(self.segment);
-            send(shared, socket, to, &buf[self.start..end], seg).await;
-        }
+    /// Ends the batch, whose last datagram ends at `end`: where to send which bytes,
+    /// with which segment size, if it held anything.
+    fn take(&mut self, end: usize) -> Option<(SocketAddr, std::ops::Range<usize>, Option<usize>)> {
+        let taken = match (self.to, self.count > 0) {
+            (Some(to), true) => Some((
+                to,
+                self.start..end,
+                (self.count > 1).then_some(self.segment),
+            )),
+            _ => None,
+        };
         *self = GsoBatch::new();
+        taken
+    }
+
+    async fn flush(&mut self, shared: &Shared, socket: &UdpTransport, buf: &[u8], end: usize) {
+        if let Some((to, range, seg)) = self.take(end) {
+            send(shared, socket, to, &buf[range], seg).await;
+        }
     }
 }
 
@@ -585,6 +631,124 @@ async fn timers(shared: Arc<Shared>) {
         let socket = shared.socket.borrow().clone();
         for (to, data, len) in &pending {
             send(&shared, &socket, *to, &data[..*len], None).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    /// Feeds datagrams `(destination, length)` through the batching rule the way
+    /// [`SealBuffer::seal_and_send`] does, and returns each send it would make as
+    /// `(destination, offset, bytes, segment size)`.
+    fn batches(
+        datagrams: &[(u16, usize)],
+        max_segments: usize,
+    ) -> Vec<(u16, usize, usize, Option<usize>)> {
+        let mut sends = Vec::new();
+        let mut batch = GsoBatch::new();
+        let mut end = 0;
+        let mut flush = |batch: &mut GsoBatch, end: usize| {
+            if let Some((to, range, seg)) = batch.take(end) {
+                sends.push((to.port(), range.start, range.len(), seg));
+            }
+        };
+        for &(port, len) in datagrams {
+            if !batch.accepts(to(port), len, end, max_segments) {
+                flush(&mut batch, end);
+            }
+            batch.push(to(port), end, len);
+            end += len;
+        }
+        flush(&mut batch, end);
+        sends
+    }
+
+    #[test]
+    fn equal_datagrams_for_one_peer_go_in_one_send() {
+        assert_eq!(
+            batches(&[(1, 1000), (1, 1000), (1, 1000)], 64),
+            vec![(1, 0, 3000, Some(1000))]
+        );
+    }
+
+    #[test]
+    fn a_single_datagram_has_no_segment_size() {
+        assert_eq!(batches(&[(1, 700)], 64), vec![(1, 0, 700, None)]);
+    }
+
+    #[test]
+    fn a_shorter_datagram_ends_the_batch() {
+        // The kernel allows only the last segment to be short.
+        assert_eq!(
+            batches(&[(1, 1000), (1, 400), (1, 1000)], 64),
+            vec![(1, 0, 1400, Some(1000)), (1, 1400, 1000, None)]
+        );
+    }
+
+    #[test]
+    fn a_longer_datagram_starts_a_new_batch() {
+        assert_eq!(
+            batches(&[(1, 400), (1, 1000)], 64),
+            vec![(1, 0, 400, None), (1, 400, 1000, None)]
+        );
+    }
+
+    #[test]
+    fn another_destination_starts_a_new_batch_keeping_order() {
+        assert_eq!(
+            batches(&[(1, 1000), (2, 1000), (2, 1000), (1, 1000)], 64),
+            vec![
+                (1, 0, 1000, None),
+                (2, 1000, 2000, Some(1000)),
+                (1, 3000, 1000, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn without_gso_every_datagram_is_its_own_send() {
+        // max_gso_segments() is 1 where the kernel has no UDP GSO.
+        assert_eq!(
+            batches(&[(1, 1000), (1, 1000), (1, 1000)], 1),
+            vec![
+                (1, 0, 1000, None),
+                (1, 1000, 1000, None),
+                (1, 2000, 1000, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn batches_respect_the_segment_count_and_byte_limits() {
+        let sends = batches(&[(1, 100); 5], 2);
+        assert_eq!(
+            sends,
+            vec![
+                (1, 0, 200, Some(100)),
+                (1, 200, 200, Some(100)),
+                (1, 400, 100, None)
+            ]
+        );
+        // 1500-byte datagrams: 43 fit in MAX_GSO_BYTES (64 500 bytes), the 44th would not.
+        let sends = batches(&[(1, 1500); 44], 64);
+        assert_eq!(sends.len(), 2);
+        assert_eq!(sends[0], (1, 0, 43 * 1500, Some(1500)));
+        assert!(sends.iter().all(|s| s.2 <= MAX_GSO_BYTES));
+        assert_eq!(sends[1], (1, 43 * 1500, 1500, None));
+    }
+
+    #[test]
+    fn seal_buffer_holds_a_full_batch_of_largest_datagrams() {
+        for mtu in [1280, 1420, 1500, 9000] {
+            let seal = SealBuffer::new(mtu);
+            assert!(seal.slot >= usize::from(mtu) + DATA_OVERHEAD);
+            assert!(seal.out.len() >= seal.slot * tun_rs::IDEAL_BATCH_SIZE);
         }
     }
 }

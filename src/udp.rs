@@ -23,6 +23,8 @@ pub struct UdpTransport {
     state: UdpSocketState,
     /// A dual-stack IPv6 socket wants IPv4 destinations in mapped form.
     dual_stack: bool,
+    /// GSO and GRO are in use (see [`crate::tun::OFFLOAD_ENV`]).
+    offload: bool,
 }
 
 impl UdpTransport {
@@ -53,12 +55,30 @@ impl UdpTransport {
         let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        let offload = crate::tun::offloads_allowed();
+        if !offload {
+            // quinn-udp turned GRO on where the kernel has it; receive one datagram
+            // per buffer instead. (GSO is off by never asking for segments.)
+            set_int_option(&sock, libc::SOL_UDP, libc::UDP_GRO, 0)?;
+        }
         let socket = UdpSocket::from_std(sock.into())?;
         Ok(UdpTransport {
             socket,
             state,
             dual_stack,
+            offload,
         })
+    }
+
+    /// Marks every packet the socket sends with `mark` (`SO_MARK`; 0 clears it), for
+    /// policy routing that keeps the tunnel's own traffic out of the tunnel.
+    pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
+        socket2::SockRef::from(&self.socket).set_mark(mark)
+    }
+
+    /// The socket's `SO_MARK`.
+    pub fn fwmark(&self) -> io::Result<u32> {
+        socket2::SockRef::from(&self.socket).mark()
     }
 
     pub fn local_port(&self) -> u16 {
@@ -67,7 +87,20 @@ impl UdpTransport {
 
     /// How many datagrams one send may carry as a GSO batch (1 without GSO).
     pub fn max_gso_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        if self.offload {
+            self.state.max_gso_segments()
+        } else {
+            1
+        }
+    }
+
+    /// How many datagrams one receive may coalesce with GRO (1 without GRO).
+    pub fn gro_segments(&self) -> usize {
+        if self.offload {
+            self.state.gro_segments()
+        } else {
+            1
+        }
     }
 
     /// Receives a batch. Each `meta[i]` describes `bufs[i]`: `len` bytes that are
@@ -133,4 +166,28 @@ fn is_no_ipv6(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
     )
+}
+
+fn set_int_option(
+    sock: &socket2::Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

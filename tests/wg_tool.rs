@@ -11,7 +11,7 @@ use support::tunnel::{AGENT_PORT, WGGO_PORT};
 use support::wg::uapi_socket;
 use support::{
     cidr, endpoint, inner, ping, ping_with, require_tools, underlay, wait_until, Endpoints, Family,
-    KeyPair, Netns, Pair, Peer, Tunnel, WireguardGo, BASE_TOOLS,
+    KeyPair, Netns, Pair, Peer, TempDir, Tunnel, WireguardGo, BASE_TOOLS,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -207,4 +207,157 @@ fn sigterm_removes_interface_routes_and_socket() {
 #[test]
 fn sigint_removes_interface_routes_and_socket() {
     clean_shutdown(libc::SIGINT);
+}
+
+/// The UDP sockets listening in `ns` on `port`, as `ss -Hulne` lines.
+fn udp_listeners(ns: &Netns, port: u16) -> String {
+    ns.exec(&format!("ss -Hulne sport = :{port}"))
+}
+
+/// `wg set listen-port` on a live agent moves the tunnel to a new socket: the old
+/// port closes, and traffic resumes on the new one once the peer follows it.
+#[test]
+fn wg_set_listen_port_rebinds_live() {
+    require_tools(BASE_TOOLS);
+    require_tools(&["ss"]);
+    let pair = Pair::new();
+    let t = Tunnel::new(&pair, Family::V4, Endpoints::Both);
+    assert!(ping_until_reply(
+        &pair.a,
+        inner(Family::V4, 2),
+        HANDSHAKE_TIMEOUT
+    ));
+
+    let new_port = AGENT_PORT + 10;
+    t.agent.wg(&format!("set {{}} listen-port {new_port}"));
+    assert_eq!(
+        t.agent.wg("show {} listen-port").trim(),
+        new_port.to_string()
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || udp_listeners(
+            &pair.a, AGENT_PORT
+        )
+        .trim()
+        .is_empty()),
+        "the old port is still open:\n{}",
+        udp_listeners(&pair.a, AGENT_PORT)
+    );
+    assert!(
+        !udp_listeners(&pair.a, new_port).trim().is_empty(),
+        "nothing listens on the new port"
+    );
+    // The agent now sends from the new port; wireguard-go follows the authenticated
+    // packets there and answers to it.
+    let p = ping_with(&pair.a, inner(Family::V4, 2), "-c 5 -i 0.2 -W 2");
+    assert!(p.received >= 4, "traffic after the rebind:\n{}", p.output);
+    let seen = t
+        .wggo
+        .peer(&t.agent_keys.public)
+        .expect("agent is wggo's peer");
+    assert_eq!(
+        seen.endpoint,
+        Some(endpoint(underlay(Family::V4, 1), new_port)),
+        "wireguard-go did not see the agent on its new port"
+    );
+    let p = ping(&pair.b, inner(Family::V4, 1));
+    assert!(
+        p.all_received(),
+        "B -> agent after the rebind:\n{}",
+        p.output
+    );
+}
+
+/// `wg set private-key` on a live agent: the old sessions end, the peer (still
+/// knowing the old public key) is cut off until it is told the new one, then traffic
+/// resumes with a handshake under the new key.
+#[test]
+fn wg_set_private_key_live() {
+    require_tools(BASE_TOOLS);
+    let pair = Pair::new();
+    let t = Tunnel::new(&pair, Family::V4, Endpoints::Both);
+    assert!(ping_until_reply(
+        &pair.a,
+        inner(Family::V4, 2),
+        HANDSHAKE_TIMEOUT
+    ));
+
+    let new_keys = KeyPair::generate();
+    let dir = TempDir::new();
+    let key_file = dir.join("private.key");
+    std::fs::write(&key_file, format!("{}\n", new_keys.private)).expect("write key");
+    t.agent
+        .wg(&format!("set {{}} private-key {}", key_file.display()));
+    assert_eq!(t.agent.wg("show {} public-key").trim(), new_keys.public);
+
+    let p = ping_with(&pair.a, inner(Family::V4, 2), "-c 3 -i 0.3 -W 1");
+    assert_eq!(
+        p.received, 0,
+        "traffic passed with a key the peer does not know:\n{}",
+        p.output
+    );
+
+    t.wggo
+        .wg(&format!("set {{}} peer {} remove", t.agent_keys.public));
+    t.wggo.add_peer(
+        &Peer::new(&new_keys.public)
+            .allow(cidr(inner(Family::V4, 1), 32))
+            .allow(cidr(inner(Family::V6, 1), 128))
+            .endpoint(endpoint(underlay(Family::V4, 1), AGENT_PORT)),
+    );
+    assert!(
+        ping_until_reply(&pair.a, inner(Family::V4, 2), HANDSHAKE_TIMEOUT),
+        "no traffic after the peer learned the new key"
+    );
+    let p = ping(&pair.b, inner(Family::V4, 1));
+    assert!(
+        p.all_received(),
+        "B -> agent with the new key:\n{}",
+        p.output
+    );
+    let status = t.wggo.peer(&new_keys.public).expect("new key listed");
+    assert!(
+        status.latest_handshake > 0,
+        "no handshake under the new key"
+    );
+}
+
+/// `wg set fwmark` on a live agent marks the tunnel's UDP socket (SO_MARK), survives
+/// a listen-port change, and is cleared again with `fwmark off`.
+#[test]
+fn wg_set_fwmark_marks_the_socket() {
+    require_tools(BASE_TOOLS);
+    require_tools(&["ss"]);
+    let pair = Pair::new();
+    let t = Tunnel::new(&pair, Family::V4, Endpoints::Both);
+    assert!(
+        !udp_listeners(&pair.a, AGENT_PORT).contains("fwmark"),
+        "marked before any fwmark was set"
+    );
+
+    t.agent.wg("set {} fwmark 0x1234");
+    assert_eq!(t.agent.wg("show {} fwmark").trim(), "0x1234");
+    let ss = udp_listeners(&pair.a, AGENT_PORT);
+    assert!(ss.contains("fwmark:0x1234"), "socket not marked:\n{ss}");
+
+    let new_port = AGENT_PORT + 11;
+    t.agent.wg(&format!("set {{}} listen-port {new_port}"));
+    let ss = udp_listeners(&pair.a, new_port);
+    assert!(
+        ss.contains("fwmark:0x1234"),
+        "the new socket lost the mark:\n{ss}"
+    );
+    assert!(ping_until_reply(
+        &pair.a,
+        inner(Family::V4, 2),
+        HANDSHAKE_TIMEOUT
+    ));
+
+    t.agent.wg("set {} fwmark off");
+    assert_eq!(t.agent.wg("show {} fwmark").trim(), "off");
+    let ss = udp_listeners(&pair.a, new_port);
+    assert!(
+        !ss.is_empty() && !ss.contains("fwmark"),
+        "mark not cleared:\n{ss}"
+    );
 }
