@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use support::relay::{
-    Relay, RelayOptions, Topology, REMOTE_NET4, RELAY_TOOLS, ROUTER_LINK6, UPLINK,
+    Relay, RelayOptions, Topology, RELAY_TOOLS, REMOTE_NET4, ROUTER_LINK6, UPLINK,
 };
 use support::traffic::{ping_until_reply, ping_with};
 use support::wg::KeyPair;
@@ -110,9 +110,7 @@ impl<'t> NeighbourWatch<'t> {
         // One echo request makes the kernel resolve the address: up to three
         // solicitations a second apart; an answer would come within milliseconds.
         let _ = ping_with(self.router, addr, "-c 1 -W 3");
-        let asked = wait_until(Duration::from_secs(5), || {
-            self.counter(self.relay, &q) > q0
-        });
+        let asked = wait_until(Duration::from_secs(5), || self.counter(self.relay, &q) > q0);
         assert!(asked, "the router never solicited {addr}");
         std::thread::sleep(Duration::from_millis(500));
         (
@@ -138,7 +136,12 @@ impl<'t> NeighbourWatch<'t> {
     }
 }
 
-fn register_ok(relay: &Relay, token: &str, pubkey: &str, ipv4: bool) -> (Ipv6Addr, Option<Ipv4Addr>) {
+fn register_ok(
+    relay: &Relay,
+    token: &str,
+    pubkey: &str,
+    ipv4: bool,
+) -> (Ipv6Addr, Option<Ipv4Addr>) {
     let r = relay.register(relay.ns(), token, pubkey, ipv4);
     assert!(r.status == 201 || r.status == 200, "registration: {r:?}");
     let alloc = support::relay::Allocation::from_json(&r.json);
@@ -157,12 +160,7 @@ fn tun_routes(relay: &Relay, family: &str) -> String {
 fn live_peer_gains_ipv4_by_registering_again_without_losing_its_session() {
     require();
     let topo = Topology::new();
-    let relay = Relay::start(
-        &topo,
-        &RelayOptions {
-            ipv4_pool: true,
-        },
-    );
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: true });
     let (_, token) = relay.create_token("grows", 2, 1, None);
     let site = topo.client_site();
     let client = site.connect(&relay, &token, false);
@@ -179,7 +177,11 @@ fn live_peer_gains_ipv4_by_registering_again_without_losing_its_session() {
     assert_eq!(again.json["created"], false);
     let alloc = support::relay::Allocation::from_json(&again.json);
     assert_eq!(IpAddr::from(alloc.ipv6), me6, "the IPv6 address changed");
-    let me4 = IpAddr::from(alloc.ipv4.unwrap_or_else(|| panic!("no IPv4 granted: {again:?}")));
+    let me4 = IpAddr::from(
+        alloc
+            .ipv4
+            .unwrap_or_else(|| panic!("no IPv4 granted: {again:?}")),
+    );
 
     // The relay routes the /32 and puts it on the peer, next to the /128, in place.
     let after = relay.peer(&client.keys.public).expect("peer in wg show");
@@ -220,13 +222,15 @@ fn live_peer_gains_ipv4_by_registering_again_without_losing_its_session() {
     let p = ping_with(&topo.remote, me4, "-c 5 -i 0.2 -W 2");
     assert!(p.all_received(), "remote to the new {me4}:\n{}", p.output);
     let p = ping_with(&site.ns, support::relay::REMOTE4.into(), "-c 3 -i 0.2 -W 2");
-    assert!(p.all_received(), "the client over IPv4 to the remote:\n{}", p.output);
+    assert!(
+        p.all_received(),
+        "the client over IPv4 to the remote:\n{}",
+        p.output
+    );
     let p = ping_with(&topo.remote, me6, "-c 3 -i 0.2 -W 2");
     assert!(p.all_received(), "IPv6 after IPv4 is in use:\n{}", p.output);
     assert_eq!(
-        relay
-            .peer(&client.keys.public)
-            .map(|p| p.latest_handshake),
+        relay.peer(&client.keys.public).map(|p| p.latest_handshake),
         Some(before.latest_handshake),
         "the session was replaced while IPv4 came up"
     );
@@ -236,12 +240,7 @@ fn live_peer_gains_ipv4_by_registering_again_without_losing_its_session() {
 fn neighbour_responder_goes_silent_for_deleted_and_revoked_peers() {
     require();
     let topo = Topology::new();
-    let relay = Relay::start(
-        &topo,
-        &RelayOptions {
-            ipv4_pool: true,
-        },
-    );
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: true });
     let (_, deleting) = relay.create_token("deleting", 2, 1, None);
     let (revoked_id, revoked) = relay.create_token("revoked", 2, 1, None);
     let (_, keeping) = relay.create_token("keeping", 2, 1, None);
@@ -313,8 +312,9 @@ fn restart_with_another_prefix_skips_old_peers_until_they_register_again() {
     assert!(text.contains(old_line), "unexpected relay.toml:\n{text}");
     let changed = text.replace(old_line, &format!("ipv6_prefix = \"{NEW_PREFIX}\""));
     std::fs::write(&relay.config, changed).expect("write relay.toml");
-    topo.router
-        .ip(&format!("-6 addr add {NEW_ROUTER_LINK6} dev {ROUTER_TO_RELAY}"));
+    topo.router.ip(&format!(
+        "-6 addr add {NEW_ROUTER_LINK6} dev {ROUTER_TO_RELAY}"
+    ));
     relay.run();
 
     let dump = relay.dump();
