@@ -963,3 +963,132 @@ fn removed_while_agent_is_down_is_deregistered_at_start() {
     );
     agent.wait_row(&kept_name, REACHABLE_BOUND, |r| r.state == "active");
 }
+
+/// Unix permission bits of `path`.
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {path:?}: {e}"))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// A container started while the relay is down is served once the relay is back, with
+/// nothing done to the container; the agent's secrets are private to root throughout.
+#[test]
+fn container_started_while_relay_is_down_is_served_when_it_returns() {
+    require();
+    let topo = Topology::new();
+    let mut relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    relay.stop(libc::SIGTERM);
+    let name = unique_name("wait");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    let row = agent.wait_row(&name, Duration::from_secs(15), |r| r.state == "error");
+    assert!(
+        row.ipv6.is_none() && row.error.is_some(),
+        "with the relay down the row must show the failure: {row:?}"
+    );
+
+    relay.run();
+    let row = agent.wait_row(&name, Duration::from_secs(30), |r| {
+        r.state == "active" && r.ipv6.is_some()
+    });
+    let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "{ip} never reachable after the relay came back:\n{}",
+        agent.log()
+    );
+    assert_eq!(peers_of(&relay, &id).len(), 1, "one registration");
+
+    // Keys and state: files 0600 in 0700 directories.
+    let keys = state.path().join("keys");
+    let key_file = keys.join(format!("{id}.key"));
+    assert_eq!(mode_of(state.path()), 0o700, "state directory");
+    assert_eq!(mode_of(&keys), 0o700, "key directory");
+    assert_eq!(mode_of(&key_file), 0o600, "container key");
+    for entry in std::fs::read_dir(state.path()).expect("list state dir") {
+        let path = entry.expect("entry").path();
+        let want = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode_of(&path), want, "{path:?}");
+    }
+}
+
+/// A container removed while the relay is down gives its registration back once the
+/// relay returns: the failed deregistration is retried, not forgotten.
+#[test]
+fn deregistration_failed_while_relay_is_down_is_retried() {
+    require();
+    let topo = Topology::new();
+    let mut relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let name = unique_name("gone");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    assert_eq!(peers_of(&relay, &id).len(), 1);
+    let key_file = state.path().join("keys").join(format!("{id}.key"));
+
+    relay.stop(libc::SIGTERM);
+    docker.rm(&id);
+    let tried = wait_until(Duration::from_secs(15), || {
+        agent.log().contains("cannot deregister from the relay yet")
+    });
+    assert!(tried, "no failed deregistration seen:\n{}", agent.log());
+    assert!(key_file.is_file(), "the key went before the relay knew");
+
+    relay.run();
+    // Well under the agent's 60 s periodic collection: a retry, not a sweep.
+    let gone = wait_until(Duration::from_secs(25), || {
+        peers_of(&relay, &id).is_empty() && !key_file.exists()
+    });
+    assert!(
+        gone,
+        "removed container still registered ({} peer(s)) or its key on disk ({})\n{}",
+        peers_of(&relay, &id).len(),
+        key_file.exists(),
+        agent.log()
+    );
+}
+
+/// `sidecar.ipv4=true` on a relay without an IPv4 pool: the status says why there is no
+/// IPv4, and the container is still served over IPv6.
+#[test]
+fn ipv4_label_on_relay_without_pool_is_explained_and_ipv6_still_works() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let name = unique_name("nov4");
+    let id = docker.run_named(&name, &[ENABLE, IPV4], SERVERS);
+    let row = agent.wait_row(&name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    assert_eq!(row.state, "active", "{row:?}");
+    assert!(row.ipv4.is_none(), "{row:?}");
+    let error = row.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("ipv4") && error.contains("IPv6 only"),
+        "the status must say why there is no IPv4: {row:?}\n{}",
+        agent.status().0
+    );
+    let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "{ip} not reachable:\n{}",
+        agent.log()
+    );
+    assert_tcp(&topo.remote, ip, "IPv6 without an IPv4 pool");
+    assert_eq!(peers_of(&relay, &id).len(), 1);
+}

@@ -83,6 +83,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         state,
         docker,
         containers: HashMap::new(),
+        deregister_retry_at: None,
     };
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -98,6 +99,10 @@ pub async fn run(settings: Settings) -> Result<()> {
                 _ = int.recv() => return agent.shutdown("SIGINT"),
                 _ = tick.tick() => {
                     agent.retry_due().await;
+                    if agent.deregister_retry_at.is_some_and(|t| t <= Instant::now()) {
+                        agent.deregister_retry_at = None;
+                        agent.collect_garbage().await;
+                    }
                     agent.write_status();
                 }
                 _ = collect.tick() => agent.collect_garbage().await,
@@ -141,6 +146,9 @@ struct Agent {
     state: StateDir,
     docker: Docker,
     containers: HashMap<String, Managed>,
+    /// Set when a removed container's deregistration failed: when to look for stale
+    /// keys again, sooner than the periodic collection.
+    deregister_retry_at: Option<Instant>,
 }
 
 impl Agent {
@@ -362,17 +370,27 @@ impl Agent {
             .state
             .container_key(id)
             .map_err(|e| fail(false, format!("cannot read or create its key: {e}")))?;
-        let alloc = self
-            .settings
-            .relay
-            .register(&RegisterPeer {
-                pubkey: key.public_key().to_base64(),
-                ipv4: labels.ipv4,
-                name: (!name.is_empty()).then(|| name.clone()),
-                container: Some(id.to_string()),
-            })
-            .await
-            .map_err(|e| fail(e.is_permanent(), format!("registration failed: {e}")))?;
+        let mut request = RegisterPeer {
+            pubkey: key.public_key().to_base64(),
+            ipv4: labels.ipv4,
+            name: (!name.is_empty()).then(|| name.clone()),
+            container: Some(id.to_string()),
+        };
+        let mut note = None;
+        let alloc = match self.settings.relay.register(&request).await {
+            // The relay has no IPv4 to give: serve IPv6 and say why IPv4 is missing.
+            Err(e) if request.ipv4 && e.is_ipv4_unavailable() => {
+                tracing::warn!(container = %short(id), error = %e, "no IPv4 from this relay; serving IPv6 only");
+                note = Some(format!(
+                    "label {}=true not honoured: {e}; IPv6 only",
+                    labels::IPV4
+                ));
+                request.ipv4 = false;
+                self.settings.relay.register(&request).await
+            }
+            other => other,
+        }
+        .map_err(|e| fail(e.is_permanent(), format!("registration failed: {e}")))?;
         let (addrs, relay_key, endpoint) = parse_allocation(&alloc)
             .await
             .map_err(|e| fail(false, e.to_string()))?;
@@ -435,6 +453,7 @@ impl Agent {
                 ipv6: Some(alloc.ipv6.clone()),
                 ipv4: alloc.ipv4.clone(),
                 mode: Some(mode.into()),
+                error: note,
                 ..StatusRow::default()
             },
             running: Some(Running {
@@ -484,6 +503,7 @@ impl Agent {
         {
             // The key stays, so the next collection tries again.
             tracing::warn!(container = %short(id), error = %e, "cannot deregister from the relay yet");
+            self.deregister_retry_at = Some(Instant::now() + RETRY_AFTER);
             return;
         }
         if let Err(e) = self.state.remove_key(id) {

@@ -51,6 +51,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The relay has no IPv4 pool to hand out from.
+    pub fn is_ipv4_unavailable(&self) -> bool {
+        matches!(self, ClientError::Api { code, .. } if code == "ipv4_unavailable")
+    }
+
     /// Errors that will not go away by asking again.
     pub fn is_permanent(&self) -> bool {
         match self {

@@ -3,7 +3,7 @@
 //! `sidecar-agent status`.
 
 use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,11 @@ impl StateDir {
             .recursive(true)
             .mode(0o700)
             .create(root.join("keys"))?;
+        // The builder's mode covers only what it creates: a directory made beforehand
+        // (by an installer, at the umask's 0755) would leave the keys' names readable.
+        for dir in [root.to_path_buf(), root.join("keys")] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         Ok(StateDir {
             root: root.to_path_buf(),
         })
