@@ -9,8 +9,11 @@
 //!   allocation (same address, MTU and keepalive), so the relay hop is what differs.
 //!
 //! Run with `cargo bench --bench side_by_side`; `SIDE_BY_SIDE_SECS` sets the length of each
-//! iperf3 run (default 5). The agent and relay binaries are rebuilt (release) first. Prints
-//! tables and asserts nothing about speed.
+//! iperf3 run (default 5, plus one omitted warm-up second) and `SIDE_BY_SIDE_REPEATS` how
+//! often each cell is measured (default 3, at least 1). Repetitions alternate which
+//! implementation goes first, so neither always gets the cooler machine. The agent and
+//! relay binaries are rebuilt (release) first. Prints medians with min-max and the ratio
+//! of the medians; asserts nothing about speed.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -56,11 +59,18 @@ enum Endpoint<'p> {
     WireguardGo(WireguardGo<'p>),
 }
 
-struct Measurements {
-    tcp1_gbps: f64,
-    tcp4_gbps: f64,
-    ping_avg_ms: f64,
-    ping_p50_ms: f64,
+/// What [`measure`] reports, in this order.
+const TUNNEL_METRICS: [(&str, &str); 4] = [
+    ("tcp 1 stream", "Gbit/s"),
+    ("tcp 4 streams", "Gbit/s"),
+    ("ping avg", "ms"),
+    ("ping p50", "ms"),
+];
+
+/// iperf3 arguments shared by every run: TCP's first second (slow start, ARP, handshakes)
+/// is left out of the figure.
+fn iperf_args(secs: u64, extra: &str) -> String {
+    format!("-t {secs} --omit 1 {extra}")
 }
 
 /// Brings up host `host` (1 = A, 2 = B) of the tunnel, peered with the other host over the
@@ -100,7 +110,7 @@ fn start_endpoint<'p>(
     }
 }
 
-fn measure(imp: Implementation, secs: u64) -> Measurements {
+fn measure(imp: Implementation, secs: u64) -> Vec<f64> {
     let pair = Pair::new();
     let (keys_a, keys_b) = (KeyPair::generate(), KeyPair::generate());
     let _a = start_endpoint(imp, &pair, 1, &keys_a, &keys_b);
@@ -113,19 +123,14 @@ fn measure(imp: Implementation, secs: u64) -> Measurements {
         imp.name()
     );
     let gbps = |args: &str| {
-        let run = iperf3(&pair.a, &pair.b, server, &format!("-t {secs} {args}"));
+        let run = iperf3(&pair.a, &pair.b, server, &iperf_args(secs, args));
         run.received_bits_per_second() / 1e9
     };
     let tcp1_gbps = gbps("");
     let tcp4_gbps = gbps("-P 4");
     let ping = ping_with(&pair.b, server, "-c 20 -i 0.05 -W 2");
     assert!(ping.received > 0, "no ping replies:\n{}", ping.output);
-    Measurements {
-        tcp1_gbps,
-        tcp4_gbps,
-        ping_avg_ms: ping.avg_ms(),
-        ping_p50_ms: ping.p50_ms(),
-    }
+    vec![tcp1_gbps, tcp4_gbps, ping.avg_ms(), ping.p50_ms()]
 }
 
 /// The hop between the router and the NAT in the relay topology.
@@ -147,15 +152,16 @@ impl RelayHop {
     }
 }
 
-/// Relay-path figures; "down" is remote → client, "up" is client → remote.
-struct RelayMeasurements {
-    tcp1_down_gbps: f64,
-    tcp4_down_gbps: f64,
-    tcp1_up_gbps: f64,
-    tcp4_up_gbps: f64,
-    ping_avg_ms: f64,
-    ping_p50_ms: f64,
-}
+/// What [`measure_relay_path`] reports, in this order; "down" is remote → client, "up"
+/// is client → remote.
+const RELAY_METRICS: [(&str, &str); 6] = [
+    ("relay tcp 1 stream down", "Gbit/s"),
+    ("relay tcp 4 streams down", "Gbit/s"),
+    ("relay tcp 1 stream up", "Gbit/s"),
+    ("relay tcp 4 streams up", "Gbit/s"),
+    ("relay ping avg", "ms"),
+    ("relay ping p50", "ms"),
+];
 
 /// `sidecar-agent up` in the client site with the wg-quick file an agent would write from
 /// `alloc`: the relay as the only peer for `::/0`, the /128 on the interface, the
@@ -188,35 +194,28 @@ fn measure_relay_path(
     site: &ClientSite,
     client: IpAddr,
     secs: u64,
-) -> RelayMeasurements {
+) -> Vec<f64> {
     assert!(
         ping_until_reply(&topo.remote, client, std::time::Duration::from_secs(15)),
         "the client behind {} does not answer the remote host",
         hop.name()
     );
     let gbps = |args: &str| {
-        let run = iperf3(&site.ns, &topo.remote, client, &format!("-t {secs} {args}"));
+        let run = iperf3(&site.ns, &topo.remote, client, &iperf_args(secs, args));
         run.received_bits_per_second() / 1e9
     };
-    let tcp1_down_gbps = gbps("");
-    let tcp4_down_gbps = gbps("-P 4");
-    let tcp1_up_gbps = gbps("-R");
-    let tcp4_up_gbps = gbps("-R -P 4");
+    let down1 = gbps("");
+    let down4 = gbps("-P 4");
+    let up1 = gbps("-R");
+    let up4 = gbps("-R -P 4");
     let ping = ping_with(&topo.remote, client, "-c 20 -i 0.05 -W 2");
     assert!(ping.received > 0, "no ping replies:\n{}", ping.output);
-    RelayMeasurements {
-        tcp1_down_gbps,
-        tcp4_down_gbps,
-        tcp1_up_gbps,
-        tcp4_up_gbps,
-        ping_avg_ms: ping.avg_ms(),
-        ping_p50_ms: ping.p50_ms(),
-    }
+    vec![down1, down4, up1, up4, ping.avg_ms(), ping.p50_ms()]
 }
 
 /// The relay path through `sidecar-relay`; also returns the allocation, which the
 /// wireguard-go run reuses so that the client is configured identically.
-fn measure_sidecar_relay(secs: u64) -> (RelayMeasurements, Allocation) {
+fn measure_sidecar_relay(secs: u64) -> (Vec<f64>, Allocation) {
     let topo = Topology::new();
     let relay = Relay::start(&topo, &RelayOptions::default());
     // A token of its own without a bandwidth cap, whatever `init`'s default token has.
@@ -235,7 +234,7 @@ fn measure_sidecar_relay(secs: u64) -> (RelayMeasurements, Allocation) {
 /// The router still has the /64 on-link and no route for the client: the relay
 /// namespace answers its Neighbor Solicitations by kernel proxy NDP (`proxy_delay` 0, so
 /// the kernel answers at once, as `sidecar-relay` does).
-fn measure_wireguard_go_relay(secs: u64, like: &Allocation) -> RelayMeasurements {
+fn measure_wireguard_go_relay(secs: u64, like: &Allocation) -> Vec<f64> {
     let topo = Topology::new();
     let relay_keys = KeyPair::generate();
     let wg = WireguardGo::start(&topo.relay, &relay_keys, WG_PORT);
@@ -263,39 +262,79 @@ fn measure_wireguard_go_relay(secs: u64, like: &Allocation) -> RelayMeasurements
     measure_relay_path(RelayHop::WireguardGo, &topo, &site, alloc.ipv6.into(), secs)
 }
 
-/// One line of the comparison: the same metric for both implementations.
-struct Row {
-    metric: String,
+/// One cell of the comparison: every sample of one metric for both implementations.
+struct Cell {
+    metric: &'static str,
     unit: &'static str,
-    ours: f64,
-    theirs: f64,
+    ours: Vec<f64>,
+    theirs: Vec<f64>,
 }
 
-impl Row {
-    fn new(metric: &str, unit: &'static str, ours: f64, theirs: f64) -> Self {
-        Row {
-            metric: metric.to_owned(),
+/// Runs both sides `repeats` times, alternating which goes first, and collects each
+/// metric's samples. `run(true)` measures ours, `run(false)` theirs; both return the
+/// figures in the order of `metrics`.
+fn compare(
+    metrics: &[(&'static str, &'static str)],
+    repeats: usize,
+    mut run: impl FnMut(bool) -> Vec<f64>,
+) -> Vec<Cell> {
+    let mut cells: Vec<Cell> = metrics
+        .iter()
+        .map(|&(metric, unit)| Cell {
+            metric,
             unit,
-            ours,
-            theirs,
+            ours: Vec::new(),
+            theirs: Vec::new(),
+        })
+        .collect();
+    for round in 0..repeats {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for ours in order {
+            let figures = run(ours);
+            assert_eq!(figures.len(), cells.len(), "one figure per metric");
+            for (cell, v) in cells.iter_mut().zip(figures) {
+                if ours {
+                    cell.ours.push(v);
+                } else {
+                    cell.theirs.push(v);
+                }
+            }
         }
     }
+    cells
 }
 
-/// Renders rows as `metric  ours N unit  theirs N unit  ratio ours/theirs`.
-fn table(ours: &str, theirs: &str, rows: &[Row]) -> String {
-    let width = rows.iter().map(|r| r.metric.len()).max().unwrap_or(0);
+/// (median, min, max) of non-empty samples.
+fn spread(samples: &[f64]) -> (f64, f64, f64) {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// Renders cells as `metric  ours median (min-max) unit  theirs ...  ratio of medians`.
+fn table(ours: &str, theirs: &str, cells: &[Cell]) -> String {
+    let width = cells.iter().map(|c| c.metric.len()).max().unwrap_or(0);
     let mut out = String::new();
-    for r in rows {
+    for c in cells {
+        let (om, olo, ohi) = spread(&c.ours);
+        let (tm, tlo, thi) = spread(&c.theirs);
         let _ = writeln!(
             out,
-            "{:<width$}   {ours} {:>7.2} {:<6}   {theirs} {:>7.2} {:<6}   ratio {:.2}",
-            r.metric,
-            r.ours,
-            r.unit,
-            r.theirs,
-            r.unit,
-            r.ours / r.theirs,
+            "{:<width$}   {ours} {om:>7.2} ({olo:.2}-{ohi:.2}) {:<6}   {theirs} {tm:>7.2} ({tlo:.2}-{thi:.2}) {:<6}   ratio {:.2}",
+            c.metric,
+            c.unit,
+            c.unit,
+            om / tm,
         );
     }
     out
@@ -314,27 +353,35 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let repeats: usize = std::env::var("SIDE_BY_SIDE_REPEATS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
 
     println!("wireguard-go: {}", wireguard_go_version());
     // Both rebuilt (release) here, before anything is measured.
     println!("sidecar-agent: {}", agent_bin().display());
     println!("sidecar-relay: {}", relay_bin().display());
-    println!("topology: two namespaces, veth, outer IPv4, inner IPv4, MTU {MTU}, {secs} s runs");
+    println!(
+        "topology: two namespaces, veth, outer IPv4, inner IPv4, MTU {MTU}, {secs} s runs \
+         (+1 s omitted), {repeats} repetitions alternating who goes first; median (min-max)"
+    );
 
-    let ours = measure(Implementation::Sidecar, secs);
-    let theirs = measure(Implementation::WireguardGo, secs);
-    let rows = [
-        Row::new("tcp 1 stream", "Gbit/s", ours.tcp1_gbps, theirs.tcp1_gbps),
-        Row::new("tcp 4 streams", "Gbit/s", ours.tcp4_gbps, theirs.tcp4_gbps),
-        Row::new("ping avg", "ms", ours.ping_avg_ms, theirs.ping_avg_ms),
-        Row::new("ping p50", "ms", ours.ping_p50_ms, theirs.ping_p50_ms),
-    ];
+    let cells = compare(&TUNNEL_METRICS, repeats, |ours| {
+        let imp = if ours {
+            Implementation::Sidecar
+        } else {
+            Implementation::WireguardGo
+        };
+        measure(imp, secs)
+    });
     print!(
         "{}",
         table(
             Implementation::Sidecar.name(),
             Implementation::WireguardGo.name(),
-            &rows
+            &cells
         )
     );
 
@@ -354,42 +401,27 @@ fn main() {
         RelayHop::WireguardGo.name()
     );
     println!("  down = remote -> client, up = client -> remote; ping from the remote host");
-    let (ours, alloc) = measure_sidecar_relay(secs);
-    let theirs = measure_wireguard_go_relay(secs, &alloc);
-    let rows = [
-        Row::new(
-            "relay tcp 1 stream down",
-            "Gbit/s",
-            ours.tcp1_down_gbps,
-            theirs.tcp1_down_gbps,
-        ),
-        Row::new(
-            "relay tcp 4 streams down",
-            "Gbit/s",
-            ours.tcp4_down_gbps,
-            theirs.tcp4_down_gbps,
-        ),
-        Row::new(
-            "relay tcp 1 stream up",
-            "Gbit/s",
-            ours.tcp1_up_gbps,
-            theirs.tcp1_up_gbps,
-        ),
-        Row::new(
-            "relay tcp 4 streams up",
-            "Gbit/s",
-            ours.tcp4_up_gbps,
-            theirs.tcp4_up_gbps,
-        ),
-        Row::new("relay ping avg", "ms", ours.ping_avg_ms, theirs.ping_avg_ms),
-        Row::new("relay ping p50", "ms", ours.ping_p50_ms, theirs.ping_p50_ms),
-    ];
+    // The first round runs ours first, so the allocation the wireguard-go hop copies
+    // exists before it is needed.
+    let mut alloc: Option<Allocation> = None;
+    let cells = compare(&RELAY_METRICS, repeats, |ours| {
+        if ours {
+            let (figures, a) = measure_sidecar_relay(secs);
+            alloc.get_or_insert(a);
+            figures
+        } else {
+            let like = alloc
+                .as_ref()
+                .expect("the first round measures sidecar-relay first");
+            measure_wireguard_go_relay(secs, like)
+        }
+    });
     print!(
         "{}",
         table(
             RelayHop::Sidecar.name(),
             RelayHop::WireguardGo.name(),
-            &rows
+            &cells
         )
     );
 }
