@@ -216,3 +216,173 @@ impl Default for TunWriter {
         TunWriter::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+    use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4};
+
+    use super::*;
+
+    const SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const DST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+    const PAYLOAD: usize = 100;
+    const HEADERS: usize = 20 + 20;
+
+    #[derive(Clone, Copy)]
+    struct Segment {
+        src_port: u16,
+        seq: i32,
+        control: TcpControl,
+        fill: u8,
+    }
+
+    fn segment(src_port: u16, index: i32) -> Segment {
+        Segment {
+            src_port,
+            seq: 1000 + index * PAYLOAD as i32,
+            control: TcpControl::None,
+            fill: index as u8,
+        }
+    }
+
+    /// Writes `seg` into the writer's next slot as a checksummed IPv4/TCP packet with
+    /// ACK set, the way the decrypting path does.
+    fn push(writer: &mut TunWriter, seg: Segment) {
+        let payload = [seg.fill; PAYLOAD];
+        let tcp = TcpRepr {
+            src_port: seg.src_port,
+            dst_port: 80,
+            control: seg.control,
+            seq_number: TcpSeqNumber(seg.seq),
+            ack_number: Some(TcpSeqNumber(1)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: SRC,
+            dst_addr: DST,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let len = ip.buffer_len() + tcp.buffer_len();
+        assert_eq!(len, HEADERS + PAYLOAD);
+        let caps = ChecksumCapabilities::default();
+        let slot = writer.slot(len);
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut slot[..]), &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(&mut slot[20..]),
+            &IpAddress::Ipv4(SRC),
+            &IpAddress::Ipv4(DST),
+            &caps,
+        );
+        writer.commit(0, len);
+    }
+
+    /// Coalesces the committed packets as [`TunWriter::flush`] has tun-rs do before
+    /// writing to an offloading device; returns each buffer's virtio header and packet.
+    fn coalesce(segments: &[Segment]) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+        let mut writer = TunWriter::new();
+        for &seg in segments {
+            push(&mut writer, seg);
+        }
+        let n = writer.count;
+        writer
+            .gro
+            .apply_gro(&mut writer.bufs[..n], TunWriter::OFFSET, false)
+            .unwrap();
+        writer.bufs[..n]
+            .iter()
+            .map(|b| {
+                let hdr = VirtioNetHdr::decode(&b[..TunWriter::OFFSET]).unwrap();
+                (hdr, b[TunWriter::OFFSET..].to_vec())
+            })
+            .collect()
+    }
+
+    fn assert_untouched(out: &[(VirtioNetHdr, Vec<u8>)], what: &str) {
+        for (i, (hdr, packet)) in out.iter().enumerate() {
+            assert_eq!(packet.len(), HEADERS + PAYLOAD, "{what}: packet {i} grew");
+            assert_eq!(hdr.gso_type, 0, "{what}: packet {i} became a superpacket");
+            assert_eq!(hdr.gso_size, 0, "{what}: packet {i}");
+        }
+    }
+
+    #[test]
+    fn consecutive_segments_of_one_flow_become_one_superpacket() {
+        let out = coalesce(&[segment(5000, 0), segment(5000, 1), segment(5000, 2)]);
+        let (hdr, packet) = &out[0];
+        assert_eq!(packet.len(), HEADERS + 3 * PAYLOAD, "not coalesced");
+        assert_eq!(hdr.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
+        assert_eq!(usize::from(hdr.gso_size), PAYLOAD);
+        assert_eq!(usize::from(hdr.hdr_len), HEADERS);
+        // The kernel finishes the TCP checksum: it starts at the TCP header and goes in
+        // its checksum field.
+        assert_eq!(hdr.flags & 1, 1, "VIRTIO_NET_HDR_F_NEEDS_CSUM");
+        assert_eq!((hdr.csum_start, hdr.csum_offset), (20, 16));
+
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        assert_eq!(usize::from(ip.total_len()), HEADERS + 3 * PAYLOAD);
+        assert!(ip.verify_checksum(), "IPv4 header checksum not updated");
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(
+            tcp.seq_number(),
+            TcpSeqNumber(1000),
+            "superpacket starts at the first"
+        );
+        let expected: Vec<u8> = (0..3u8).flat_map(|i| [i; PAYLOAD]).collect();
+        assert_eq!(tcp.payload(), &expected[..], "payloads in order");
+    }
+
+    #[test]
+    fn different_flows_are_not_coalesced() {
+        let out = coalesce(&[segment(5000, 0), segment(5001, 1), segment(5002, 2)]);
+        assert_untouched(&out, "different source ports");
+    }
+
+    #[test]
+    fn segments_out_of_sequence_are_not_coalesced() {
+        let out = coalesce(&[segment(5000, 0), segment(5000, 2)]);
+        assert_untouched(&out, "with a gap");
+        let out = coalesce(&[segment(5000, 0), segment(5000, 0)]);
+        assert_untouched(&out, "a retransmission");
+    }
+
+    #[test]
+    fn a_segment_just_before_the_superpacket_is_put_in_front() {
+        let out = coalesce(&[segment(5000, 1), segment(5000, 0)]);
+        let (hdr, packet) = &out[0];
+        assert_eq!(packet.len(), HEADERS + 2 * PAYLOAD, "not coalesced");
+        assert_eq!(usize::from(hdr.gso_size), PAYLOAD);
+        let ip = Ipv4Packet::new_checked(&packet[..]).unwrap();
+        assert!(ip.verify_checksum());
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert_eq!(tcp.seq_number(), TcpSeqNumber(1000));
+        let expected: Vec<u8> = (0..2u8).flat_map(|i| [i; PAYLOAD]).collect();
+        assert_eq!(tcp.payload(), &expected[..], "payloads in sequence order");
+    }
+
+    #[test]
+    fn segments_with_different_flags_are_not_coalesced() {
+        // PSH ends a superpacket: nothing may follow it in one.
+        let mut pushed = segment(5000, 0);
+        pushed.control = TcpControl::Psh;
+        let out = coalesce(&[pushed, segment(5000, 1)]);
+        assert_untouched(&out, "after PSH");
+        let mut fin = segment(5000, 1);
+        fin.control = TcpControl::Fin;
+        let out = coalesce(&[segment(5000, 0), fin]);
+        assert_untouched(&out, "FIN");
+    }
+}

@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ring::digest::{digest, SHA256};
-use sidecar::netstack::{NetstackConfig, NetstackDevice};
+use sidecar::netstack::{NetstackConfig, NetstackDevice, NetstackLimits};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::{icmp, tcp, udp};
@@ -482,6 +482,45 @@ fn setup(target_v6: Option<IpAddr>, target_v4: Option<IpAddr>) -> (Client, Arc<N
     (client, netstack)
 }
 
+/// A netstack forwarding to loopback with other caps, and a client pumped into it.
+fn setup_limited(limits: NetstackLimits) -> (Client, Arc<NetstackDevice>) {
+    let netstack = NetstackDevice::start_with_limits(
+        NetstackConfig {
+            public: vec![PUBLIC_V6.into(), PUBLIC_V4.into()],
+            target_v6: Some(Ipv6Addr::LOCALHOST.into()),
+            target_v4: Some(Ipv4Addr::LOCALHOST.into()),
+            mtu: MTU,
+        },
+        limits,
+    )
+    .unwrap();
+    let client = Client::new();
+    tokio::spawn(client.clone().pump(netstack.clone()));
+    (client, netstack)
+}
+
+/// A loopback listener whose accept queue is full, so the kernel drops SYNs to it and
+/// connects hang; the filler connections must live as long as the listener is needed.
+async fn hanging_listener() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => fillers.push(stream),
+            Ok(Err(e)) => panic!("filler connect failed: {e}"),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 16, "the accept queue never filled up");
+    }
+    (listener, fillers, addr)
+}
+
 fn setup_loopback() -> (Client, Arc<NetstackDevice>) {
     setup(
         Some(Ipv6Addr::LOCALHOST.into()),
@@ -884,24 +923,7 @@ async fn bulk_throughput() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connect_timeout_resets_client() {
-    // A listener whose accept queue is full drops SYNs, so connects to it hang.
-    let listener =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    listener
-        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    loop {
-        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => fillers.push(stream),
-            Ok(Err(e)) => panic!("filler connect failed: {e}"),
-            Err(_) => break,
-        }
-        assert!(fillers.len() < 16, "the accept queue never filled up");
-    }
-
+    let (_listener, _fillers, addr) = hanging_listener().await;
     let (client, netstack) = setup(None, Some(Ipv4Addr::LOCALHOST.into()));
     let started = Instant::now();
     let result = within(
@@ -1205,4 +1227,179 @@ async fn stop_closes_upstream_connections() {
         netstack.stats().tcp_active == 0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_refuses_the_next_until_one_closes() {
+    let limits = NetstackLimits {
+        tcp_connections: 3,
+        ..NetstackLimits::default()
+    };
+    let (client, netstack) = setup_limited(limits);
+    let (v4, v6) = tcp_pair().await;
+    let port = v4.local_addr().unwrap().port();
+    echo_server(v4);
+    echo_server(v6);
+
+    let mut conns = Vec::new();
+    for i in 0..3 {
+        let conn = within(
+            "connect under the cap",
+            client.connect(public(i % 2 == 0, port)),
+        )
+        .await
+        .unwrap();
+        conns.push(conn);
+    }
+    let extra = client.clone();
+    let fourth = tokio::spawn(async move { extra.connect(public(false, port)).await });
+    wait_for("the fourth SYN dropped at the cap", || {
+        netstack.stats().dropped_limits >= 1
+    })
+    .await;
+    // Long enough for smoltcp's first SYN retransmission (1 s) to be dropped as well.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!fourth.is_finished(), "the fourth connection got an answer");
+    let stats = netstack.stats();
+    assert_eq!((stats.tcp_opened, stats.tcp_active), (3, 3), "{stats:?}");
+    assert!(
+        stats.dropped_limits >= 2,
+        "retransmitted SYN not dropped: {stats:?}"
+    );
+
+    // The connections under the cap still work; closing one makes room.
+    let first = conns.remove(0);
+    within("echo on a capped stack", first.write_all(b"still here"))
+        .await
+        .unwrap();
+    first.shutdown();
+    let echoed = within("echo and FIN", first.read_to_end()).await.unwrap();
+    assert_eq!(echoed, b"still here");
+    let fourth = within("the fourth connection admitted", fourth)
+        .await
+        .unwrap()
+        .unwrap_or_else(|state| panic!("fourth connection ended in {state:?}"));
+    within("echo on the fourth", fourth.write_all(b"4"))
+        .await
+        .unwrap();
+    let mut buf = [0; 1];
+    within("echo on the fourth", fourth.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"4");
+    let stats = netstack.stats();
+    assert_eq!((stats.tcp_opened, stats.tcp_active), (4, 3), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_cap_refuses_syns_while_upstream_connects_hang() {
+    let (_listener, _fillers, addr) = hanging_listener().await;
+    let limits = NetstackLimits {
+        tcp_connecting: 2,
+        ..NetstackLimits::default()
+    };
+    let (client, netstack) = setup_limited(limits);
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let c = client.clone();
+        pending.push(tokio::spawn(async move {
+            c.connect(public(false, addr.port())).await.map(|_| ())
+        }));
+    }
+    wait_for("two connects in progress", || {
+        netstack.stats().tcp_active == 2
+    })
+    .await;
+    let c = client.clone();
+    let third =
+        tokio::spawn(async move { c.connect(public(false, addr.port())).await.map(|_| ()) });
+    wait_for("the third SYN dropped at the cap", || {
+        netstack.stats().dropped_limits >= 1
+    })
+    .await;
+    let stats = netstack.stats();
+    assert_eq!((stats.tcp_active, stats.tcp_refused), (2, 0), "{stats:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "too slow to tell the cap from the connect timeout"
+    );
+
+    // Once the hanging connects time out (reset), the third SYN gets its turn.
+    for p in pending {
+        let result = within("reset after the connect timeout", p).await.unwrap();
+        assert_eq!(result.err(), Some(tcp::State::Closed));
+    }
+    wait_for("the third connect admitted", || {
+        let s = netstack.stats();
+        s.tcp_refused == 2 && s.tcp_active == 1
+    })
+    .await;
+    third.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flow_cap_refuses_new_flows_until_idle_ones_expire() {
+    const IDLE: Duration = Duration::from_secs(3);
+    let limits = NetstackLimits {
+        udp_flows: 2,
+        udp_idle: IDLE,
+        ..NetstackLimits::default()
+    };
+    let (client, netstack) = setup_limited(limits);
+    let (v4, v6) = udp_pair().await;
+    let port = v4.local_addr().unwrap().port();
+    udp_echo_server(v4);
+    udp_echo_server(v6);
+    let socket = |port| client.udp_socket(IpEndpoint::new(IpAddress::Ipv4(CLIENT_V4), port));
+    let (a, b, c) = (socket(6001), socket(6002), socket(6003));
+    let to = public(false, port);
+    let echo = |handle, msg: &'static [u8]| {
+        let client = client.clone();
+        async move {
+            client.udp_send(handle, msg, to);
+            tokio::time::timeout(Duration::from_secs(1), client.udp_recv(handle))
+                .await
+                .ok()
+                .map(|(reply, _)| reply)
+        }
+    };
+
+    assert_eq!(echo(a, b"a").await.as_deref(), Some(&b"a"[..]));
+    assert_eq!(echo(b, b"b").await.as_deref(), Some(&b"b"[..]));
+    let last_activity = Instant::now();
+    assert_eq!(echo(c, b"c").await, None, "a third flow passed the cap");
+    let stats = netstack.stats();
+    assert_eq!(
+        (
+            stats.udp_flows_opened,
+            stats.udp_flows_active,
+            stats.dropped_limits
+        ),
+        (2, 2, 1),
+        "{stats:?}"
+    );
+
+    // Both flows go quiet, expire, and free their places.
+    wait_for("idle flows expire", || {
+        netstack.stats().udp_flows_active == 0
+    })
+    .await;
+    let idle_for = last_activity.elapsed();
+    assert!(
+        idle_for >= IDLE - Duration::from_millis(250),
+        "flows expired after {idle_for:?} of idleness, before {IDLE:?}"
+    );
+    assert_eq!(echo(c, b"c").await.as_deref(), Some(&b"c"[..]));
+    assert_eq!(echo(a, b"a").await.as_deref(), Some(&b"a"[..]));
+    let stats = netstack.stats();
+    assert_eq!(
+        (
+            stats.udp_flows_opened,
+            stats.udp_flows_active,
+            stats.dropped_limits
+        ),
+        (4, 2, 1),
+        "{stats:?}"
+    );
 }

@@ -20,19 +20,13 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndp
 use super::device::StackDevice;
 use super::packet::{self, Inbound, TcpSegment};
 use super::tcp::{Events, TcpConn, Verdict};
-use super::udp::{self, UdpFlow};
+use super::udp::UdpFlow;
 use super::wake::FlowWake;
-use super::{Counters, NetstackConfig, Shared, OUTPUT_CAPACITY};
+use super::{Counters, NetstackConfig, NetstackLimits, Shared, OUTPUT_CAPACITY};
 
 /// Per-direction socket buffer: with window scaling this is the most a client can
 /// have in flight per connection, so it bounds single-connection throughput.
 const TCP_BUFFER: usize = 256 * 1024;
-/// Connections in the stack at once; the buffers of a busy one cost 512 KiB.
-const MAX_TCP_CONNECTIONS: usize = 2048;
-/// Connections waiting for their upstream connect, so a SYN flood cannot turn into
-/// an unbounded number of connects to the container.
-const MAX_CONNECTING: usize = 512;
-const MAX_UDP_FLOWS: usize = 2048;
 /// Idle connections are probed this often, so that clients which vanished (the peer
 /// went away without a FIN) do not hold their buffers forever...
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -62,6 +56,7 @@ pub(super) struct Driver {
     target_for_v4: IpAddr,
     target_for_v6: IpAddr,
     mtu: usize,
+    limits: NetstackLimits,
     tcp: HashMap<u64, TcpConn>,
     tcp_by_key: HashMap<Key, u64>,
     connecting: usize,
@@ -83,7 +78,11 @@ fn invalid(msg: String) -> io::Error {
 }
 
 impl Driver {
-    pub(super) fn new(config: &NetstackConfig, shared: Arc<Shared>) -> io::Result<Driver> {
+    pub(super) fn new(
+        config: &NetstackConfig,
+        limits: NetstackLimits,
+        shared: Arc<Shared>,
+    ) -> io::Result<Driver> {
         let mut public: Vec<IpAddress> = Vec::new();
         for &ip in &config.public {
             let addr = IpAddress::from(ip);
@@ -146,6 +145,7 @@ impl Driver {
             target_for_v4,
             target_for_v6,
             mtu,
+            limits,
             tcp: HashMap::new(),
             tcp_by_key: HashMap::new(),
             connecting: 0,
@@ -286,7 +286,9 @@ impl Driver {
     /// in smoltcp, so create a listener for exactly this SYN and hold its SYN-ACK until
     /// the container accepted the upstream connection.
     fn accept(&mut self, now: smoltcp::time::Instant, key: Key, packet: Vec<u8>) {
-        if self.tcp.len() >= MAX_TCP_CONNECTIONS || self.connecting >= MAX_CONNECTING {
+        if self.tcp.len() >= self.limits.tcp_connections
+            || self.connecting >= self.limits.tcp_connecting
+        {
             Counters::bump(&self.counters().dropped_limits);
             return;
         }
@@ -353,7 +355,7 @@ impl Driver {
     }
 
     fn open_udp(&mut self, clock: Instant, key: Key) -> Option<u64> {
-        if self.udp.len() >= MAX_UDP_FLOWS {
+        if self.udp.len() >= self.limits.udp_flows {
             return None;
         }
         let (local, remote) = key;
@@ -460,8 +462,9 @@ impl Driver {
         self.next_udp_sweep = clock + UDP_SWEEP;
         let before = self.udp.len();
         let by_key = &mut self.udp_by_key;
+        let idle = self.limits.udp_idle;
         self.udp.retain(|_, flow| {
-            let live = clock.duration_since(flow.last_active) < udp::IDLE_TIMEOUT;
+            let live = clock.duration_since(flow.last_active) < idle;
             if !live {
                 by_key.remove(&flow.key);
             }

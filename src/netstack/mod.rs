@@ -31,6 +31,7 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -55,6 +56,34 @@ pub struct NetstackConfig {
     pub target_v4: Option<IpAddr>,
     /// The tunnel's IP MTU: no packet handed to [`NetstackDevice::recv`] is larger.
     pub mtu: u16,
+}
+
+/// How much one stack holds at once, so that a client cannot exhaust the host's memory
+/// or file descriptors. Beyond a cap new connections and flows are dropped (counted in
+/// [`NetstackStats::dropped_limits`]) until existing ones go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetstackLimits {
+    /// TCP connections in the stack; the buffers of a busy one cost 512 KiB.
+    pub tcp_connections: usize,
+    /// Connections waiting for their upstream connect, so a SYN flood cannot turn
+    /// into an unbounded number of connects to the container.
+    pub tcp_connecting: usize,
+    /// UDP flows, each holding an upstream socket.
+    pub udp_flows: usize,
+    /// A UDP flow with no datagram either way for this long is forgotten (like a NAT
+    /// entry), freeing its place.
+    pub udp_idle: Duration,
+}
+
+impl Default for NetstackLimits {
+    fn default() -> Self {
+        NetstackLimits {
+            tcp_connections: 2048,
+            tcp_connecting: 512,
+            udp_flows: 2048,
+            udp_idle: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Counters since [`NetstackDevice::start`]; `*_active` are current values.
@@ -169,12 +198,21 @@ pub struct NetstackDevice {
 }
 
 impl NetstackDevice {
-    /// Validates `config` and spawns the stack's task on the current tokio runtime.
+    /// Validates `config` and spawns the stack's task on the current tokio runtime,
+    /// with the default [`NetstackLimits`].
     pub fn start(config: NetstackConfig) -> io::Result<Arc<NetstackDevice>> {
+        NetstackDevice::start_with_limits(config, NetstackLimits::default())
+    }
+
+    /// Like [`start`](Self::start), with other caps.
+    pub fn start_with_limits(
+        config: NetstackConfig,
+        limits: NetstackLimits,
+    ) -> io::Result<Arc<NetstackDevice>> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| io::Error::other(format!("netstack needs a tokio runtime: {e}")))?;
         let shared = Arc::new(Shared::default());
-        let driver = driver::Driver::new(&config, shared.clone())?;
+        let driver = driver::Driver::new(&config, limits, shared.clone())?;
         runtime.spawn(tokio::task::coop::unconstrained(driver.run()));
         Ok(Arc::new(NetstackDevice {
             shared,

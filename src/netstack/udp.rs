@@ -9,7 +9,7 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use smoltcp::wire::IpEndpoint;
 use tokio::io::ReadBuf;
@@ -19,8 +19,6 @@ use super::device::TxQueue;
 use super::packet;
 use super::wake::FlowWake;
 
-/// A flow with no datagram either way for this long is forgotten (like a NAT entry).
-pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Datagrams taken from one upstream socket per round, so a chatty flow cannot starve
 /// the others.
 const BATCH: usize = 64;
