@@ -30,11 +30,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use rand_core::{OsRng, RngCore};
-use sidecar::proto::RegisterPeer;
+use sidecar::Key;
 use sidecar_agent::relay_client::RelayClient;
+use sidecar_proto::RegisterPeer;
 use support::relay::{
     relay_bin, Relay, RelayOptions, Topology, API_PORT, RELAY_UPLINK4, ROUTER_LINK4,
 };
@@ -47,15 +46,15 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn random_pubkey() -> String {
+fn random_pubkey() -> Key {
     let mut key = [0u8; 32];
     OsRng.fill_bytes(&mut key);
-    STANDARD.encode(key)
+    Key(key)
 }
 
-fn register_body(pubkey: &str) -> String {
+fn register_body(pubkey: &Key) -> String {
     serde_json::to_string(&RegisterPeer {
-        pubkey: pubkey.to_owned(),
+        pubkey: *pubkey,
         ipv4: false,
         name: None,
         container: None,
@@ -234,7 +233,7 @@ fn register_keep_alive(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     callers: &[Caller],
-    keys: &[String],
+    keys: &[Key],
 ) -> (Outcome, Duration) {
     let per_client = keys.len().div_ceil(callers.len()).max(1);
     from.enter(|| {
@@ -291,7 +290,7 @@ fn register_keep_alive(
 fn register_agent_style(
     from: &Netns,
     client: &RelayClient,
-    keys: &[String],
+    keys: &[Key],
     clients: usize,
 ) -> (Outcome, Duration) {
     let per_client = keys.len().div_ceil(clients).max(1);
@@ -458,12 +457,12 @@ fn main() {
         .to_path_buf();
     let (_, token) = relay.create_token("registration-bench", max_peers, 0, None);
     let addr = SocketAddr::new(RELAY_UPLINK4.into(), API_PORT);
-    let mut tls = sidecar::pin::client_config(&relay.creds.pin).expect("client TLS config");
+    let mut tls = sidecar_proto::pin::client_config(&relay.creds.pin).expect("client TLS config");
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tls = Arc::new(tls);
 
-    let keys: Vec<String> = (0..peers).map(|_| random_pubkey()).collect();
-    let agent_keys: Vec<String> = (0..agent_peers).map(|_| random_pubkey()).collect();
+    let keys: Vec<Key> = (0..peers).map(|_| random_pubkey()).collect();
+    let agent_keys: Vec<Key> = (0..agent_peers).map(|_| random_pubkey()).collect();
 
     let (rss0, _) = memory_kib(pid);
     let disk0 = disk_usage(&data_dir);
@@ -527,7 +526,7 @@ fn main() {
             }
         })
         .collect();
-    let limited_keys: Vec<String> = (0..limited_peers).map(|_| random_pubkey()).collect();
+    let limited_keys: Vec<Key> = (0..limited_peers).map(|_| random_pubkey()).collect();
     let (limited, limited_time) =
         register_keep_alive(&topo.router, addr, tls, &callers, &limited_keys);
     check("rate-limited registrations", limited_peers, &limited);

@@ -115,12 +115,14 @@ impl fmt::Debug for Key {
 }
 
 /// Serialized as base64, the form `wg` prints.
+#[cfg(feature = "serde")]
 impl serde::Serialize for Key {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
+#[cfg(feature = "serde")]
 impl<'de> serde::Deserialize<'de> for Key {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;

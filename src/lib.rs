@@ -4,14 +4,12 @@
 //! The protocol state lives in sans-IO types ([`wg`]) that take bytes in and give
 //! bytes and actions out; thin tokio drivers own sockets and devices.
 
-pub mod cli;
+pub mod endpoint;
 pub mod icmp;
 pub mod key;
-pub mod neighbor;
+pub mod neighbor_reply;
 pub mod netstack;
-pub mod pin;
 pub mod prefix;
-pub mod proto;
 pub mod route;
 pub mod shape;
 pub mod tun;
@@ -19,6 +17,8 @@ pub mod tunnel;
 pub mod uapi;
 pub mod udp;
 pub mod wg;
+pub mod wgquick;
 
+pub use endpoint::Endpoint;
 pub use key::Key;
 pub use prefix::IpPrefix;

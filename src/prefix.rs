@@ -127,12 +127,14 @@ impl fmt::Display for IpPrefix {
 }
 
 /// Serialized as its text form, `addr/len`.
+#[cfg(feature = "serde")]
 impl serde::Serialize for IpPrefix {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
+#[cfg(feature = "serde")]
 impl<'de> serde::Deserialize<'de> for IpPrefix {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IpPrefix, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;

@@ -9,7 +9,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use sidecar::neighbor::{
+use sidecar::neighbor_reply::{
     answer_arp_request, answer_neighbor_solicitation, neighbor_advertisement_with_checksum,
     RxChecksum,
 };

@@ -7,4 +7,3 @@ pub mod netstack_link;
 pub mod relay_client;
 pub mod resolve;
 pub mod state;
-pub mod wgquick;

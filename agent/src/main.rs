@@ -1,5 +1,6 @@
 //! `sidecar-agent`: userspace WireGuard for hosts without the kernel module.
 
+mod cli;
 mod up;
 
 use std::path::PathBuf;
@@ -82,7 +83,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sidecar::cli::run("info,boringtun=warn", || async move {
+    cli::run("info,boringtun=warn", || async move {
         match cli.command {
             Command::Up { config, interface } => up::run(&config, interface.as_deref()).await,
             Command::Run {

@@ -12,12 +12,12 @@ use anyhow::{anyhow, Context, Result};
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use bollard::Docker;
 use futures_util::StreamExt;
-use sidecar::proto::{Allocation, RegisterPeer};
 use sidecar::tun::TunDevice;
 use sidecar::tunnel::Tunnel;
 use sidecar::udp::UdpTransport;
 use sidecar::wg::{Device, PeerConfig};
-use sidecar::{IpPrefix, Key};
+use sidecar::{Endpoint, IpPrefix, Key};
+use sidecar_proto::{Allocation, RegisterPeer};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::container_net;
@@ -297,19 +297,19 @@ impl Agent {
     }
 
     /// Inspects, registers and wires up one container. `Ok(None)`: not ours.
-    async fn set_up(&self, id: &str) -> Result<Option<Managed>, Failure> {
+    async fn set_up(&self, id: &str) -> Result<Option<Managed>, SetupFailure> {
         let info = self
             .docker
             .inspect_container(id, None)
             .await
-            .map_err(|e| Failure::transient("", format!("cannot inspect: {e}")))?;
+            .map_err(|e| SetupFailure::transient("", format!("cannot inspect: {e}")))?;
         let name = info
             .name
             .clone()
             .unwrap_or_default()
             .trim_start_matches('/')
             .to_string();
-        let fail = |permanent: bool, e: String| Failure {
+        let fail = |permanent: bool, e: String| SetupFailure {
             name: name.clone(),
             error: e,
             permanent,
@@ -371,7 +371,7 @@ impl Agent {
             .container_key(id)
             .map_err(|e| fail(false, format!("cannot read or create its key: {e}")))?;
         let mut request = RegisterPeer {
-            pubkey: key.public_key().to_base64(),
+            pubkey: key.public_key(),
             ipv4: labels.ipv4,
             name: (!name.is_empty()).then(|| name.clone()),
             container: Some(id.to_string()),
@@ -450,8 +450,8 @@ impl Agent {
                 container: id.to_string(),
                 name,
                 state: "active".into(),
-                ipv6: Some(alloc.ipv6.clone()),
-                ipv4: alloc.ipv4.clone(),
+                ipv6: Some(IpPrefix::host(alloc.ipv6.into()).to_string()),
+                ipv4: alloc.ipv4.map(|a| IpPrefix::host(a.into()).to_string()),
                 mode: Some(mode.into()),
                 error: note,
                 ..StatusRow::default()
@@ -495,12 +495,7 @@ impl Agent {
                 return;
             }
         };
-        if let Err(e) = self
-            .settings
-            .relay
-            .deregister(&key.public_key().to_base64())
-            .await
-        {
+        if let Err(e) = self.settings.relay.deregister(key.public_key()).await {
             // The key stays, so the next collection tries again.
             tracing::warn!(container = %short(id), error = %e, "cannot deregister from the relay yet");
             self.deregister_retry_at = Some(Instant::now() + RETRY_AFTER);
@@ -545,15 +540,15 @@ impl Agent {
     }
 }
 
-struct Failure {
+struct SetupFailure {
     name: String,
     error: String,
     permanent: bool,
 }
 
-impl Failure {
-    fn transient(name: &str, error: String) -> Failure {
-        Failure {
+impl SetupFailure {
+    fn transient(name: &str, error: String) -> SetupFailure {
+        SetupFailure {
             name: name.to_string(),
             error,
             permanent: false,
@@ -563,24 +558,17 @@ impl Failure {
 
 /// Addresses to assign, the relay's key and its WireGuard endpoint.
 async fn parse_allocation(alloc: &Allocation) -> Result<(Vec<IpPrefix>, Key, SocketAddr)> {
-    let mut addrs = vec![alloc
-        .ipv6
-        .parse::<IpPrefix>()
-        .map_err(|e| anyhow!("relay sent a bad IPv6 allocation {:?}: {e}", alloc.ipv6))?];
-    if let Some(v4) = &alloc.ipv4 {
-        addrs.push(
-            v4.parse::<IpPrefix>()
-                .map_err(|e| anyhow!("relay sent a bad IPv4 allocation {v4:?}: {e}"))?,
-        );
-    }
-    let relay_key = Key::from_base64(&alloc.relay_public_key)
-        .map_err(|e| anyhow!("relay sent a bad public key: {e}"))?;
-    let endpoint = tokio::net::lookup_host(alloc.relay_endpoint.as_str())
-        .await
-        .with_context(|| format!("cannot resolve the relay endpoint {}", alloc.relay_endpoint))?
-        .next()
-        .ok_or_else(|| anyhow!("relay endpoint {} has no address", alloc.relay_endpoint))?;
-    Ok((addrs, relay_key, endpoint))
+    let mut addrs = vec![IpPrefix::host(alloc.ipv6.into())];
+    addrs.extend(alloc.ipv4.map(|v4| IpPrefix::host(v4.into())));
+    let endpoint = match &alloc.relay_endpoint {
+        Endpoint::Addr(addr) => *addr,
+        Endpoint::Host { host, port } => tokio::net::lookup_host((host.as_str(), *port))
+            .await
+            .with_context(|| format!("cannot resolve the relay endpoint {}", alloc.relay_endpoint))?
+            .next()
+            .ok_or_else(|| anyhow!("relay endpoint {} has no address", alloc.relay_endpoint))?,
+    };
+    Ok((addrs, alloc.relay_public_key, endpoint))
 }
 
 /// The container's own addresses on its Docker networks (netstack forwards there).

@@ -10,8 +10,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sidecar::pin::{client_config, PinMismatch};
-use sidecar::proto::{
+use sidecar::Key;
+use sidecar_proto::pin::{client_config, PinMismatch};
+use sidecar_proto::{
     Allocation, ApiError, DeletePeer, PeerView, RegisterPeer, Status, TOKEN_PREFIX,
 };
 use tokio::net::TcpStream;
@@ -29,7 +30,7 @@ pub enum ClientError {
     #[error("the token must start with {TOKEN_PREFIX} (it looks like {0}); copy the agent token the relay printed")]
     BadToken(String),
     #[error("{0}")]
-    Pin(#[from] sidecar::pin::PinError),
+    Pin(#[from] sidecar_proto::pin::PinError),
     #[error("cannot reach the relay at {url}: {source}")]
     Connect { url: String, source: std::io::Error },
     #[error("the relay's certificate does not match --pin: {0}")]
@@ -130,10 +131,8 @@ impl RelayClient {
         self.call(Method::POST, "/v1/peers", Some(req)).await
     }
 
-    pub async fn deregister(&self, pubkey: &str) -> Result<(), ClientError> {
-        let body = DeletePeer {
-            pubkey: pubkey.to_string(),
-        };
+    pub async fn deregister(&self, pubkey: Key) -> Result<(), ClientError> {
+        let body = DeletePeer { pubkey };
         match self
             .call::<_, serde_json::Value>(Method::DELETE, "/v1/peers", Some(&body))
             .await

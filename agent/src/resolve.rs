@@ -12,7 +12,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
 use hickory_resolver::{Resolver, TokioResolver};
 
-use crate::wgquick::Endpoint;
+use sidecar::Endpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {

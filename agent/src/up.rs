@@ -10,9 +10,10 @@ use sidecar::tunnel::Tunnel;
 use sidecar::uapi::{validate_interface_name, UapiServer};
 use sidecar::udp::UdpTransport;
 use sidecar::wg::Device;
+use sidecar::wgquick;
+use sidecar::Endpoint;
 use sidecar::IpPrefix;
 use sidecar_agent::resolve::{resolve_endpoint_with, system_resolver};
-use sidecar_agent::wgquick::{self, Endpoint};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// wg-quick's default for an Ethernet uplink: 1500 less the largest (IPv6) overhead.

@@ -7,7 +7,7 @@
 //! HTTPS only (see [`crate::tls`]), bearer tokens from the store, JSON in and out.
 //! Every error, including axum's own rejections and unknown routes, leaves as
 //! `{"error": code, "message": text}` with a stable code from
-//! [`sidecar::proto::codes`]. The OpenAPI document at `/api/openapi.json` is
+//! [`sidecar_proto::codes`]. The OpenAPI document at `/api/openapi.json` is
 //! generated from the handler annotations below, so it cannot drift from the code.
 
 use std::future::Future;
@@ -28,11 +28,12 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use serde::de::DeserializeOwned;
-use sidecar::proto::{
+use serde_json::value::RawValue;
+use sidecar::{Endpoint, Key};
+use sidecar_proto::{
     codes, Allocation, ApiError, CreateToken, CreatedToken, DeletePeer, Health, Limits, PeerList,
     PeerView, RegisterPeer, RevokeToken, Status, Usage, TOKEN_PREFIX,
 };
-use sidecar::Key;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -55,8 +56,8 @@ const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
 #[derive(Debug, Clone)]
 pub struct RelayInfo {
     pub public_key: Key,
-    /// `host:port` the agent sends WireGuard packets to.
-    pub endpoint: String,
+    /// Where the agent sends WireGuard packets.
+    pub endpoint: Endpoint,
     pub keepalive: u16,
     pub mtu: u16,
     pub version: &'static str,
@@ -107,32 +108,36 @@ impl ApiState {
 /// An error response: an HTTP status plus the JSON body clients see.
 #[derive(Debug, thiserror::Error)]
 #[error("{status} {code}: {message}")]
-pub struct Failure {
+pub struct ErrorResponse {
     status: StatusCode,
     code: &'static str,
     message: String,
 }
 
-impl Failure {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Failure {
-        Failure {
+impl ErrorResponse {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ErrorResponse {
+        ErrorResponse {
             status,
             code,
             message: message.into(),
         }
     }
 
-    fn unauthorized(message: impl Into<String>) -> Failure {
-        Failure::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, message)
+    fn unauthorized(message: impl Into<String>) -> ErrorResponse {
+        ErrorResponse::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, message)
     }
 
-    fn invalid_pubkey(message: impl Into<String>) -> Failure {
-        Failure::new(StatusCode::BAD_REQUEST, codes::INVALID_PUBKEY, message)
+    fn invalid_pubkey(message: impl Into<String>) -> ErrorResponse {
+        ErrorResponse::new(StatusCode::BAD_REQUEST, codes::INVALID_PUBKEY, message)
     }
 
     /// The client learns nothing about the cause; the log gets the details.
-    fn internal() -> Failure {
-        Failure::new(
+    fn internal() -> ErrorResponse {
+        ErrorResponse::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             codes::INTERNAL,
             "internal error; see the relay's log",
@@ -148,7 +153,7 @@ impl Failure {
     }
 }
 
-impl IntoResponse for Failure {
+impl IntoResponse for ErrorResponse {
     fn into_response(self) -> Response {
         let body = ApiError {
             error: self.code.to_owned(),
@@ -158,40 +163,40 @@ impl IntoResponse for Failure {
     }
 }
 
-impl From<StoreError> for Failure {
-    fn from(err: StoreError) -> Failure {
+impl From<StoreError> for ErrorResponse {
+    fn from(err: StoreError) -> ErrorResponse {
         match err {
-            StoreError::Quota { limit, max } => Failure::new(
+            StoreError::Quota { limit, max } => ErrorResponse::new(
                 StatusCode::FORBIDDEN,
                 codes::QUOTA_EXCEEDED,
                 format!("quota exceeded: this token's {limit} limit is {max}"),
             ),
-            StoreError::Ipv4Unavailable => Failure::new(
+            StoreError::Ipv4Unavailable => ErrorResponse::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 codes::IPV4_UNAVAILABLE,
                 err.to_string(),
             ),
-            StoreError::PoolExhausted { family } => Failure::new(
+            StoreError::PoolExhausted { family } => ErrorResponse::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::POOL_EXHAUSTED,
                 format!("this relay has no free {family} address left"),
             ),
             StoreError::Conflict => {
-                Failure::new(StatusCode::CONFLICT, codes::CONFLICT, err.to_string())
+                ErrorResponse::new(StatusCode::CONFLICT, codes::CONFLICT, err.to_string())
             }
             StoreError::NotFound => {
-                Failure::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, err.to_string())
+                ErrorResponse::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, err.to_string())
             }
             // Revoked between authentication and the store call.
-            StoreError::UnknownToken => Failure::unauthorized("unknown or revoked token"),
-            StoreError::Invalid(message) => Failure::new(
+            StoreError::UnknownToken => ErrorResponse::unauthorized("unknown or revoked token"),
+            StoreError::Invalid(message) => ErrorResponse::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 codes::INVALID_REQUEST,
                 message,
             ),
             other => {
                 tracing::error!(error = %other, "store failure");
-                Failure::internal()
+                ErrorResponse::internal()
             }
         }
     }
@@ -205,17 +210,40 @@ where
     S: Send + Sync,
     T: DeserializeOwned,
 {
-    type Rejection = Failure;
+    type Rejection = ErrorResponse;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
-        match Json::<T>::from_request(req, state).await {
+    async fn from_request(req: Request, state: &S) -> Result<Self, ErrorResponse> {
+        // Two steps so the body is still at hand when decoding fails: axum checks
+        // the content type, the size and the syntax, then the typed decode runs.
+        let Json(raw) = Json::<Box<RawValue>>::from_request(req, state)
+            .await
+            .map_err(json_rejection)?;
+        let body = raw.get().as_bytes();
+        match Json::<T>::from_bytes(body) {
             Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+            Err(rejection) => {
+                Err(bad_pubkey(&rejection, body).unwrap_or_else(|| json_rejection(rejection)))
+            }
         }
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> Failure {
+/// A body whose `pubkey` is a string but not a WireGuard key gets `invalid_pubkey`
+/// (400) rather than the generic `invalid_request` (422): agents tell "my key is
+/// wrong" apart from "my request is wrong". Only looked at once decoding failed.
+fn bad_pubkey(rejection: &JsonRejection, body: &[u8]) -> Option<ErrorResponse> {
+    if !matches!(rejection, JsonRejection::JsonDataError(_)) {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = value.get("pubkey")?.as_str()?;
+    let err = Key::from_base64(text).err()?;
+    Some(ErrorResponse::invalid_pubkey(format!(
+        "pubkey must be base64 of 32 bytes: {err}"
+    )))
+}
+
+fn json_rejection(rejection: JsonRejection) -> ErrorResponse {
     let status = rejection.status();
     let code = match &rejection {
         JsonRejection::JsonDataError(_) => codes::INVALID_REQUEST,
@@ -224,7 +252,7 @@ fn json_rejection(rejection: JsonRejection) -> Failure {
         // Body read failures: the length limit (413) or a broken connection.
         _ => code_for_status(status),
     };
-    Failure::new(status, code, rejection.body_text())
+    ErrorResponse::new(status, code, rejection.body_text())
 }
 
 /// Codes for errors that did not come from our own handlers (axum rejections,
@@ -253,14 +281,17 @@ struct TokenSlot(Arc<OnceLock<String>>);
 pub struct Caller(pub TokenRecord);
 
 impl FromRequestParts<Arc<ApiState>> for Caller {
-    type Rejection = Failure;
+    type Rejection = ErrorResponse;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Failure> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ErrorResponse> {
         let secret = bearer_secret(&parts.headers)?;
         let token = state
             .store()
             .authenticate(secret)?
-            .ok_or_else(|| Failure::unauthorized("unknown or revoked token"))?;
+            .ok_or_else(|| ErrorResponse::unauthorized("unknown or revoked token"))?;
         if let Some(slot) = parts.extensions.get::<TokenSlot>() {
             let _ = slot.0.set(token.id.clone());
         }
@@ -268,23 +299,23 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
     }
 }
 
-fn bearer_secret(headers: &HeaderMap) -> Result<&str, Failure> {
+fn bearer_secret(headers: &HeaderMap) -> Result<&str, ErrorResponse> {
     let value = headers
         .get(AUTHORIZATION)
-        .ok_or_else(|| Failure::unauthorized("missing bearer token"))?
+        .ok_or_else(|| ErrorResponse::unauthorized("missing bearer token"))?
         .to_str()
-        .map_err(|_| Failure::unauthorized("the authorization header is not valid text"))?;
+        .map_err(|_| ErrorResponse::unauthorized("the authorization header is not valid text"))?;
     let (scheme, secret) = value.split_once(' ').ok_or_else(|| {
-        Failure::unauthorized("the authorization header must be 'Bearer <token>'")
+        ErrorResponse::unauthorized("the authorization header must be 'Bearer <token>'")
     })?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(Failure::unauthorized(
+        return Err(ErrorResponse::unauthorized(
             "the authorization header must be 'Bearer <token>'",
         ));
     }
     let secret = secret.trim();
     if !secret.starts_with(TOKEN_PREFIX) {
-        return Err(Failure::unauthorized(format!(
+        return Err(ErrorResponse::unauthorized(format!(
             "token must start with {TOKEN_PREFIX}"
         )));
     }
@@ -295,12 +326,15 @@ fn bearer_secret(headers: &HeaderMap) -> Result<&str, Failure> {
 pub struct Admin(pub TokenRecord);
 
 impl FromRequestParts<Arc<ApiState>> for Admin {
-    type Rejection = Failure;
+    type Rejection = ErrorResponse;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<ApiState>) -> Result<Self, Failure> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ErrorResponse> {
         let Caller(token) = Caller::from_request_parts(parts, state).await?;
         if !token.admin {
-            return Err(Failure::new(
+            return Err(ErrorResponse::new(
                 StatusCode::FORBIDDEN,
                 codes::FORBIDDEN,
                 "this route needs an admin token",
@@ -310,24 +344,27 @@ impl FromRequestParts<Arc<ApiState>> for Admin {
     }
 }
 
-fn parse_pubkey(text: &str, info: &RelayInfo) -> Result<Key, Failure> {
-    let key = Key::from_base64(text)
-        .map_err(|e| Failure::invalid_pubkey(format!("pubkey must be base64 of 32 bytes: {e}")))?;
+/// The checks a well-formed key must still pass to be registered.
+fn check_pubkey(key: Key, info: &RelayInfo) -> Result<Key, ErrorResponse> {
     if key.is_zero() {
-        return Err(Failure::invalid_pubkey("pubkey must not be all zeros"));
+        return Err(ErrorResponse::invalid_pubkey(
+            "pubkey must not be all zeros",
+        ));
     }
     if key == info.public_key {
-        return Err(Failure::invalid_pubkey("pubkey is the relay's own key"));
+        return Err(ErrorResponse::invalid_pubkey(
+            "pubkey is the relay's own key",
+        ));
     }
     Ok(key)
 }
 
 fn allocation(peer: &PeerRecord, info: &RelayInfo, created: bool) -> Allocation {
     Allocation {
-        pubkey: peer.public_key.to_base64(),
-        ipv6: format!("{}/128", peer.ipv6),
-        ipv4: peer.ipv4.map(|a| format!("{a}/32")),
-        relay_public_key: info.public_key.to_base64(),
+        pubkey: peer.public_key,
+        ipv6: peer.ipv6,
+        ipv4: peer.ipv4,
+        relay_public_key: info.public_key,
         relay_endpoint: info.endpoint.clone(),
         keepalive: info.keepalive,
         mtu: info.mtu,
@@ -401,10 +438,10 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Health> {
 async fn status(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
-) -> Result<Json<Status>, Failure> {
+) -> Result<Json<Status>, ErrorResponse> {
     let usage = state.store().usage(&token.id).map_err(|e| match e {
         // Revoked since authentication.
-        StoreError::NotFound => Failure::unauthorized("unknown or revoked token"),
+        StoreError::NotFound => ErrorResponse::unauthorized("unknown or revoked token"),
         other => other.into(),
     })?;
     Ok(Json(Status {
@@ -444,16 +481,16 @@ async fn register_peer(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
     ApiJson(req): ApiJson<RegisterPeer>,
-) -> Result<(StatusCode, Json<Allocation>), Failure> {
+) -> Result<(StatusCode, Json<Allocation>), ErrorResponse> {
     if state.is_draining() {
-        return Err(Failure::new(
+        return Err(ErrorResponse::new(
             StatusCode::SERVICE_UNAVAILABLE,
             codes::DRAINING,
             "this relay is shutting down and accepts no new peers",
         ));
     }
     let registration = Registration {
-        public_key: parse_pubkey(&req.pubkey, &state.info)?,
+        public_key: check_pubkey(req.pubkey, &state.info)?,
         ipv4: req.ipv4,
         name: req.name,
         container: req.container,
@@ -479,7 +516,7 @@ async fn register_peer(
 async fn list_peers(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
-) -> Result<Json<PeerList>, Failure> {
+) -> Result<Json<PeerList>, ErrorResponse> {
     let scope = (!token.admin).then_some(token.id.as_str());
     let peers = state.store().peers(scope)?;
     Ok(Json(PeerList {
@@ -502,10 +539,10 @@ async fn peer_by_container(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
     Path(id): Path<String>,
-) -> Result<Json<PeerView>, Failure> {
+) -> Result<Json<PeerView>, ErrorResponse> {
     match state.store().peer_by_container(&token.id, &id)? {
         Some(peer) => Ok(Json(peer_view(&peer, &state))),
-        None => Err(Failure::new(
+        None => Err(ErrorResponse::new(
             StatusCode::NOT_FOUND,
             codes::NOT_FOUND,
             "no peer is registered for this container",
@@ -529,11 +566,11 @@ async fn delete_peer(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
     ApiJson(req): ApiJson<DeletePeer>,
-) -> Result<StatusCode, Failure> {
-    let key = parse_pubkey(&req.pubkey, &state.info)?;
+) -> Result<StatusCode, ErrorResponse> {
+    let key = check_pubkey(req.pubkey, &state.info)?;
     match state.service.delete(&token.id, &key).await? {
         Some(_) => Ok(StatusCode::NO_CONTENT),
-        None => Err(Failure::new(
+        None => Err(ErrorResponse::new(
             StatusCode::NOT_FOUND,
             codes::NOT_FOUND,
             "this token has no peer with that public key",
@@ -557,7 +594,7 @@ async fn create_token(
     State(state): State<Arc<ApiState>>,
     Admin(_admin): Admin,
     ApiJson(req): ApiJson<CreateToken>,
-) -> Result<(StatusCode, Json<CreatedToken>), Failure> {
+) -> Result<(StatusCode, Json<CreatedToken>), ErrorResponse> {
     let (record, token) = state.store().create_token(TokenSpec::from(req)).await?;
     tracing::info!(token_id = %record.id, name = %record.name, "token created");
     Ok((
@@ -586,11 +623,11 @@ async fn revoke_token(
     State(state): State<Arc<ApiState>>,
     Admin(admin): Admin,
     ApiJson(req): ApiJson<RevokeToken>,
-) -> Result<StatusCode, Failure> {
+) -> Result<StatusCode, ErrorResponse> {
     // Admin tokens cannot be created over the API, so revoking the last one
     // would lock every operator out until someone edits the store by hand.
     if req.id == admin.id {
-        return Err(Failure::new(
+        return Err(ErrorResponse::new(
             StatusCode::CONFLICT,
             codes::CONFLICT,
             "a token cannot revoke itself",
@@ -601,7 +638,7 @@ async fn revoke_token(
         .revoke_token(&req.id)
         .await
         .map_err(|e| match e {
-            StoreError::NotFound => Failure::new(
+            StoreError::NotFound => ErrorResponse::new(
                 StatusCode::NOT_FOUND,
                 codes::NOT_FOUND,
                 "no token with this id",
@@ -626,8 +663,8 @@ async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoRespon
     ([(CONTENT_TYPE, "application/json")], doc.0)
 }
 
-async fn not_found(uri: Uri) -> Failure {
-    Failure::new(
+async fn not_found(uri: Uri) -> ErrorResponse {
+    ErrorResponse::new(
         StatusCode::NOT_FOUND,
         codes::NOT_FOUND,
         format!("no route for {}", uri.path()),

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sidecar::IpPrefix;
+use sidecar::{Endpoint, IpPrefix};
 
 /// How a prefix reaches the relay from its upstream router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ pub struct WireguardSection {
     #[serde(default = "default_listen_port")]
     pub listen_port: u16,
     /// `host:port` that agents send WireGuard to (what the API hands out).
-    pub endpoint: String,
+    pub endpoint: Endpoint,
     #[serde(default = "default_interface")]
     pub interface: String,
     #[serde(default = "default_mtu")]
@@ -263,12 +263,6 @@ impl RelayConfig {
                 self.wireguard.mtu
             )));
         }
-        if self.wireguard.endpoint.rsplit_once(':').is_none() {
-            return Err(ConfigError::Invalid(format!(
-                "wireguard.endpoint {:?} must be host:port",
-                self.wireguard.endpoint
-            )));
-        }
         self.limits.validate()?;
         Ok(())
     }
@@ -293,7 +287,7 @@ impl RelayConfig {
         s.push_str("# UDP port for WireGuard.\n");
         s.push_str(&format!("listen_port = {}\n", self.wireguard.listen_port));
         s.push_str("# host:port agents send WireGuard to: this relay's public address.\n");
-        s.push_str(&format!("endpoint = {:?}\n", self.wireguard.endpoint));
+        s.push_str(&format!("endpoint = \"{}\"\n", self.wireguard.endpoint));
         s.push_str("# The TUN interface the relay forwards through.\n");
         s.push_str(&format!("interface = {:?}\n", self.wireguard.interface));
         s.push_str("# Inner MTU handed to agents.\n");
@@ -361,7 +355,7 @@ mod tests {
             data_dir: "/var/lib/sidecar-relay".into(),
             wireguard: WireguardSection {
                 listen_port: 51820,
-                endpoint: "relay.example.net:51820".into(),
+                endpoint: "relay.example.net:51820".parse().unwrap(),
                 interface: "sidecar0".into(),
                 mtu: 1420,
                 keepalive: 25,

@@ -43,7 +43,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
-use sidecar::proto::{codes, ApiError};
+use sidecar_proto::{codes, ApiError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;

@@ -1,12 +1,14 @@
 //! `sidecar-relay`: hands out public addresses to WireGuard peers and forwards them.
 
+mod cli;
+
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sidecar::{IpPrefix, Key};
+use sidecar::{Endpoint, IpPrefix, Key};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::{
     default_address_hold_hours, ApiSection, NetworkSection, PrefixMode, RelayConfig,
@@ -77,7 +79,7 @@ struct InitArgs {
     uplink: Option<String>,
     /// Public host:port agents send WireGuard to; the host also names the TLS certificate.
     #[arg(long, value_name = "HOST:PORT")]
-    endpoint: String,
+    endpoint: Endpoint,
     /// Address for the HTTPS control API.
     #[arg(long, value_name = "ADDR", default_value = "[::]:8443")]
     api_listen: SocketAddr,
@@ -109,7 +111,7 @@ impl From<Mode> for PrefixMode {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    sidecar::cli::run("info,boringtun=warn,sled=warn", || async move {
+    cli::run("info,boringtun=warn,sled=warn", || async move {
         match cli.command {
             Command::Init(args) => init(args).await,
             Command::Run { config, data_dir } => run(config.as_deref(), &data_dir).await,
@@ -120,7 +122,7 @@ fn main() -> std::process::ExitCode {
 async fn init(args: InitArgs) -> Result<()> {
     let port = match args.listen_port {
         Some(p) => p,
-        None => endpoint_port(&args.endpoint)?,
+        None => args.endpoint.port(),
     };
     let config = RelayConfig {
         data_dir: std::path::absolute(&args.dir)
@@ -412,10 +414,7 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
             .with_context(|| format!("cannot resolve {}", data_dir.display()))?,
         wireguard: WireguardSection {
             listen_port: 51820,
-            endpoint: match host {
-                IpAddr::V6(a) => format!("[{a}]:51820"),
-                IpAddr::V4(a) => format!("{a}:51820"),
-            },
+            endpoint: Endpoint::Addr(SocketAddr::new(host, 51820)),
             interface: "sidecar0".into(),
             mtu: 1420,
             keepalive: 25,
@@ -470,16 +469,13 @@ fn local_address() -> IpAddr {
         .unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
-fn endpoint_host(endpoint: &str) -> &str {
-    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
-fn endpoint_port(endpoint: &str) -> Result<u16> {
-    endpoint
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .with_context(|| format!("endpoint {endpoint:?} must be host:port"))
+/// The endpoint's host as a certificate and a URL name it: a name, or an address
+/// without brackets.
+fn endpoint_host(endpoint: &Endpoint) -> String {
+    match endpoint {
+        Endpoint::Addr(addr) => addr.ip().to_string(),
+        Endpoint::Host { host, .. } => host.clone(),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {

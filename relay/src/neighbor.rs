@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sidecar::neighbor::{arp_reply, neighbor_advertisement_with_checksum, RxChecksum};
+use sidecar::neighbor_reply::{arp_reply, neighbor_advertisement_with_checksum, RxChecksum};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::task::JoinHandle;
@@ -609,7 +609,7 @@ enum Expect {
 /// ```
 ///
 /// Checksum, code, target and options are validated in userspace
-/// ([`sidecar::neighbor`]); the filter only has to keep everything else away.
+/// ([`sidecar::neighbor_reply`]); the filter only has to keep everything else away.
 fn ipv6_filter() -> Vec<libc::sock_filter> {
     program(&[
         (LOAD_PKTTYPE, Expect::AtMost(MAX_PKTTYPE)),

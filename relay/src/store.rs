@@ -161,8 +161,8 @@ pub struct TokenSpec {
 
 /// What `POST /v1/admin/tokens` asks for: never an admin token (those are made at
 /// first start only).
-impl From<sidecar::proto::CreateToken> for TokenSpec {
-    fn from(req: sidecar::proto::CreateToken) -> TokenSpec {
+impl From<sidecar_proto::CreateToken> for TokenSpec {
+    fn from(req: sidecar_proto::CreateToken) -> TokenSpec {
         TokenSpec {
             name: req.name,
             max_peers: req.max_peers,

@@ -21,7 +21,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
-pub use sidecar::pin::{
+pub use sidecar_proto::pin::{
     client_config, parse_pin, spki_pin, PinError, PinMismatch, PinnedVerifier, PIN_PREFIX,
 };
 
@@ -49,7 +49,7 @@ pub enum TlsError {
     Pin(#[from] PinError),
 }
 
-use sidecar::pin::provider;
+use sidecar_proto::pin::provider;
 
 /// The relay's certificate and private key, with their PEM text for saving.
 #[derive(Clone)]

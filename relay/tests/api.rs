@@ -4,14 +4,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sidecar::proto::{Allocation, ApiError, PeerList, PeerView, Status};
 use sidecar::{IpPrefix, Key};
+use sidecar_proto::{Allocation, ApiError, PeerList, PeerView, Status};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::dataplane::PeerEntry;
 use sidecar_relay::service::{DataPlane, PeerService, ServiceOptions};
@@ -122,7 +122,7 @@ impl Relay {
         let relay_key = Key::generate_private().public_key();
         let info = RelayInfo {
             public_key: relay_key,
-            endpoint: "relay.example:51820".into(),
+            endpoint: "relay.example:51820".parse().unwrap(),
             keepalive: 25,
             mtu: 1420,
             version: "9.9.9-test",
@@ -345,11 +345,9 @@ fn register_body(key: &Key, ipv4: bool) -> Value {
     json!({"pubkey": key.to_base64(), "ipv4": ipv4})
 }
 
-fn in_prefix(addr_slash_len: &str, prefix: &str, len: u8) -> bool {
-    let (addr, l) = addr_slash_len.split_once('/').unwrap();
-    let addr: IpAddr = addr.parse().unwrap();
+fn in_prefix(addr: impl Into<IpAddr>, prefix: &str) -> bool {
     let prefix: IpPrefix = prefix.parse().unwrap();
-    l.parse::<u8>().unwrap() == len && prefix.contains(addr)
+    prefix.contains(addr.into())
 }
 
 // ---------------------------------------------------------------- tests
@@ -511,11 +509,18 @@ async fn register_is_idempotent_and_feeds_the_data_plane() {
     assert_eq!(first.status, 201, "{first:?}");
     let alloc: Allocation = first.parse();
     assert!(alloc.created);
-    assert_eq!(alloc.pubkey, key.to_base64());
-    assert!(in_prefix(&alloc.ipv6, IPV6_PREFIX, 128), "{alloc:?}");
+    assert_eq!(alloc.pubkey, key);
+    assert!(in_prefix(alloc.ipv6, IPV6_PREFIX), "{alloc:?}");
     assert_eq!(alloc.ipv4, None);
-    assert_eq!(alloc.relay_public_key, relay.relay_key.to_base64());
-    assert_eq!(alloc.relay_endpoint, "relay.example:51820");
+    assert_eq!(alloc.relay_public_key, relay.relay_key);
+    assert_eq!(alloc.relay_endpoint.to_string(), "relay.example:51820");
+    // The wire form agents in the field read.
+    let wire = first.json();
+    assert_eq!(wire["pubkey"], key.to_base64());
+    assert_eq!(wire["ipv6"], format!("{}/128", alloc.ipv6));
+    assert_eq!(wire["ipv4"], Value::Null);
+    assert_eq!(wire["relay_public_key"], relay.relay_key.to_base64());
+    assert_eq!(wire["relay_endpoint"], "relay.example:51820");
     assert_eq!((alloc.keepalive, alloc.mtu), (25, 1420));
     assert_eq!(
         relay.dataplane.events(),
@@ -544,10 +549,7 @@ async fn register_is_idempotent_and_feeds_the_data_plane() {
     };
     assert!(!upgraded.created);
     assert_eq!(upgraded.ipv6, alloc.ipv6);
-    assert!(
-        in_prefix(upgraded.ipv4.as_deref().unwrap(), IPV4_POOL, 32),
-        "{upgraded:?}"
-    );
+    assert!(in_prefix(upgraded.ipv4.unwrap(), IPV4_POOL), "{upgraded:?}");
     assert_eq!(
         relay.dataplane.events().last(),
         Some(&Event::Added {
@@ -626,7 +628,7 @@ async fn ipv4_unavailable_and_pool_exhausted() {
         .post("/v1/peers", Some(&token), register_body(&new_key(), true))
         .await
         .parse();
-    assert_eq!(one.ipv4.as_deref(), Some("192.0.2.7/32"));
+    assert_eq!(one.ipv4, Some(Ipv4Addr::new(192, 0, 2, 7)));
     let err = client
         .post("/v1/peers", Some(&token), register_body(&new_key(), true))
         .await
@@ -658,24 +660,16 @@ async fn listing_is_scoped_and_carries_live_counters() {
         .insert(a1, (Some(1_700_000_000), 1234, 5678));
 
     let list: PeerList = client.get("/v1/peers", Some(&alice)).await.parse();
-    let keys: HashSet<String> = list.peers.iter().map(|p| p.pubkey.clone()).collect();
-    assert_eq!(keys, HashSet::from([a1.to_base64(), a2.to_base64()]));
-    let live = list
-        .peers
-        .iter()
-        .find(|p| p.pubkey == a1.to_base64())
-        .unwrap();
+    let keys: HashSet<Key> = list.peers.iter().map(|p| p.pubkey).collect();
+    assert_eq!(keys, HashSet::from([a1, a2]));
+    let live = list.peers.iter().find(|p| p.pubkey == a1).unwrap();
     assert_eq!(
         (live.last_handshake, live.rx_bytes, live.tx_bytes),
         (Some(1_700_000_000), 1234, 5678)
     );
-    assert_eq!(live.relay_public_key, relay.relay_key.to_base64());
+    assert_eq!(live.relay_public_key, relay.relay_key);
     assert!(live.created > 0);
-    let idle = list
-        .peers
-        .iter()
-        .find(|p| p.pubkey == a2.to_base64())
-        .unwrap();
+    let idle = list.peers.iter().find(|p| p.pubkey == a2).unwrap();
     assert_eq!(
         (idle.last_handshake, idle.rx_bytes, idle.tx_bytes),
         (None, 0, 0)
@@ -703,7 +697,7 @@ async fn lookup_by_container() {
         .await;
     assert_eq!(resp.status, 200);
     let view: PeerView = resp.parse();
-    assert_eq!(view.pubkey, key.to_base64());
+    assert_eq!(view.pubkey, key);
     assert_eq!(view.container.as_deref(), Some("3f4e5d"));
     assert_eq!(view.name.as_deref(), Some("db"));
 
@@ -1085,7 +1079,7 @@ async fn fifty_parallel_registrations_get_distinct_addresses() {
         let resp = task.await.unwrap();
         assert_eq!(resp.status, 201, "{resp:?}");
         let alloc: Allocation = resp.parse();
-        assert!(in_prefix(&alloc.ipv6, IPV6_PREFIX, 128));
+        assert!(in_prefix(alloc.ipv6, IPV6_PREFIX));
         v6.insert(alloc.ipv6);
         v4.insert(alloc.ipv4.unwrap());
     }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sidecar::proto::codes;
 use sidecar::Key;
+use sidecar_proto::codes;
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::LimitsSection;
 use sidecar_relay::dataplane::PeerEntry;
@@ -52,7 +52,7 @@ impl Relay {
         .unwrap();
         let info = RelayInfo {
             public_key: Key::generate_private().public_key(),
-            endpoint: "relay.example:51820".into(),
+            endpoint: "relay.example:51820".parse().unwrap(),
             keepalive: 25,
             mtu: 1420,
             version: "9.9.9-test",

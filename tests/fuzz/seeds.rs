@@ -428,7 +428,7 @@ pub fn sample_relay_config() -> sidecar_relay::config::RelayConfig {
         data_dir: "/var/lib/sidecar-relay".into(),
         wireguard: WireguardSection {
             listen_port: 51820,
-            endpoint: "relay.example.net:51820".into(),
+            endpoint: "relay.example.net:51820".parse().unwrap(),
             interface: "sidecar0".into(),
             mtu: 1420,
             keepalive: 25,

@@ -278,12 +278,17 @@ pub fn neighbor_owns_v4(a: Ipv4Addr) -> bool {
 pub fn neighbor(frame: &[u8]) {
     for len in [0, 14, 59, 60, 85, 86, 1600] {
         let mut out = vec![0u8; len];
-        if let Some(a) =
-            sidecar::neighbor::neighbor_advertisement(frame, OUR_MAC, neighbor_owns_v6, &mut out)
-        {
+        if let Some(a) = sidecar::neighbor_reply::neighbor_advertisement(
+            frame,
+            OUR_MAC,
+            neighbor_owns_v6,
+            &mut out,
+        ) {
             assert!(a.len <= len && neighbor_owns_v6(a.target));
         }
-        if let Some(a) = sidecar::neighbor::arp_reply(frame, OUR_MAC, neighbor_owns_v4, &mut out) {
+        if let Some(a) =
+            sidecar::neighbor_reply::arp_reply(frame, OUR_MAC, neighbor_owns_v4, &mut out)
+        {
             assert!(a.len <= len && neighbor_owns_v4(a.target));
         }
     }
@@ -477,7 +482,7 @@ fn uapi_device() -> &'static Device {
 /// A wg-quick file, then each peer's configuration from it.
 pub fn wgquick(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    if let Ok(config) = sidecar_agent::wgquick::parse(&text) {
+    if let Ok(config) = sidecar::wgquick::parse(&text) {
         for peer in &config.peers {
             let _ = peer.peer_config(None);
             let _ = peer.peer_config(Some(CLIENT_ENDPOINT));
@@ -550,9 +555,8 @@ fn api_fixture() -> &'static ApiFixture {
     })
 }
 
-/// The relay's check of a `pubkey` field (base64 of 32 bytes, not zero, not its own).
-fn api_pubkey(text: &str, relay_key: &Key) -> Option<Key> {
-    let key = Key::from_base64(text).ok()?;
+/// The relay's check of a decoded `pubkey` field (not zero, not its own).
+fn api_pubkey(key: Key, relay_key: &Key) -> Option<Key> {
     (!key.is_zero() && key != *relay_key).then_some(key)
 }
 
@@ -560,7 +564,7 @@ fn api_pubkey(text: &str, relay_key: &Key) -> Option<Key> {
 /// then validated and carried out against a real (temporary) store as the relay's
 /// handlers do; whatever is created is removed again so the store stays small.
 pub fn api_body(data: &[u8]) {
-    use sidecar::proto::{CreateToken, DeletePeer, RegisterPeer, RevokeToken};
+    use sidecar_proto::{CreateToken, DeletePeer, RegisterPeer, RevokeToken};
     let Some((&kind, body)) = data.split_first() else {
         return;
     };
@@ -571,7 +575,7 @@ pub fn api_body(data: &[u8]) {
             let Ok(req) = serde_json::from_slice::<RegisterPeer>(body) else {
                 return;
             };
-            let Some(key) = api_pubkey(&req.pubkey, &fx.relay_key) else {
+            let Some(key) = api_pubkey(req.pubkey, &fx.relay_key) else {
                 return;
             };
             let reg = sidecar_relay::store::Registration {
@@ -601,7 +605,7 @@ pub fn api_body(data: &[u8]) {
             let Ok(req) = serde_json::from_slice::<DeletePeer>(body) else {
                 return;
             };
-            if let Some(key) = api_pubkey(&req.pubkey, &fx.relay_key) {
+            if let Some(key) = api_pubkey(req.pubkey, &fx.relay_key) {
                 let _ = fx.rt.block_on(store.delete_peer(&fx.token.id, &key));
             }
         }

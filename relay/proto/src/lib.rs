@@ -1,17 +1,25 @@
 //! The relay's control API: request and response bodies shared by the relay
-//! (which serves them) and the agent (which calls them).
+//! (which serves them) and the agent (which calls them), and the trust decision for
+//! the relay's certificate ([`pin`]).
 //!
 //! Everything here is plain data with a fixed JSON shape; field names are part of
-//! the wire contract, so renaming a field is a breaking API change. Keys travel as
-//! base64 strings and addresses as `addr/len` strings so that the JSON reads the
-//! same as a WireGuard configuration file.
+//! the wire contract, so renaming a field is a breaking API change. Fields are typed
+//! ([`Key`], [`Ipv6Addr`], [`Endpoint`]): a body that decodes is valid, and nobody
+//! formats and parses the same value twice. On the wire keys are base64 and
+//! addresses `addr/128` or `addr/32`, so the JSON reads the same as a WireGuard
+//! configuration file.
 //!
 //! Unknown fields are ignored on input, so an older relay accepts requests from a
 //! newer agent that sends extra optional fields.
 
 use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
+use sidecar::{Endpoint, Key};
+
+mod host;
+pub mod pin;
 
 /// Every API token starts with this, so that a leaked token is recognisable
 /// (secret scanners key on it) and a wrong kind of credential is rejected early.
@@ -62,7 +70,8 @@ pub mod codes {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterPeer {
     /// The peer's WireGuard public key, base64 (32 bytes).
-    pub pubkey: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub pubkey: Key,
     /// Also allocate a public IPv4 /32 (counts against `max_ipv4`).
     #[serde(default)]
     pub ipv4: bool,
@@ -79,15 +88,22 @@ pub struct RegisterPeer {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Allocation {
     /// The registered public key, base64.
-    pub pubkey: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub pubkey: Key,
     /// The peer's routable IPv6 address, `addr/128`.
-    pub ipv6: String,
+    #[serde(with = "host::ipv6")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub ipv6: Ipv6Addr,
     /// The peer's public IPv4 address, `addr/32`, when one was requested.
-    pub ipv4: Option<String>,
+    #[serde(default, with = "host::optional_ipv4")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub ipv4: Option<Ipv4Addr>,
     /// The relay's WireGuard public key, base64.
-    pub relay_public_key: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_public_key: Key,
     /// Where to send WireGuard packets, `host:port`.
-    pub relay_endpoint: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_endpoint: Endpoint,
     /// Persistent keepalive the peer should use, seconds.
     pub keepalive: u16,
     /// Tunnel MTU the peer should use.
@@ -104,15 +120,22 @@ pub struct Allocation {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PeerView {
     /// The peer's public key, base64.
-    pub pubkey: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub pubkey: Key,
     /// `addr/128`.
-    pub ipv6: String,
+    #[serde(with = "host::ipv6")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub ipv6: Ipv6Addr,
     /// `addr/32`, if the peer has a public IPv4 address.
-    pub ipv4: Option<String>,
+    #[serde(default, with = "host::optional_ipv4")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub ipv4: Option<Ipv4Addr>,
     /// The relay's WireGuard public key, base64.
-    pub relay_public_key: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_public_key: Key,
     /// `host:port`.
-    pub relay_endpoint: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_endpoint: Endpoint,
     /// Seconds.
     pub keepalive: u16,
     pub mtu: u16,
@@ -140,7 +163,8 @@ pub struct PeerList {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeletePeer {
     /// The peer's public key, base64.
-    pub pubkey: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub pubkey: Key,
 }
 
 /// `POST /v1/admin/tokens` request.
@@ -256,67 +280,134 @@ mod tests {
         serde_json::to_value(v).unwrap()
     }
 
+    const K: Key = Key([1; 32]);
+    const R: Key = Key([2; 32]);
+    const K_B64: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    const R_B64: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+    fn allocation() -> Allocation {
+        Allocation {
+            pubkey: K,
+            ipv6: "2001:db8::1".parse().unwrap(),
+            ipv4: None,
+            relay_public_key: R,
+            relay_endpoint: "relay.example:51820".parse().unwrap(),
+            keepalive: 25,
+            mtu: 1420,
+            created: true,
+        }
+    }
+
     #[test]
     fn register_peer_defaults_and_shape() {
-        let minimal: RegisterPeer = serde_json::from_str(r#"{"pubkey":"k"}"#).unwrap();
+        let minimal: RegisterPeer = serde_json::from_value(json!({ "pubkey": K_B64 })).unwrap();
         assert_eq!(
             minimal,
             RegisterPeer {
-                pubkey: "k".into(),
+                pubkey: K,
                 ipv4: false,
                 name: None,
                 container: None
             }
         );
         let full = RegisterPeer {
-            pubkey: "k".into(),
+            pubkey: K,
             ipv4: true,
             name: Some("web".into()),
             container: Some("c1".into()),
         };
         assert_eq!(
             to_value(&full),
-            json!({"pubkey": "k", "ipv4": true, "name": "web", "container": "c1"})
+            json!({"pubkey": K_B64, "ipv4": true, "name": "web", "container": "c1"})
         );
         // An agent newer than the relay may add fields; they must not be fatal.
-        let extra: RegisterPeer = serde_json::from_str(r#"{"pubkey":"k","future":1}"#).unwrap();
-        assert_eq!(extra.pubkey, "k");
+        let extra: RegisterPeer =
+            serde_json::from_value(json!({"pubkey": K_B64, "future": 1})).unwrap();
+        assert_eq!(extra.pubkey, K);
         assert!(serde_json::from_str::<RegisterPeer>(r#"{"ipv4":true}"#).is_err());
     }
 
     #[test]
+    fn a_body_with_a_bad_key_does_not_decode() {
+        for bad in [json!(""), json!("AAAA"), json!("not base64!"), json!(5)] {
+            let err = serde_json::from_value::<RegisterPeer>(json!({ "pubkey": bad }))
+                .expect_err("a bad key must not decode");
+            assert!(!err.to_string().is_empty());
+            assert!(serde_json::from_value::<DeletePeer>(json!({ "pubkey": bad })).is_err());
+        }
+        let short = serde_json::from_value::<RegisterPeer>(json!({"pubkey": "AAAA"})).unwrap_err();
+        assert!(short.to_string().contains("32 bytes"), "{short}");
+    }
+
+    #[test]
     fn allocation_shape() {
-        let a = Allocation {
-            pubkey: "k".into(),
-            ipv6: "2001:db8::1/128".into(),
-            ipv4: None,
-            relay_public_key: "r".into(),
-            relay_endpoint: "relay.example:51820".into(),
-            keepalive: 25,
-            mtu: 1420,
-            created: true,
-        };
+        let a = allocation();
         assert_eq!(
             to_value(&a),
             json!({
-                "pubkey": "k", "ipv6": "2001:db8::1/128", "ipv4": null,
-                "relay_public_key": "r", "relay_endpoint": "relay.example:51820",
+                "pubkey": K_B64, "ipv6": "2001:db8::1/128", "ipv4": null,
+                "relay_public_key": R_B64, "relay_endpoint": "relay.example:51820",
                 "keepalive": 25, "mtu": 1420, "created": true
             })
         );
         let back: Allocation = serde_json::from_value(to_value(&a)).unwrap();
         assert_eq!(back, a);
+        let with_v4 = Allocation {
+            ipv4: Some(Ipv4Addr::new(192, 0, 2, 7)),
+            relay_endpoint: "[2001:db8::9]:51820".parse().unwrap(),
+            ..a
+        };
+        let v = to_value(&with_v4);
+        assert_eq!(v["ipv4"], "192.0.2.7/32");
+        assert_eq!(v["relay_endpoint"], "[2001:db8::9]:51820");
+        assert_eq!(serde_json::from_value::<Allocation>(v).unwrap(), with_v4);
+    }
+
+    #[test]
+    fn allocation_without_ipv4_field_decodes_as_none() {
+        let mut v = to_value(&allocation());
+        v.as_object_mut().unwrap().remove("ipv4");
+        assert_eq!(serde_json::from_value::<Allocation>(v).unwrap().ipv4, None);
+    }
+
+    #[test]
+    fn allocation_addresses_must_be_single_addresses_of_their_family() {
+        let decode = |field: &str, value: Value| {
+            let mut v = to_value(&allocation());
+            v[field] = value;
+            serde_json::from_value::<Allocation>(v)
+        };
+        assert_eq!(
+            decode("ipv6", json!("2001:db8::5")).unwrap().ipv6,
+            "2001:db8::5".parse::<Ipv6Addr>().unwrap()
+        );
+        for (field, bad) in [
+            ("ipv6", json!("2001:db8::/64")),
+            ("ipv6", json!("192.0.2.1/32")),
+            ("ipv6", json!("nonsense")),
+            ("ipv6", json!(null)),
+            ("ipv4", json!("192.0.2.0/24")),
+            ("ipv4", json!("2001:db8::1/128")),
+            ("ipv4", json!(7)),
+            ("relay_endpoint", json!("relay.example")),
+            ("relay_public_key", json!("AAAA")),
+        ] {
+            let err = decode(field, bad.clone()).expect_err("must be refused");
+            assert!(!err.to_string().is_empty(), "{field}: {bad}");
+        }
+        let err = decode("ipv6", json!("2001:db8::/64")).unwrap_err();
+        assert!(err.to_string().contains("2001:db8::/64"), "{err}");
     }
 
     #[test]
     fn peer_list_shape() {
         let list = PeerList {
             peers: vec![PeerView {
-                pubkey: "k".into(),
-                ipv6: "2001:db8::1/128".into(),
-                ipv4: Some("192.0.2.1/32".into()),
-                relay_public_key: "r".into(),
-                relay_endpoint: "h:1".into(),
+                pubkey: K,
+                ipv6: "2001:db8::1".parse().unwrap(),
+                ipv4: Some("192.0.2.1".parse().unwrap()),
+                relay_public_key: R,
+                relay_endpoint: "h:1".parse().unwrap(),
                 keepalive: 25,
                 mtu: 1420,
                 name: None,
@@ -330,12 +421,14 @@ mod tests {
         assert_eq!(
             to_value(&list),
             json!({"peers": [{
-                "pubkey": "k", "ipv6": "2001:db8::1/128", "ipv4": "192.0.2.1/32",
-                "relay_public_key": "r", "relay_endpoint": "h:1", "keepalive": 25,
+                "pubkey": K_B64, "ipv6": "2001:db8::1/128", "ipv4": "192.0.2.1/32",
+                "relay_public_key": R_B64, "relay_endpoint": "h:1", "keepalive": 25,
                 "mtu": 1420, "name": null, "container": "c", "created": 1_700_000_000u64,
                 "last_handshake": 1_700_000_100u64, "rx_bytes": 1, "tx_bytes": 2
             }]})
         );
+        let back: PeerList = serde_json::from_value(to_value(&list)).unwrap();
+        assert_eq!(back, list);
     }
 
     #[test]
@@ -366,8 +459,8 @@ mod tests {
             json!({"id": "i"})
         );
         assert_eq!(
-            to_value(&DeletePeer { pubkey: "k".into() }),
-            json!({"pubkey": "k"})
+            to_value(&DeletePeer { pubkey: K }),
+            json!({ "pubkey": K_B64 })
         );
     }
 

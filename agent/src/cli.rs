@@ -1,15 +1,18 @@
-//! What both binaries do around their commands: log to stderr (honouring
-//! RUST_LOG), run on a multi-threaded runtime, and turn an error into a message and
-//! a failing exit code.
+//! What the binary does around its command: log to stderr (honouring RUST_LOG), run
+//! on a multi-threaded runtime, and turn an error into a message and a failing exit
+//! code.
+//!
+//! Each binary keeps its own copy of these few lines: process setup is the
+//! binary's business, and a shared home for it would pull tracing-subscriber into a
+//! library (the engine or the API contract) that has no use for it.
 
-use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
 /// Runs `command` with logging set up; `default_filter` applies when RUST_LOG is unset.
-pub fn run<E: Display, F: Future<Output = Result<(), E>>>(
+pub fn run<F: Future<Output = anyhow::Result<()>>>(
     default_filter: &str,
     command: impl FnOnce() -> F,
 ) -> ExitCode {
