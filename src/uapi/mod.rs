@@ -17,5 +17,6 @@ pub use protocol::{
     Request,
 };
 pub use server::{
-    query, socket_path, validate_interface_name, InterfaceNameError, Limits, UapiServer, SOCKET_DIR,
+    query, socket_path, validate_interface_name, InterfaceNameError, UapiLimits, UapiServer,
+    SOCKET_DIR,
 };

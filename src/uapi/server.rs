@@ -2,9 +2,9 @@
 //!
 //! Each connection runs in its own task and may carry several requests in a row
 //! (`wg(8)` sends one and closes; wireguard-go's own clients loop). A request is read
-//! completely, within [`Limits`], before anything is applied. Whatever a client
+//! completely, within [`UapiLimits`], before anything is applied. Whatever a client
 //! sends, it can only get an error reply and a closed connection: it cannot make the
-//! server panic or hold up other clients beyond [`Limits::max_connections`].
+//! server panic or hold up other clients beyond [`UapiLimits::max_connections`].
 //!
 //! Replies end with `errno=N` and an empty line (see [`format_errno`] for the sign).
 //! The `metrics=1` reply is the Prometheus text with blank lines and `errno=` lines
@@ -87,7 +87,7 @@ pub fn socket_path(interface: &str) -> PathBuf {
 
 /// Bounds on what one client may cost the server.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
+pub struct UapiLimits {
     /// Longest line, without its newline. Real lines are under 100 bytes.
     pub max_line_bytes: usize,
     /// Most lines in one request. `wg setconf` sends about six per peer, so the
@@ -105,9 +105,9 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
+impl Default for UapiLimits {
+    fn default() -> UapiLimits {
+        UapiLimits {
             max_line_bytes: 4096,
             max_request_lines: 256 * 1024,
             max_request_bytes: 32 << 20,
@@ -130,7 +130,7 @@ pub struct UapiServer {
     listener: UnixListener,
     socket: SocketFile,
     control: Arc<dyn DeviceControl>,
-    limits: Limits,
+    limits: UapiLimits,
 }
 
 impl std::fmt::Debug for UapiServer {
@@ -168,8 +168,8 @@ impl UapiServer {
         bind_socket(path, &format!("socket {}", path.display()), control).await
     }
 
-    /// Replaces the default [`Limits`].
-    pub fn with_limits(mut self, limits: Limits) -> UapiServer {
+    /// Replaces the default [`UapiLimits`].
+    pub fn with_limits(mut self, limits: UapiLimits) -> UapiServer {
         self.limits = limits;
         self
     }
@@ -294,7 +294,7 @@ async fn bind_socket(
             ino: meta.ino(),
         },
         control,
-        limits: Limits::default(),
+        limits: UapiLimits::default(),
     })
 }
 
@@ -380,7 +380,11 @@ enum ReadFailure {
     Bad(ProtocolError),
 }
 
-async fn serve_connection(stream: UnixStream, control: Arc<dyn DeviceControl>, limits: &Limits) {
+async fn serve_connection(
+    stream: UnixStream,
+    control: Arc<dyn DeviceControl>,
+    limits: &UapiLimits,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -429,7 +433,7 @@ async fn serve_connection(stream: UnixStream, control: Arc<dyn DeviceControl>, l
 /// including its empty line. `None` means the client hung up between requests.
 async fn read_request<R: AsyncBufRead + Unpin>(
     reader: &mut R,
-    limits: &Limits,
+    limits: &UapiLimits,
 ) -> Result<Option<String>, ReadFailure> {
     let mut line = Vec::new();
     let first_deadline = Instant::now() + limits.idle_timeout;
@@ -764,7 +768,7 @@ mod tests {
         }
     }
 
-    async fn start(path: &Path, control: Arc<dyn DeviceControl>, limits: Limits) -> Running {
+    async fn start(path: &Path, control: Arc<dyn DeviceControl>, limits: UapiLimits) -> Running {
         let server = UapiServer::bind_path(path, control)
             .await
             .unwrap()
@@ -844,7 +848,7 @@ mod tests {
     async fn serves_and_removes_its_socket() {
         let dir = Scratch::new("serve");
         let fake = Fake::new();
-        let server = start(&dir.sock(), fake.clone(), Limits::default()).await;
+        let server = start(&dir.sock(), fake.clone(), UapiLimits::default()).await;
         let mode = std::fs::metadata(&server.path).unwrap().mode();
         assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
         // Nothing left behind by the private bind.
@@ -886,7 +890,7 @@ mod tests {
     #[tokio::test]
     async fn refuses_a_live_socket_and_replaces_a_stale_one() {
         let dir = Scratch::new("inuse");
-        let server = start(&dir.sock(), Fake::new(), Limits::default()).await;
+        let server = start(&dir.sock(), Fake::new(), UapiLimits::default()).await;
         let err = UapiServer::bind_path(dir.sock(), Fake::new())
             .await
             .unwrap_err();
@@ -899,7 +903,7 @@ mod tests {
         // A socket file nobody listens on, as left by a killed process.
         drop(std::os::unix::net::UnixListener::bind(dir.sock()).unwrap());
         assert!(dir.sock().exists());
-        let server = start(&dir.sock(), Fake::new(), Limits::default()).await;
+        let server = start(&dir.sock(), Fake::new(), UapiLimits::default()).await;
         assert!(query(&dir.sock(), "get=1\n\n").await.is_ok());
         server.stop().await;
 
@@ -932,7 +936,7 @@ mod tests {
     async fn several_requests_on_one_connection() {
         let dir = Scratch::new("multi");
         let fake = Fake::new();
-        let server = start(&dir.sock(), fake.clone(), Limits::default()).await;
+        let server = start(&dir.sock(), fake.clone(), UapiLimits::default()).await;
         // A refused set leaves the stream aligned, so the next request is served.
         let out = raw(
             &server.path,
@@ -951,11 +955,11 @@ mod tests {
     async fn garbage_gets_an_error_and_a_close() {
         let dir = Scratch::new("garbage");
         let fake = Fake::new();
-        let limits = Limits {
+        let limits = UapiLimits {
             max_line_bytes: 64,
             max_request_lines: 4,
             max_request_bytes: 100,
-            ..Limits::default()
+            ..UapiLimits::default()
         };
         let server = start(&dir.sock(), fake.clone(), limits).await;
         let p = &server.path;
@@ -1002,10 +1006,10 @@ mod tests {
     #[tokio::test]
     async fn idle_and_slow_clients_time_out_without_blocking_others() {
         let dir = Scratch::new("idle");
-        let limits = Limits {
+        let limits = UapiLimits {
             idle_timeout: Duration::from_millis(200),
             request_timeout: Duration::from_millis(500),
-            ..Limits::default()
+            ..UapiLimits::default()
         };
         let server = start(&dir.sock(), Fake::new(), limits).await;
         let p = server.path.clone();
@@ -1041,10 +1045,10 @@ mod tests {
     #[tokio::test]
     async fn connection_limit_queues_clients() {
         let dir = Scratch::new("limit");
-        let limits = Limits {
+        let limits = UapiLimits {
             max_connections: 1,
             idle_timeout: Duration::from_millis(300),
-            ..Limits::default()
+            ..UapiLimits::default()
         };
         let server = start(&dir.sock(), Fake::new(), limits).await;
         let _hog = StdStream::connect(&server.path).unwrap();
@@ -1057,7 +1061,7 @@ mod tests {
     #[tokio::test]
     async fn metrics_reply_is_framed_and_closed() {
         let dir = Scratch::new("metrics");
-        let server = start(&dir.sock(), Fake::new(), Limits::default()).await;
+        let server = start(&dir.sock(), Fake::new(), UapiLimits::default()).await;
         let reply = query(&server.path, "metrics=1\n\n").await.unwrap();
         assert_eq!(reply, "# TYPE x counter\nx 1\ny 2\nerrno=0\n\n");
         assert_eq!(
@@ -1078,7 +1082,7 @@ mod tests {
             metrics: String::new(),
             panic_on_get: true,
         });
-        let server = start(&dir.sock(), fake, Limits::default()).await;
+        let server = start(&dir.sock(), fake, UapiLimits::default()).await;
         let reply = query(&server.path, "get=1\n\n").await.unwrap();
         assert_eq!(reply, format!("errno=-{}\n\n", libc::EIO));
         let reply = query(&server.path, "set=1\n\n").await.unwrap();
