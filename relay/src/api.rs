@@ -230,7 +230,8 @@ where
 
 /// A body whose `pubkey` is a string but not a WireGuard key gets `invalid_pubkey`
 /// (400) rather than the generic `invalid_request` (422): agents tell "my key is
-/// wrong" apart from "my request is wrong". Only looked at once decoding failed.
+/// wrong" apart from "my request is wrong". Only looked at once decoding failed;
+/// when another field is wrong too, the key is what gets reported.
 fn bad_pubkey(rejection: &JsonRejection, body: &[u8]) -> Option<ErrorResponse> {
     if !matches!(rejection, JsonRejection::JsonDataError(_)) {
         return None;

@@ -941,6 +941,15 @@ async fn malformed_requests_get_json_errors() {
         )
         .await
         .error(422, "invalid_request");
+    // A key of the wrong JSON type is a mistyped field, not a bad key.
+    client
+        .post("/v1/peers", Some(&token), json!({"pubkey": 5}))
+        .await
+        .error(422, "invalid_request");
+    client
+        .delete("/v1/peers", Some(&token), json!({"pubkey": "AAAA"}))
+        .await
+        .error(400, "invalid_pubkey");
 
     for bad in [
         "",
