@@ -419,6 +419,30 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_is_read_typed_and_bad_ones_are_refused_with_the_reason() {
+        let text = sample().to_commented_toml();
+        for (endpoint, expected) in [
+            ("[2001:db8::1]:51820", "[2001:db8::1]:51820"),
+            ("192.0.2.1:4500", "192.0.2.1:4500"),
+        ] {
+            let c: RelayConfig =
+                toml::from_str(&text.replace("relay.example.net:51820", endpoint)).unwrap();
+            assert_eq!(c.wireguard.endpoint.to_string(), expected);
+        }
+        for (bad, reason) in [
+            ("2001:db8::1:51820", "brackets"),
+            ("relay.example.net", "host:port"),
+            ("relay.example.net:0", "port 0"),
+        ] {
+            let err = toml::from_str::<RelayConfig>(&text.replace("relay.example.net:51820", bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(reason), "{bad}: {err}");
+            assert!(err.contains("endpoint"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn limits_default_when_absent_and_are_validated() {
         let text = sample().to_commented_toml();
         let start = text.find("[limits]").unwrap();

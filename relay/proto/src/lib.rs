@@ -4,8 +4,9 @@
 //!
 //! Everything here is plain data with a fixed JSON shape; field names are part of
 //! the wire contract, so renaming a field is a breaking API change. Fields are typed
-//! ([`Key`], [`Ipv6Addr`], [`Endpoint`]): a body that decodes is valid, and nobody
-//! formats and parses the same value twice. On the wire keys are base64 and
+//! ([`Key`], [`Ipv6Addr`], [`Endpoint`]): a body that decodes is well formed (the
+//! relay still checks what only it can judge, such as a key being its own), and
+//! nobody formats and parses the same value twice. On the wire keys are base64 and
 //! addresses `addr/128` or `addr/32`, so the JSON reads the same as a WireGuard
 //! configuration file.
 //!
