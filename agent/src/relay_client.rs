@@ -49,6 +49,10 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the relay ({status}): {body}")]
     Unexpected { status: u16, body: String },
+    /// A success whose body is not what the API promises (a bad address, key or
+    /// endpoint in it): the reason names the field.
+    #[error("the relay's answer ({status}) does not decode: {reason}")]
+    Malformed { status: u16, reason: String },
 }
 
 impl ClientError {
@@ -234,9 +238,9 @@ fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, Cli
         } else {
             body
         };
-        return serde_json::from_slice(body).map_err(|_| ClientError::Unexpected {
+        return serde_json::from_slice(body).map_err(|e| ClientError::Malformed {
             status: status.as_u16(),
-            body: String::from_utf8_lossy(body).chars().take(200).collect(),
+            reason: e.to_string(),
         });
     }
     match serde_json::from_slice::<ApiError>(body) {
@@ -317,5 +321,24 @@ mod tests {
         assert!(e.is_permanent());
         let r: Result<serde_json::Value, _> = decode(StatusCode::BAD_GATEWAY, b"<html>");
         assert!(!r.unwrap_err().is_permanent());
+    }
+
+    #[test]
+    fn an_allocation_with_a_bad_address_is_refused_with_the_reason() {
+        let body = br#"{"pubkey":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","ipv6":"2001:db8::/64","ipv4":null,"relay_public_key":"AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=","relay_endpoint":"relay.example:51820","keepalive":25,"mtu":1420,"created":true}"#;
+        let e = decode::<Allocation>(StatusCode::CREATED, body).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Malformed { status: 201, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("2001:db8::/64"), "{e}");
+        assert!(!e.is_permanent());
+        let good = String::from_utf8_lossy(body).replace("2001:db8::/64", "2001:db8::7/128");
+        let alloc = decode::<Allocation>(StatusCode::CREATED, good.as_bytes()).unwrap();
+        assert_eq!(
+            alloc.ipv6,
+            "2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(alloc.relay_public_key, Key([2; 32]));
     }
 }
