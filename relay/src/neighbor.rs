@@ -737,7 +737,7 @@ mod tests {
     }
 
     /// A Neighbor Solicitation Linux sent for 2001:db8:1::abcd (see the root crate's
-    /// tests/neighbor.rs).
+    /// tests/neighbor_reply.rs).
     fn ns() -> Vec<u8> {
         hex(
             "3333ff00abcd02000000000186dd6000000000203aff20010db8000100000000000000000001\

@@ -1,6 +1,6 @@
 //! Neighbour discovery answers checked against frames Linux really sends.
 //!
-//! The unit tests in `src/neighbor.rs` build their solicitations with smoltcp, the
+//! The unit tests in `src/neighbor_reply.rs` build their solicitations with smoltcp, the
 //! same library that parses them, so a shared misreading of the RFC would go unseen.
 //! Here the inputs are frames captured from a Linux 6.18 kernel (`ping` from one
 //! end of a veth pair, read with an `AF_PACKET` socket at the other end) and the
