@@ -345,7 +345,7 @@ impl FromRequestParts<Arc<ApiState>> for Admin {
     }
 }
 
-/// The checks a well-formed key must still pass to be registered.
+/// What a well-formed key must still be to name a peer of this relay.
 fn check_pubkey(key: Key, info: &RelayInfo) -> Result<Key, ErrorResponse> {
     if key.is_zero() {
         return Err(ErrorResponse::invalid_pubkey(
