@@ -66,8 +66,9 @@ struct Managed {
 struct Running {
     tunnel: Tunnel,
     relay_key: Key,
-    /// Kept open so the namespace outlives a racing container exit until we notice.
-    _netns: Option<File>,
+    /// Kept open so the namespace outlives a racing container exit until we notice;
+    /// also tells whether the container still lives in it.
+    netns: Option<File>,
 }
 
 pub async fn run(settings: Settings) -> Result<()> {
@@ -195,12 +196,44 @@ impl Agent {
             self.stop(&id, "no longer running");
         }
         for id in running {
-            if self.containers.get(&id).is_none_or(|m| m.running.is_none()) {
+            let serving = self.containers.get(&id).and_then(|m| m.running.as_ref());
+            let Some(r) = serving else {
+                self.start(&id).await;
+                continue;
+            };
+            // Restarted while we were not watching (dockerd restarts containers while
+            // it boots, before anyone can follow its events): the tunnel serves a dead
+            // namespace that only our open handle keeps alive.
+            if !self.in_namespace(&id, r).await {
+                self.stop(&id, "restarted while Docker was not followed");
                 self.start(&id).await;
             }
         }
         self.collect_garbage().await;
         self.write_status();
+    }
+
+    /// Whether container `id` still runs in the network namespace `r` serves. When
+    /// Docker cannot tell, assume it does: tearing a working tunnel down is worse.
+    async fn in_namespace(&self, id: &str, r: &Running) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(held) = r.netns.as_ref().and_then(|f| f.metadata().ok()) else {
+            return true;
+        };
+        let pid = match self.docker.inspect_container(id, None).await {
+            Ok(info) => info.state.and_then(|s| s.pid).filter(|p| *p > 0),
+            Err(e) => {
+                tracing::debug!(container = %short(id), error = %e, "cannot inspect");
+                return true;
+            }
+        };
+        let Some(pid) = pid else {
+            return true;
+        };
+        match std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+            Ok(now) => (now.dev(), now.ino()) == (held.dev(), held.ino()),
+            Err(_) => true,
+        }
     }
 
     /// Gives back the registrations of containers removed while we were not
@@ -459,7 +492,7 @@ impl Agent {
             running: Some(Running {
                 tunnel,
                 relay_key,
-                _netns: Some(netns),
+                netns: Some(netns),
             }),
             retry_at: None,
         }))
