@@ -24,6 +24,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
@@ -94,13 +95,32 @@ impl SidecarAgent {
         state_dir: &Path,
         launch: Launch,
     ) -> Self {
+        Self::start_with_token(
+            ns,
+            relay,
+            docker,
+            state_dir,
+            launch,
+            &relay.creds.default_token,
+        )
+    }
+
+    /// Like [`SidecarAgent::start`], registering with agent token `token`.
+    fn start_with_token(
+        ns: &Netns,
+        relay: &Relay,
+        docker: &Dockerd,
+        state_dir: &Path,
+        launch: Launch,
+        token: &str,
+    ) -> Self {
         let bin = agent_bin();
         let mut cmd = match launch {
             Launch::Privileged => ns.program(&bin),
             Launch::WithoutNetAdmin => drop_net_admin(ns, &bin),
         };
         cmd.args(["run", "--relay", &relay.url("")])
-            .args(["--token", &relay.creds.default_token])
+            .args(["--token", token])
             .args(["--pin", &relay.creds.pin])
             .arg("--docker")
             .arg(&docker.socket)
@@ -148,6 +168,15 @@ impl SidecarAgent {
                     self.child.stderr_tail(30)
                 )
             })
+    }
+
+    /// SIGKILL, as the OOM killer or a crash ends it: no clean-up of its own.
+    #[allow(dead_code)]
+    fn kill(&mut self) -> ExitStatus {
+        self.child.signal(libc::SIGKILL);
+        self.child
+            .wait_timeout(Duration::from_secs(10))
+            .expect("sidecar-agent survived SIGKILL")
     }
 
     /// `sidecar-agent status`, raw and parsed.
@@ -426,15 +455,14 @@ impl Drop for UdpEcho {
 // ---------------------------------------------------------------------------------------
 // The relay's view
 
-/// `GET /v1/peers` with the agent's token: every peer object.
+/// `GET /v1/peers` with the default agent token: every peer object.
 fn relay_peers(relay: &Relay) -> Vec<Value> {
-    let r = relay.call(
-        relay.ns(),
-        "GET",
-        "/v1/peers",
-        &relay.creds.default_token,
-        None,
-    );
+    relay_peers_of_token(relay, &relay.creds.default_token)
+}
+
+/// `GET /v1/peers` with agent token `token`: every peer object.
+fn relay_peers_of_token(relay: &Relay, token: &str) -> Vec<Value> {
+    let r = relay.call(relay.ns(), "GET", "/v1/peers", token, None);
     assert_eq!(r.status, 200, "GET /v1/peers failed: {r:?}");
     r.json["peers"].as_array().cloned().unwrap_or_default()
 }
@@ -1091,4 +1119,164 @@ fn ipv4_label_on_relay_without_pool_is_explained_and_ipv6_still_works() {
     );
     assert_tcp(&topo.remote, ip, "IPv6 without an IPv4 pool");
     assert_eq!(peers_of(&relay, &id).len(), 1);
+}
+
+/// The container's interfaces named like the agent's device: exactly one `sidecar0`
+/// when the agent serves it in TUN mode, never a second device beside it.
+fn sidecar_ifaces(docker: &Dockerd, id: &str) -> Vec<String> {
+    docker
+        .interfaces(id)
+        .into_iter()
+        .filter(|i| i.starts_with("sidecar"))
+        .collect()
+}
+
+/// SIGKILLs process `pid` (a container's init, seen from this host) and waits until it
+/// has been reaped, so that whoever looks next finds it dead.
+fn kill_and_reap(pid: u32) {
+    let raw = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    assert!(raw > 0, "no pid to kill");
+    // SAFETY: kill(2) of a container init this test started (pid read from Docker).
+    unsafe { libc::kill(raw, libc::SIGKILL) };
+    let reaped = wait_until(Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(reaped, "pid {pid} still there 10 s after SIGKILL");
+}
+
+/// dockerd restarted under a running agent, with `live-restore` so containers outlive
+/// the daemon. What changed while it was down is only learnt by reconciling: dockerd
+/// restarts one container and removes another while booting, before it serves its API,
+/// so no event stream ever carries those events. The agent's stream must reconnect
+/// (a container started afterwards is served), a restarted container gets its address
+/// back in its new namespace, a removed one is deregistered, and a container that ran
+/// throughout stays reachable, even while dockerd is down.
+#[test]
+fn dockerd_restart_reconnects_events_and_reconciles() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let mut docker = Dockerd::with_config(&site.ns, r#"{"live-restore": true}"#);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let stay_name = unique_name("stay");
+    let stay = docker.run_named(&stay_name, &[ENABLE], SERVERS);
+    // Its processes die while dockerd is down; dockerd starts it again at boot.
+    let back_name = unique_name("back");
+    let back = docker.run_with(&back_name, &["--restart", "always"], &[ENABLE], SERVERS);
+    // Its processes die while dockerd is down; dockerd removes it at boot.
+    let gone_name = unique_name("gone");
+    let gone = docker.run_with(&gone_name, &["--rm"], &[ENABLE], SERVERS);
+    let mut addrs = HashMap::new();
+    for name in [&stay_name, &back_name, &gone_name] {
+        let row = agent.wait_row(name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+        let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+        assert!(
+            first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+            "{name} ({ip}) never reachable:\n{}",
+            agent.log()
+        );
+        addrs.insert(name.clone(), ip);
+    }
+    let (stay_ip, back_ip) = (addrs[&stay_name], addrs[&back_name]);
+    let gone_key = state.path().join("keys").join(format!("{gone}.key"));
+    assert!(gone_key.is_file(), "no key for {gone_name}");
+    let (back_pid, gone_pid) = (docker.pid(&back), docker.pid(&gone));
+
+    docker.stop_daemon();
+    let noticed = wait_until(Duration::from_secs(15), || {
+        agent.log().contains("Docker event stream")
+    });
+    assert!(
+        noticed,
+        "the agent did not notice dockerd going away:\n{}",
+        agent.log()
+    );
+    // The data path needs no dockerd.
+    assert_ping(&topo.remote, stay_ip, "while dockerd is down");
+    assert_tcp(&topo.remote, stay_ip, "while dockerd is down");
+    kill_and_reap(back_pid);
+    kill_and_reap(gone_pid);
+
+    docker.start_daemon();
+    // The scenario itself: dockerd restarted one and removed the other on its own.
+    let new_pid = docker.pid(&back);
+    assert!(
+        new_pid != 0 && new_pid != back_pid,
+        "dockerd did not restart {back_name} (pid {back_pid} -> {new_pid}):\n{}",
+        docker.log_tail(30)
+    );
+    assert!(
+        !docker.all_containers().contains(&gone),
+        "dockerd did not remove the --rm container {gone_name}"
+    );
+
+    // Started once dockerd is back: only a reconnected event stream (or a fresh list)
+    // tells the agent about it.
+    let late_name = unique_name("late");
+    let late = docker.run_named(&late_name, &[ENABLE], SERVERS);
+    let late_row = agent.wait_row(&late_name, Duration::from_secs(20), |r| {
+        r.state == "active" && r.ipv6.is_some()
+    });
+    let late_ip = IpAddr::V6(late_row.ipv6.expect("IPv6 address"));
+    assert!(
+        first_reply(&topo.remote, late_ip, REACHABLE_BOUND).is_some(),
+        "{late_name}, started after dockerd came back, is not reachable:\n{}",
+        agent.log()
+    );
+    assert_tcp(&topo.remote, late_ip, "container started after the restart");
+
+    // The restarted container: its address in its new namespace. A ping alone would
+    // not tell: the old namespace (kept alive by a stale tunnel) answers pings too, but
+    // its servers are dead, so TCP reaches only the new one.
+    let row = agent.wait_row(&back_name, Duration::from_secs(20), |r| r.state == "active");
+    assert_eq!(row.ipv6, Some(ipv6_of(back_ip)), "the address changed");
+    assert_tcp(&topo.remote, back_ip, "container dockerd restarted at boot");
+    assert_eq!(
+        sidecar_ifaces(&docker, &back),
+        vec!["sidecar0".to_owned()],
+        "the restarted container's devices"
+    );
+
+    // The removed container: deregistered, well before the agent's periodic sweep.
+    let deregistered = wait_until(Duration::from_secs(20), || {
+        peers_of(&relay, &gone).is_empty() && !gone_key.exists()
+    });
+    assert!(
+        deregistered,
+        "the container removed during the restart is still registered ({} peer(s)) or \
+         its key is on disk ({})\n{}",
+        peers_of(&relay, &gone).len(),
+        gone_key.exists(),
+        agent.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.row(&gone_name).is_none()),
+        "status still lists the removed container:\n{}",
+        agent.status().0
+    );
+
+    // The one that ran throughout, and the whole picture.
+    assert_tcp(&topo.remote, stay_ip, "after dockerd restarted");
+    let (text, rows) = agent.status();
+    eprintln!("status after the dockerd restart:\n{text}");
+    let mut names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    names.sort_unstable();
+    let mut want = vec![stay_name.as_str(), back_name.as_str(), late_name.as_str()];
+    want.sort_unstable();
+    assert_eq!(names, want, "{text}");
+    assert!(rows.iter().all(|r| r.state == "active"), "{text}");
+    for id in [&stay, &back, &late] {
+        assert_eq!(peers_of(&relay, id).len(), 1, "one registration for {id}");
+    }
+    assert_eq!(relay_peers(&relay).len(), 3, "{:?}", relay_peers(&relay));
+}
+
+fn ipv6_of(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => panic!("{a} is not IPv6"),
+    }
 }
