@@ -171,7 +171,6 @@ impl SidecarAgent {
     }
 
     /// SIGKILL, as the OOM killer or a crash ends it: no clean-up of its own.
-    #[allow(dead_code)]
     fn kill(&mut self) -> ExitStatus {
         self.child.signal(libc::SIGKILL);
         self.child
@@ -1279,4 +1278,150 @@ fn ipv6_of(ip: IpAddr) -> Ipv6Addr {
         IpAddr::V6(a) => a,
         IpAddr::V4(a) => panic!("{a} is not IPv6"),
     }
+}
+/// Lines of `ip ARGS` in container `id`'s network namespace that mention `needle`.
+fn net_lines(docker: &Dockerd, id: &str, args: &str, needle: &str) -> Vec<String> {
+    docker
+        .net_exec(id, &format!("ip {args}"))
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The routing state the agent puts into a container for addresses `v6` and `v4`: the
+/// source rules, the routes of its table and the IPv6 default route through sidecar0.
+fn container_routing(docker: &Dockerd, id: &str, v6: IpAddr, v4: IpAddr) -> Vec<Vec<String>> {
+    vec![
+        net_lines(docker, id, "-6 rule show", &format!("from {v6}")),
+        net_lines(docker, id, "-4 rule show", &format!("from {v4}")),
+        net_lines(docker, id, "-6 route show table 51820", "sidecar0"),
+        net_lines(docker, id, "-4 route show table 51820", "sidecar0"),
+        net_lines(docker, id, "-6 route show default", "sidecar0"),
+    ]
+}
+
+/// An agent killed with SIGKILL cleans nothing up: its registrations, keys, status file
+/// and the containers' routing rules stay behind. The next agent takes all of it over:
+/// the container is reachable again at the same addresses, with one device, one set of
+/// rules and routes and one registration, and a container removed while no agent ran
+/// is deregistered.
+#[test]
+fn after_sigkill_the_next_agent_takes_over_and_cleans_up() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: true });
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let keep_name = unique_name("keep");
+    let keep = docker.run_named(&keep_name, &[ENABLE, IPV4], SERVERS);
+    let dead_name = unique_name("dead");
+    let dead = docker.run_named(&dead_name, &[ENABLE], SERVERS);
+    let row = agent.wait_row(&keep_name, REACHABLE_BOUND, |r| {
+        r.ipv6.is_some() && r.ipv4.is_some()
+    });
+    agent.wait_row(&dead_name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let v6 = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+    let v4 = IpAddr::V4(row.ipv4.expect("IPv4 address"));
+    for ip in [v6, v4] {
+        assert!(
+            first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+            "{ip} never reachable:\n{}",
+            agent.log()
+        );
+    }
+    let routing = container_routing(&docker, &keep, v6, v4);
+    assert!(
+        routing.iter().all(|lines| lines.len() == 1),
+        "the first agent's routing in the container is not one of each: {routing:?}"
+    );
+    let keep_key = state.path().join("keys").join(format!("{keep}.key"));
+    let dead_key = state.path().join("keys").join(format!("{dead}.key"));
+    let key = std::fs::read_to_string(&keep_key).expect("the kept container's key");
+
+    let status = agent.kill();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status}"
+    );
+    // What it left: registrations, keys and a status file that still says "active".
+    assert_eq!(peers_of(&relay, &keep).len(), 1);
+    assert_eq!(peers_of(&relay, &dead).len(), 1);
+    assert!(keep_key.is_file() && dead_key.is_file(), "keys gone");
+    assert_eq!(
+        agent.row(&keep_name).map(|r| r.state),
+        Some("active".to_owned()),
+        "the status file of the killed agent"
+    );
+    assert_no_ping(&topo.remote, v6, "agent killed");
+    docker.rm(&dead);
+    drop(agent);
+
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    let row = agent.wait_row(&keep_name, REACHABLE_BOUND, |r| r.state == "active");
+    assert_eq!(
+        (row.ipv6, row.ipv4),
+        (
+            Some(ipv6_of(v6)),
+            Some(match v4 {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => unreachable!("v4 is IPv4"),
+            })
+        ),
+        "the addresses changed across the SIGKILL"
+    );
+    for ip in [v6, v4] {
+        assert!(
+            first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+            "{ip} not reachable after the next agent started:\n{}",
+            agent.log()
+        );
+        assert_tcp(&topo.remote, ip, "after the SIGKILL");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&keep_key).ok().as_deref(),
+        Some(key.as_str()),
+        "the kept container's key changed"
+    );
+    assert_eq!(
+        sidecar_ifaces(&docker, &keep),
+        vec!["sidecar0".to_owned()],
+        "devices in the container after the takeover"
+    );
+    let routing = container_routing(&docker, &keep, v6, v4);
+    assert!(
+        routing.iter().all(|lines| lines.len() == 1),
+        "rules or routes duplicated or missing after the takeover: {routing:?}\n{}",
+        docker.net_exec(&keep, "ip rule show")
+    );
+
+    let deregistered = wait_until(Duration::from_secs(15), || {
+        peers_of(&relay, &dead).is_empty() && !dead_key.exists()
+    });
+    assert!(
+        deregistered,
+        "the container removed while the agent was dead is still registered ({} peer(s)) \
+         or its key is on disk ({})\n{}",
+        peers_of(&relay, &dead).len(),
+        dead_key.exists(),
+        agent.log()
+    );
+    let peers = relay_peers(&relay);
+    assert_eq!(peers.len(), 1, "one registration left in all: {peers:?}");
+    assert_eq!(peers[0]["container"].as_str(), Some(keep.as_str()));
+    assert_eq!(
+        peers[0]["ipv6"].as_str(),
+        Some(format!("{v6}/128").as_str())
+    );
+    let (text, rows) = agent.status();
+    assert_eq!(
+        rows.len(),
+        1,
+        "status lists only the kept container:\n{text}"
+    );
 }
