@@ -1425,3 +1425,115 @@ fn after_sigkill_the_next_agent_takes_over_and_cleans_up() {
         "status lists only the kept container:\n{text}"
     );
 }
+/// A permanent refusal, here the token's peer limit: the container that does not fit
+/// shows the relay's reason in `status` and in the log, is not asked for again in a
+/// loop (counted on the relay, whatever the agent logs), and the container that fits
+/// keeps working.
+#[test]
+fn quota_exceeded_is_shown_in_status_and_not_retried_in_a_loop() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let (token_id, token) = relay.create_token("one-peer", 1, 0, None);
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent = SidecarAgent::start_with_token(
+        &site.ns,
+        &relay,
+        &docker,
+        state.path(),
+        Launch::Privileged,
+        &token,
+    );
+
+    let fits_name = unique_name("fits");
+    let fits = docker.run_named(&fits_name, &[ENABLE], SERVERS);
+    let row = agent.wait_row(&fits_name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+    let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "{ip} never reachable:\n{}",
+        agent.log()
+    );
+
+    let over_name = unique_name("over");
+    let over = docker.run_named(&over_name, &[ENABLE], SERVERS);
+    let row = agent.wait_row(&over_name, Duration::from_secs(15), |r| r.error.is_some());
+    let (text, _) = agent.status();
+    eprintln!("status with the peer limit reached:\n{text}");
+    assert_eq!(row.state, "error", "{text}");
+    assert!(row.ipv6.is_none(), "{text}");
+    let error = row.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("quota_exceeded"),
+        "the status must give the relay's reason: {error}"
+    );
+    assert!(
+        agent
+            .log()
+            .lines()
+            .any(|l| l.contains("quota_exceeded") && l.contains(&over[..12])),
+        "the log does not name the refused container and the reason:\n{}",
+        agent.log()
+    );
+
+    // The relay logs every API request with its status and token.
+    let refused = || {
+        relay
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("path=/v1/peers") && l.contains("status=403") && l.contains(&token_id)
+            })
+            .count()
+    };
+    assert!(
+        refused() >= 1,
+        "the relay logged no refused registration for token {token_id}:\n{}",
+        relay.log_tail(20)
+    );
+    // An observation window, not a wait for a condition: a loop shows up as many
+    // requests in it; a backoff of 5 s or more as at most two.
+    let before = refused();
+    std::thread::sleep(Duration::from_secs(10));
+    let more = refused() - before;
+    assert!(
+        more <= 2,
+        "{more} more refused registrations in 10 s: the agent retries a permanent error \
+         in a loop\n{}",
+        relay.log_tail(20)
+    );
+    assert!(agent.is_running(), "the agent died:\n{}", agent.log());
+    let row = agent.row(&over_name).unwrap_or_else(|| {
+        panic!(
+            "the refused container left the status:\n{}",
+            agent.status().0
+        )
+    });
+    assert!(
+        row.state == "error"
+            && row
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("quota_exceeded")),
+        "the error did not stay in the status: {row:?}"
+    );
+    assert!(
+        relay_peers_of_token(&relay, &token)
+            .iter()
+            .all(|p| p["container"].as_str() != Some(over.as_str())),
+        "the refused container is registered"
+    );
+    assert!(
+        sidecar_ifaces(&docker, &over).is_empty(),
+        "the refused container got a device"
+    );
+
+    // The container that fits is untouched.
+    assert_ping(&topo.remote, ip, "the container within the limit");
+    assert_tcp(&topo.remote, ip, "the container within the limit");
+    let peers = relay_peers_of_token(&relay, &token);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0]["container"].as_str(), Some(fits.as_str()));
+}
