@@ -41,7 +41,7 @@ use support::agent::{agent_bin, agent_status};
 use support::docker::{Dockerd, DOCKER_TOOLS};
 use support::process::{ChildGuard, TempDir};
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
-use support::traffic::{ping_with, Ping};
+use support::traffic::{ping_with, Iperf, Ping};
 use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
 
 const ENABLE: (&str, &str) = ("sidecar.enable", "true");
@@ -1536,4 +1536,114 @@ fn quota_exceeded_is_shown_in_status_and_not_retried_in_a_loop() {
     let peers = relay_peers_of_token(&relay, &token);
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0]["container"].as_str(), Some(fits.as_str()));
+}
+
+/// `iperf3 -c ADDR ARGS` from `remote` to a one-shot iperf3 server in container `id`'s
+/// network namespace (this host's iperf3; the container image has none).
+fn iperf_to_container(
+    docker: &Dockerd,
+    id: &str,
+    remote: &Netns,
+    addr: IpAddr,
+    args: &str,
+) -> Iperf {
+    let mut server = docker.net_spawn(id, "iperf3 -s -1");
+    let listening = wait_until(Duration::from_secs(10), || {
+        !server.is_running()
+            || !support::process::output(&mut docker.net_command(id, "ss -Hltn sport = :5201"))
+                .stdout
+                .is_empty()
+    });
+    assert!(
+        listening && server.is_running(),
+        "iperf3 server in {id} did not start: {}",
+        server.stderr()
+    );
+    // The outer timeout bounds a run whose tunnel died, which iperf3 would wait out.
+    let cmdline = format!("timeout 60 iperf3 -c {addr} -J --connect-timeout 5000 {args}");
+    let out = remote.try_exec(&cmdline);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    assert!(
+        out.status.success() && json.is_object() && json["error"].is_null(),
+        "`{cmdline}` failed ({}): {}\nserver: {}",
+        out.status,
+        stdout.chars().take(2000).collect::<String>(),
+        server.stderr()
+    );
+    Iperf { json }
+}
+
+/// `sidecar.bandwidth=20` (Mbit/s, see agent/src/labels.rs) measured as a user would:
+/// TCP with iperf3 from the remote host, both directions, after a warm-up. A shaper
+/// never lets more than its rate through (plus one 64 KiB burst, 0.5 % of 12 s at this
+/// rate), so the ceiling holds on any machine; the floor leaves room for a busy one
+/// (TCP's headers are 5 % of each packet), and the unlimited container in the same run
+/// shows that the path itself is much faster, so the limit is the shaper's doing.
+#[test]
+fn bandwidth_label_shapes_both_directions_to_its_rate() {
+    require();
+    require_tools(&["iperf3"]);
+    const LIMIT_MBPS: f64 = 20.0;
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+
+    let shaped_name = unique_name("slow");
+    let shaped = docker.run_named(
+        &shaped_name,
+        &[ENABLE, ("sidecar.bandwidth", "20")],
+        SERVERS,
+    );
+    let free_name = unique_name("fast");
+    let free = docker.run_named(&free_name, &[ENABLE], SERVERS);
+    let mut ips = Vec::new();
+    for name in [&shaped_name, &free_name] {
+        let row = agent.wait_row(name, REACHABLE_BOUND, |r| r.ipv6.is_some());
+        let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+        assert!(
+            first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+            "{name} ({ip}) never reachable:\n{}",
+            agent.log()
+        );
+        ips.push(ip);
+    }
+
+    // 2 s of warm-up (slow start, the queue filling) left out, 8 s measured.
+    let mut results = Vec::new();
+    for (id, ip, what) in [(&shaped, ips[0], "shaped"), (&free, ips[1], "unlimited")] {
+        for (dir, args) in [
+            ("remote -> container", "-t 8 -O 2"),
+            ("container -> remote", "-t 8 -O 2 -R"),
+        ] {
+            let run = iperf_to_container(&docker, id, &topo.remote, ip, args);
+            let mbps = run.received_bits_per_second() / 1e6;
+            eprintln!(
+                "{what} container, TCP {dir}: {mbps:.2} Mbit/s ({:.0}% of {LIMIT_MBPS}), \
+                 bytes per second: {:?}",
+                100.0 * mbps / LIMIT_MBPS,
+                run.interval_bytes()
+            );
+            results.push((what, dir, mbps));
+        }
+    }
+    for (what, dir, mbps) in &results {
+        let ratio = mbps / LIMIT_MBPS;
+        if *what == "shaped" {
+            assert!(
+                (0.80..=1.05).contains(&ratio),
+                "sidecar.bandwidth=20, TCP {dir}: {mbps:.2} Mbit/s, outside 16..=21 Mbit/s \
+                 (all runs: {results:?})"
+            );
+        } else {
+            assert!(
+                ratio > 2.0,
+                "the unlimited container, TCP {dir}: only {mbps:.2} Mbit/s, not clearly \
+                 above the other's limit (all runs: {results:?})"
+            );
+        }
+    }
 }
