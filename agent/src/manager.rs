@@ -1,7 +1,7 @@
 //! `sidecar-agent run`: follows Docker and gives every container labeled
 //! `sidecar.enable=true` its own WireGuard peer on the relay and its own address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -34,6 +34,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How often keys of containers that no longer exist are looked for (and their
 /// registrations given back).
 const COLLECT_EVERY: Duration = Duration::from_secs(60);
+/// How long a container refused for the token's limits waits before asking again, when
+/// no removal of ours has made room (another agent's may have, or the limit was raised).
+const ROOM_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -85,6 +88,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         docker,
         containers: HashMap::new(),
         deregister_retry_at: None,
+        waiting_for_room: HashSet::new(),
     };
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -150,6 +154,9 @@ struct Agent {
     /// Set when a removed container's deregistration failed: when to look for stale
     /// keys again, sooner than the periodic collection.
     deregister_retry_at: Option<Instant>,
+    /// Containers the relay refused because the token's limits were reached: asked
+    /// again as soon as one of ours gives its registration back.
+    waiting_for_room: HashSet<String>,
 }
 
 impl Agent {
@@ -304,6 +311,7 @@ impl Agent {
                     "container is reachable at its public address"
                 );
                 self.containers.insert(id.to_string(), managed);
+                self.waiting_for_room.remove(id);
             }
             Ok(None) => {}
             Err(failure) => {
@@ -324,7 +332,16 @@ impl Agent {
                 entry.running = None;
                 entry.row.state = "error".into();
                 entry.row.error = Some(failure.error.clone());
-                entry.retry_at = (!failure.permanent).then(|| Instant::now() + RETRY_AFTER);
+                entry.retry_at = if failure.waits_for_room {
+                    Some(Instant::now() + ROOM_RETRY)
+                } else {
+                    (!failure.permanent).then(|| Instant::now() + RETRY_AFTER)
+                };
+                if failure.waits_for_room {
+                    self.waiting_for_room.insert(id.to_string());
+                } else {
+                    self.waiting_for_room.remove(id);
+                }
             }
         }
     }
@@ -346,6 +363,7 @@ impl Agent {
             name: name.clone(),
             error: e,
             permanent,
+            waits_for_room: false,
         };
         let label_map = info
             .config
@@ -423,7 +441,10 @@ impl Agent {
             }
             other => other,
         }
-        .map_err(|e| fail(e.is_permanent(), format!("registration failed: {e}")))?;
+        .map_err(|e| Failure {
+            waits_for_room: is_quota_exceeded(&e),
+            ..fail(e.is_permanent(), format!("registration failed: {e}"))
+        })?;
         let (addrs, relay_key, endpoint) = parse_allocation(&alloc)
             .await
             .map_err(|e| fail(false, e.to_string()))?;
@@ -514,6 +535,7 @@ impl Agent {
     /// The container is gone for good: give its address back and forget its key.
     async fn destroy(&mut self, id: &str) {
         self.stop(id, "container removed");
+        self.waiting_for_room.remove(id);
         let name = self
             .containers
             .remove(id)
@@ -543,6 +565,20 @@ impl Agent {
             tracing::warn!(container = %short(id), error = %e, "cannot remove its key");
         }
         tracing::info!(container = %short(id), %name, "deregistered");
+        self.retry_waiting_for_room();
+    }
+
+    /// A registration was given back: the containers refused for the limits may fit now.
+    fn retry_waiting_for_room(&mut self) {
+        let now = Instant::now();
+        for id in &self.waiting_for_room {
+            if let Some(m) = self.containers.get_mut(id) {
+                // A container stopped meanwhile is set up when it starts again.
+                if m.running.is_none() && m.row.state == "error" {
+                    m.retry_at = Some(now);
+                }
+            }
+        }
     }
 
     fn write_status(&mut self) {
@@ -582,6 +618,8 @@ struct Failure {
     name: String,
     error: String,
     permanent: bool,
+    /// Refused for the token's limits: worth asking again once there is room.
+    waits_for_room: bool,
 }
 
 impl Failure {
@@ -590,8 +628,14 @@ impl Failure {
             name: name.to_string(),
             error,
             permanent: false,
+            waits_for_room: false,
         }
     }
+}
+
+/// The relay refused because the token's peer or IPv4 limit is reached.
+fn is_quota_exceeded(e: &crate::relay_client::ClientError) -> bool {
+    matches!(e, crate::relay_client::ClientError::Api { code, .. } if code == "quota_exceeded")
 }
 
 /// Addresses to assign, the relay's key and its WireGuard endpoint.
