@@ -1425,12 +1425,13 @@ fn after_sigkill_the_next_agent_takes_over_and_cleans_up() {
         "status lists only the kept container:\n{text}"
     );
 }
-/// A permanent refusal, here the token's peer limit: the container that does not fit
-/// shows the relay's reason in `status` and in the log, is not asked for again in a
-/// loop (counted on the relay, whatever the agent logs), and the container that fits
-/// keeps working.
+/// A refusal that asking again will not fix, here the token's peer limit: the container
+/// that does not fit shows the relay's reason in `status` and in the log, is not asked
+/// for again in a loop (counted on the relay, whatever the agent logs), and the container
+/// that fits keeps working. Once the limit has room again (a container removed), the
+/// refused one is served without being touched.
 #[test]
-fn quota_exceeded_is_shown_in_status_and_not_retried_in_a_loop() {
+fn quota_exceeded_is_shown_in_status_not_retried_in_a_loop_and_served_once_there_is_room() {
     require();
     let topo = Topology::new();
     let relay = Relay::start(&topo, &RelayOptions::default());
@@ -1536,6 +1537,27 @@ fn quota_exceeded_is_shown_in_status_and_not_retried_in_a_loop() {
     let peers = relay_peers_of_token(&relay, &token);
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0]["container"].as_str(), Some(fits.as_str()));
+
+    // Room again: the refused container is served, with nothing done to it.
+    docker.rm(&fits);
+    let freed = wait_until(Duration::from_secs(10), || {
+        relay_peers_of_token(&relay, &token).is_empty()
+    });
+    assert!(freed, "the removed container was not deregistered");
+    let row = agent.wait_row(&over_name, Duration::from_secs(20), |r| {
+        r.state == "active" && r.ipv6.is_some()
+    });
+    assert!(row.error.is_none(), "the old error stayed: {row:?}");
+    let ip = IpAddr::V6(row.ipv6.expect("IPv6 address"));
+    assert!(
+        first_reply(&topo.remote, ip, REACHABLE_BOUND).is_some(),
+        "{ip} not reachable once the limit had room:\n{}",
+        agent.log()
+    );
+    assert_tcp(&topo.remote, ip, "the container served once there was room");
+    let peers = relay_peers_of_token(&relay, &token);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0]["container"].as_str(), Some(over.as_str()));
 }
 
 /// `iperf3 -c ADDR ARGS` from `remote` to a one-shot iperf3 server in container `id`'s
