@@ -3,6 +3,8 @@
 //! side; unlabeled ones are left alone; addresses survive restarts of the container, the
 //! agent and the relay; a bad label fails only its own container; a removed container
 //! gives its address back; and without CAP_NET_ADMIN the agent falls back to netstack.
+//! Failure paths: the relay or dockerd going away and coming back, an agent killed with
+//! SIGKILL, a token's peer limit reached; and `sidecar.bandwidth` measured with iperf3.
 //!
 //! ```text
 //!   docker host (dockerd + sidecar-agent, containers on its docker0)
@@ -1145,8 +1147,8 @@ fn kill_and_reap(pid: u32) {
 
 /// dockerd restarted under a running agent, with `live-restore` so containers outlive
 /// the daemon. What changed while it was down is only learnt by reconciling: dockerd
-/// restarts one container and removes another while booting, before it serves its API,
-/// so no event stream ever carries those events. The agent's stream must reconnect
+/// restarts one container and removes another once it is back, before the agent has
+/// reconnected (it is held back until then). The agent's stream must reconnect
 /// (a container started afterwards is served), a restarted container gets its address
 /// back in its new namespace, a removed one is deregistered, and a container that ran
 /// throughout stays reachable, even while dockerd is down.
@@ -1199,18 +1201,30 @@ fn dockerd_restart_reconnects_events_and_reconciles() {
     kill_and_reap(back_pid);
     kill_and_reap(gone_pid);
 
+    // Held back from reconnecting, as a slow reconnect would be, until dockerd has
+    // restarted and removed those two: whatever events dockerd sends about them, the
+    // agent can only learn of the changes by reconciling.
+    agent.child.signal(libc::SIGSTOP);
     docker.start_daemon();
-    // The scenario itself: dockerd restarted one and removed the other on its own.
-    let new_pid = docker.pid(&back);
+    // The scenario itself: dockerd restarts one and removes the other on its own, while
+    // it boots or (on a busy machine) soon after it serves its API again.
+    let mut new_pid = 0;
+    let restarted = wait_until(Duration::from_secs(30), || {
+        new_pid = docker.pid(&back);
+        new_pid != 0 && new_pid != back_pid
+    });
     assert!(
-        new_pid != 0 && new_pid != back_pid,
+        restarted,
         "dockerd did not restart {back_name} (pid {back_pid} -> {new_pid}):\n{}",
         docker.log_tail(30)
     );
     assert!(
-        !docker.all_containers().contains(&gone),
+        wait_until(Duration::from_secs(30), || !docker
+            .all_containers()
+            .contains(&gone)),
         "dockerd did not remove the --rm container {gone_name}"
     );
+    agent.child.signal(libc::SIGCONT);
 
     // Started once dockerd is back: only a reconnected event stream (or a fresh list)
     // tells the agent about it.
