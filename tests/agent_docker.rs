@@ -1612,10 +1612,11 @@ fn iperf_to_container(
 
 /// `sidecar.bandwidth=20` (Mbit/s, see agent/src/labels.rs) measured as a user would:
 /// TCP with iperf3 from the remote host, both directions, after a warm-up. A shaper
-/// never lets more than its rate through (plus one 64 KiB burst, 0.5 % of 12 s at this
-/// rate), so the ceiling holds on any machine; the floor leaves room for a busy one
-/// (TCP's headers are 5 % of each packet), and the unlimited container in the same run
-/// shows that the path itself is much faster, so the limit is the shaper's doing.
+/// never lets more than its rate through (plus one 64 KiB burst, 0.3 % of 8 s at this
+/// rate), so the 105 % ceiling holds on any machine. Load only slows the path: an idle
+/// machine measured 95 % (TCP's headers are 5 % of each packet), one at load 9 on two
+/// cores 78 %, so the floor is 60 %. The unlimited container in the same run shows that
+/// the path itself is far faster, so the limit is the shaper's doing.
 #[test]
 fn bandwidth_label_shapes_both_directions_to_its_rate() {
     require();
@@ -1670,8 +1671,8 @@ fn bandwidth_label_shapes_both_directions_to_its_rate() {
         let ratio = mbps / LIMIT_MBPS;
         if *what == "shaped" {
             assert!(
-                (0.80..=1.05).contains(&ratio),
-                "sidecar.bandwidth=20, TCP {dir}: {mbps:.2} Mbit/s, outside 16..=21 Mbit/s \
+                (0.60..=1.05).contains(&ratio),
+                "sidecar.bandwidth=20, TCP {dir}: {mbps:.2} Mbit/s, outside 12..=21 Mbit/s \
                  (all runs: {results:?})"
             );
         } else {
