@@ -1,7 +1,7 @@
 //! `sidecar-agent run`: follows Docker and gives every container labeled
 //! `sidecar.enable=true` its own WireGuard peer on the relay and its own address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -34,6 +34,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How often keys of containers that no longer exist are looked for (and their
 /// registrations given back).
 const COLLECT_EVERY: Duration = Duration::from_secs(60);
+/// How long a container refused for the token's limits waits before asking again, when
+/// no removal of ours has made room (another agent's may have, or the limit was raised).
+const ROOM_RETRY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -66,8 +69,9 @@ struct Managed {
 struct Running {
     tunnel: Tunnel,
     relay_key: Key,
-    /// Kept open so the namespace outlives a racing container exit until we notice.
-    _netns: Option<File>,
+    /// Kept open so the namespace outlives a racing container exit until we notice;
+    /// also tells whether the container still lives in it.
+    netns: Option<File>,
 }
 
 pub async fn run(settings: Settings) -> Result<()> {
@@ -84,6 +88,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         docker,
         containers: HashMap::new(),
         deregister_retry_at: None,
+        waiting_for_room: HashSet::new(),
     };
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -149,6 +154,9 @@ struct Agent {
     /// Set when a removed container's deregistration failed: when to look for stale
     /// keys again, sooner than the periodic collection.
     deregister_retry_at: Option<Instant>,
+    /// Containers the relay refused because the token's limits were reached: asked
+    /// again as soon as one of ours gives its registration back.
+    waiting_for_room: HashSet<String>,
 }
 
 impl Agent {
@@ -195,12 +203,44 @@ impl Agent {
             self.stop(&id, "no longer running");
         }
         for id in running {
-            if self.containers.get(&id).is_none_or(|m| m.running.is_none()) {
+            let serving = self.containers.get(&id).and_then(|m| m.running.as_ref());
+            let Some(r) = serving else {
+                self.start(&id).await;
+                continue;
+            };
+            // Restarted while we were not watching (dockerd restarts containers while
+            // it boots, before anyone can follow its events): the tunnel serves a dead
+            // namespace that only our open handle keeps alive.
+            if !self.in_namespace(&id, r).await {
+                self.stop(&id, "restarted while Docker was not followed");
                 self.start(&id).await;
             }
         }
         self.collect_garbage().await;
         self.write_status();
+    }
+
+    /// Whether container `id` still runs in the network namespace `r` serves. When
+    /// Docker cannot tell, assume it does: tearing a working tunnel down is worse.
+    async fn in_namespace(&self, id: &str, r: &Running) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(held) = r.netns.as_ref().and_then(|f| f.metadata().ok()) else {
+            return true;
+        };
+        let pid = match self.docker.inspect_container(id, None).await {
+            Ok(info) => info.state.and_then(|s| s.pid).filter(|p| *p > 0),
+            Err(e) => {
+                tracing::debug!(container = %short(id), error = %e, "cannot inspect");
+                return true;
+            }
+        };
+        let Some(pid) = pid else {
+            return true;
+        };
+        match std::fs::metadata(format!("/proc/{pid}/ns/net")) {
+            Ok(now) => (now.dev(), now.ino()) == (held.dev(), held.ino()),
+            Err(_) => true,
+        }
     }
 
     /// Gives back the registrations of containers removed while we were not
@@ -271,6 +311,7 @@ impl Agent {
                     "container is reachable at its public address"
                 );
                 self.containers.insert(id.to_string(), managed);
+                self.waiting_for_room.remove(id);
             }
             Ok(None) => {}
             Err(failure) => {
@@ -291,7 +332,16 @@ impl Agent {
                 entry.running = None;
                 entry.row.state = "error".into();
                 entry.row.error = Some(failure.error.clone());
-                entry.retry_at = (!failure.permanent).then(|| Instant::now() + RETRY_AFTER);
+                entry.retry_at = if failure.waits_for_room {
+                    Some(Instant::now() + ROOM_RETRY)
+                } else {
+                    (!failure.permanent).then(|| Instant::now() + RETRY_AFTER)
+                };
+                if failure.waits_for_room {
+                    self.waiting_for_room.insert(id.to_string());
+                } else {
+                    self.waiting_for_room.remove(id);
+                }
             }
         }
     }
@@ -313,6 +363,7 @@ impl Agent {
             name: name.clone(),
             error: e,
             permanent,
+            waits_for_room: false,
         };
         let label_map = info
             .config
@@ -390,7 +441,10 @@ impl Agent {
             }
             other => other,
         }
-        .map_err(|e| fail(e.is_permanent(), format!("registration failed: {e}")))?;
+        .map_err(|e| Failure {
+            waits_for_room: is_quota_exceeded(&e),
+            ..fail(e.is_permanent(), format!("registration failed: {e}"))
+        })?;
         let (addrs, relay_key, endpoint) = parse_allocation(&alloc)
             .await
             .map_err(|e| fail(false, e.to_string()))?;
@@ -459,7 +513,7 @@ impl Agent {
             running: Some(Running {
                 tunnel,
                 relay_key,
-                _netns: Some(netns),
+                netns: Some(netns),
             }),
             retry_at: None,
         }))
@@ -481,6 +535,7 @@ impl Agent {
     /// The container is gone for good: give its address back and forget its key.
     async fn destroy(&mut self, id: &str) {
         self.stop(id, "container removed");
+        self.waiting_for_room.remove(id);
         let name = self
             .containers
             .remove(id)
@@ -505,6 +560,20 @@ impl Agent {
             tracing::warn!(container = %short(id), error = %e, "cannot remove its key");
         }
         tracing::info!(container = %short(id), %name, "deregistered");
+        self.retry_waiting_for_room();
+    }
+
+    /// A registration was given back: the containers refused for the limits may fit now.
+    fn retry_waiting_for_room(&mut self) {
+        let now = Instant::now();
+        for id in &self.waiting_for_room {
+            if let Some(m) = self.containers.get_mut(id) {
+                // A container stopped meanwhile is set up when it starts again.
+                if m.running.is_none() && m.row.state == "error" {
+                    m.retry_at = Some(now);
+                }
+            }
+        }
     }
 
     fn write_status(&mut self) {
@@ -544,6 +613,8 @@ struct SetupFailure {
     name: String,
     error: String,
     permanent: bool,
+    /// Refused for the token's limits: worth asking again once there is room.
+    waits_for_room: bool,
 }
 
 impl SetupFailure {
@@ -552,8 +623,14 @@ impl SetupFailure {
             name: name.to_string(),
             error,
             permanent: false,
+            waits_for_room: false,
         }
     }
+}
+
+/// The relay refused because the token's peer or IPv4 limit is reached.
+fn is_quota_exceeded(e: &crate::relay_client::ClientError) -> bool {
+    matches!(e, crate::relay_client::ClientError::Api { code, .. } if code == "quota_exceeded")
 }
 
 /// Addresses to assign, the relay's key and its WireGuard endpoint.

@@ -220,6 +220,8 @@ pub struct Dockerd<'n> {
     exec_root: PathBuf,
     pidfile: PathBuf,
     child: Option<ChildGuard>,
+    /// Earlier runs of the daemon, kept for their logs.
+    stopped: Vec<ChildGuard>,
     // Dropped last: the daemon's data must outlive the daemon.
     data: TempDir,
 }
@@ -227,6 +229,13 @@ pub struct Dockerd<'n> {
 impl<'n> Dockerd<'n> {
     /// Installs Docker if needed, starts `dockerd` in `ns` and imports the busybox image.
     pub fn new(ns: &'n Netns) -> Self {
+        Self::with_config(ns, "{}")
+    }
+
+    /// Like [`Dockerd::new`] with `daemon_json` as the daemon's configuration file (for
+    /// example `{"live-restore": true}`, which keeps containers running while the daemon
+    /// is down).
+    pub fn with_config(ns: &'n Netns, daemon_json: &str) -> Self {
         ensure_docker_installed();
         let rootfs = busybox_rootfs();
         let name = unique_name("dk");
@@ -235,30 +244,9 @@ impl<'n> Dockerd<'n> {
         let exec_root = PathBuf::from(format!("/run/{name}"));
         let socket = PathBuf::from(format!("/run/{name}.sock"));
         let pidfile = PathBuf::from(format!("/run/{name}.pid"));
-        let config = data.join("daemon.json");
-        // An empty config of our own: the machine's /etc/docker/daemon.json is not ours.
-        std::fs::write(&config, "{}\n").expect("write daemon.json");
-
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", ns.name()))
-            .arg("dockerd")
-            .arg("--config-file")
-            .arg(&config)
-            .arg("--data-root")
-            .arg(data.join("data"))
-            .arg("--exec-root")
-            .arg(&exec_root)
-            .arg("-H")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg(format!("--cgroup-parent=/{name}"))
-            .args([
-                "--iptables=false",
-                "--ip-masq=false",
-                "--userland-proxy=false",
-            ]);
-        let child = ChildGuard::spawn(&format!("dockerd {name}"), cmd);
+        // A config of our own: the machine's /etc/docker/daemon.json is not ours.
+        std::fs::write(data.join("daemon.json"), format!("{daemon_json}\n"))
+            .expect("write daemon.json");
         let mut d = Dockerd {
             ns,
             name,
@@ -266,24 +254,69 @@ impl<'n> Dockerd<'n> {
             image: String::new(),
             exec_root,
             pidfile,
-            child: Some(child),
+            child: None,
+            stopped: Vec::new(),
             data,
         };
+        d.start_daemon();
+        d.image = format!("{}:busybox", unique_name("sbx"));
+        d.import(&rootfs);
+        d
+    }
+
+    /// Starts the daemon (again) on the same data root, exec root and socket, and waits
+    /// until it answers on its socket.
+    pub fn start_daemon(&mut self) {
+        assert!(!self.daemon_running(), "dockerd {} already runs", self.name);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.ns.name()))
+            .arg("dockerd")
+            .arg("--config-file")
+            .arg(self.data.join("daemon.json"))
+            .arg("--data-root")
+            .arg(self.data.join("data"))
+            .arg("--exec-root")
+            .arg(&self.exec_root)
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg("--pidfile")
+            .arg(&self.pidfile)
+            .arg(format!("--cgroup-parent=/{}", self.name))
+            .args([
+                "--iptables=false",
+                "--ip-masq=false",
+                "--userland-proxy=false",
+            ]);
+        self.child = Some(ChildGuard::spawn(&format!("dockerd {}", self.name), cmd));
         let ready = wait_until(DAEMON_READY, || {
-            !d.daemon_running()
-                || d.try_docker(&["version", "--format", "{{.Server.Version}}"])
+            !self.daemon_running()
+                || self
+                    .try_docker(&["version", "--format", "{{.Server.Version}}"])
                     .status
                     .success()
         });
         assert!(
-            ready && d.daemon_running(),
+            ready && self.daemon_running(),
             "dockerd {} did not come up:\n{}",
-            d.name,
-            d.log_tail(40)
+            self.name,
+            self.log_tail(40)
         );
-        d.image = format!("{}:busybox", unique_name("sbx"));
-        d.import(&rootfs);
-        d
+    }
+
+    /// Stops the daemon with SIGTERM, as a service manager does, and waits for it to exit;
+    /// its files stay for [`Dockerd::start_daemon`]. Panics unless it exits within 30 s.
+    pub fn stop_daemon(&mut self) {
+        let mut child = self.child.take().expect("dockerd runs");
+        child.signal(libc::SIGTERM);
+        let status = child.wait_timeout(Duration::from_secs(30));
+        assert!(
+            status.is_some(),
+            "dockerd {} still runs 30 s after SIGTERM:\n{}",
+            self.name,
+            child.stderr_tail(30)
+        );
+        // The log of the first run stays readable in a failure message.
+        self.stopped.push(child);
     }
 
     pub fn ns(&self) -> &'n Netns {
@@ -296,10 +329,12 @@ impl<'n> Dockerd<'n> {
 
     /// The daemon's log so far (its stderr).
     pub fn log_tail(&self, lines: usize) -> String {
-        self.child
-            .as_ref()
+        self.stopped
+            .iter()
+            .chain(self.child.as_ref())
             .map(|c| c.stderr_tail(lines))
-            .unwrap_or_default()
+            .collect::<Vec<_>>()
+            .join("\n--- dockerd restarted ---\n")
     }
 
     fn import(&self, rootfs: &Path) {
@@ -345,8 +380,20 @@ impl<'n> Dockerd<'n> {
     /// `docker run -d --init` of the busybox image under `name` with `labels`, running
     /// `sh -c CMD`; returns the container id once `docker run` has returned.
     pub fn run_named(&self, name: &str, labels: &[(&str, &str)], cmd: &str) -> String {
+        self.run_with(name, &[], labels, cmd)
+    }
+
+    /// [`Dockerd::run_named`] with extra `docker run` options (`--rm`, `--restart always`).
+    pub fn run_with(
+        &self,
+        name: &str,
+        options: &[&str],
+        labels: &[(&str, &str)],
+        cmd: &str,
+    ) -> String {
         let mut args: Vec<String> = ["run", "-d", "--init", "--name", name]
             .iter()
+            .chain(options)
             .map(|s| (*s).to_owned())
             .collect();
         for (k, v) in labels {
@@ -423,6 +470,32 @@ impl<'n> Dockerd<'n> {
             .filter_map(|l| l.split_once(':'))
             .map(|(name, _)| name.trim().to_owned())
             .collect()
+    }
+
+    /// `cmdline` (split on whitespace), one of this host's tools, run inside the network
+    /// namespace of running container `id`; not yet run. Only the network namespace is
+    /// the container's: the packets take the path a server in the container would see.
+    pub fn net_command(&self, id: &str, cmdline: &str) -> Command {
+        let pid = self.pid(id);
+        assert_ne!(pid, 0, "container {id} is not running");
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(cmdline.split_whitespace());
+        cmd
+    }
+
+    /// Runs `cmdline` inside container `id`'s network namespace; panics unless it
+    /// succeeds.
+    pub fn net_exec(&self, id: &str, cmdline: &str) -> String {
+        process::run_ok(self.net_command(id, cmdline))
+    }
+
+    /// Starts `cmdline` inside container `id`'s network namespace in the background.
+    pub fn net_spawn(&self, id: &str, cmdline: &str) -> ChildGuard {
+        ChildGuard::spawn(
+            &format!("{cmdline} in the network of {id}"),
+            self.net_command(id, cmdline),
+        )
     }
 
     /// Ids of all containers, running or not.
