@@ -441,7 +441,7 @@ impl Agent {
             }
             other => other,
         }
-        .map_err(|e| Failure {
+        .map_err(|e| SetupFailure {
             waits_for_room: is_quota_exceeded(&e),
             ..fail(e.is_permanent(), format!("registration failed: {e}"))
         })?;
