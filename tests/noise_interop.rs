@@ -277,7 +277,7 @@ fn noise_interop_ours_passes_boringtuns_cookie_gate() {
 fn noise_interop_boringtun_passes_our_cookie_gate() {
     let mut p = pair(None, None);
     let now = p.t0;
-    let mut gate = CookieGate::new(&p.identity, 0);
+    let gate = CookieGate::new(&p.identity, 0);
     let from: SocketAddr = "192.0.2.2:51820".parse().unwrap();
     let mut buf = vec![0u8; 2048];
     let mut tbuf = vec![0u8; 2048];

@@ -3,7 +3,10 @@
 //! keeps a [`CookieJar`] for the cookies its own handshakes are answered with.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
@@ -41,97 +44,30 @@ pub enum GateVerdict<'a> {
     CookieReply(&'a mut [u8]),
 }
 
-/// The device-level gate in front of the expensive handshake work.
+/// The device-level gate in front of the expensive handshake work. Shared by the
+/// device's receive paths (`&self`); the counters sit behind a short lock.
 pub struct CookieGate {
     mac1_key: [u8; 32],
     cookie_key: [u8; 32],
+    limit: AtomicU32,
+    state: Mutex<GateState>,
+}
+
+struct GateState {
     secret: [u8; 32],
     secret_born: Option<Instant>,
-    limit: u32,
     window_start: Option<Instant>,
     count: u32,
 }
 
-impl CookieGate {
-    /// `handshakes_per_second` messages pass on mac1 alone in each second; beyond that a
-    /// valid mac2 is demanded. 0 demands it always.
-    pub fn new(identity: &Identity, handshakes_per_second: u32) -> CookieGate {
-        CookieGate {
-            mac1_key: identity.hashes.mac1_key,
-            cookie_key: identity.hashes.cookie_key,
-            secret: [0; 32],
-            secret_born: None,
-            limit: handshakes_per_second,
-            window_start: None,
-            count: 0,
-        }
-    }
-
-    pub fn set_limit(&mut self, handshakes_per_second: u32) {
-        self.limit = handshakes_per_second;
-    }
-
-    /// Whether the current second has seen more handshake messages than the limit.
-    pub fn under_load(&self, now: Instant) -> bool {
+impl GateState {
+    fn loaded(&self, now: Instant, limit: u32) -> bool {
         match self.window_start {
             Some(start) if now.saturating_duration_since(start) < LOAD_WINDOW => {
-                self.count >= self.limit
+                self.count >= limit
             }
-            _ => self.limit == 0,
+            _ => limit == 0,
         }
-    }
-
-    /// Gates an initiation or a response from `src`. Data messages and cookie replies are
-    /// not gated and return [`GateVerdict::Pass`]. `out` receives a cookie reply (64 bytes).
-    pub fn check<'a>(
-        &mut self,
-        now: Instant,
-        src: SocketAddr,
-        datagram: &[u8],
-        out: &'a mut [u8],
-    ) -> Result<GateVerdict<'a>, NoiseError> {
-        let msg = Message::parse(datagram)?;
-        let Some((mac1_at, mac2_at)) = mac_offsets(&msg) else {
-            return Ok(GateVerdict::Pass);
-        };
-        if !mac1_valid(&self.mac1_key, datagram, mac1_at) {
-            return Err(NoiseError::InvalidMac);
-        }
-        let loaded = self.under_load(now);
-        self.count_one(now);
-        if !loaded {
-            return Ok(GateVerdict::Pass);
-        }
-        let cookie = self.cookie(now, src);
-        if ct_eq(
-            &mac(&cookie, &datagram[..mac2_at]),
-            &datagram[mac2_at..mac2_at + 16],
-        ) {
-            return Ok(GateVerdict::Pass);
-        }
-        if out.len() < COOKIE_REPLY_LEN {
-            return Err(NoiseError::BufferTooSmall);
-        }
-        let out = &mut out[..COOKIE_REPLY_LEN];
-        out.fill(0);
-        out[0] = TYPE_COOKIE_REPLY;
-        // The reply is addressed to the sender index of the message it answers.
-        out[4..8].copy_from_slice(&u32_at(datagram, 4).to_le_bytes());
-        let mut nonce = [0u8; 24];
-        OsRng.fill_bytes(&mut nonce);
-        out[offset::COOKIE_NONCE..offset::COOKIE_BODY].copy_from_slice(&nonce);
-        let body = &mut out[offset::COOKIE_BODY..offset::COOKIE_BODY + 16];
-        body.copy_from_slice(&cookie);
-        let aead = XChaCha20Poly1305::new((&self.cookie_key).into());
-        let tag = aead
-            .encrypt_in_place_detached(
-                XNonce::from_slice(&nonce),
-                &datagram[mac1_at..mac2_at],
-                body,
-            )
-            .map_err(|_| NoiseError::DecryptFailed)?;
-        out[offset::COOKIE_BODY + 16..].copy_from_slice(&tag);
-        Ok(GateVerdict::CookieReply(out))
     }
 
     fn count_one(&mut self, now: Instant) {
@@ -168,6 +104,91 @@ impl CookieGate {
         };
         input[n..n + 2].copy_from_slice(&src.port().to_be_bytes());
         mac(&self.secret, &input[..n + 2])
+    }
+}
+
+impl CookieGate {
+    /// `handshakes_per_second` messages pass on mac1 alone in each second; beyond that a
+    /// valid mac2 is demanded. 0 demands it always.
+    pub fn new(identity: &Identity, handshakes_per_second: u32) -> CookieGate {
+        CookieGate {
+            mac1_key: identity.hashes.mac1_key,
+            cookie_key: identity.hashes.cookie_key,
+            limit: AtomicU32::new(handshakes_per_second),
+            state: Mutex::new(GateState {
+                secret: [0; 32],
+                secret_born: None,
+                window_start: None,
+                count: 0,
+            }),
+        }
+    }
+
+    pub fn set_limit(&self, handshakes_per_second: u32) {
+        self.limit.store(handshakes_per_second, Ordering::Relaxed);
+    }
+
+    /// Whether the current second has seen as many handshake messages as the limit.
+    pub fn under_load(&self, now: Instant) -> bool {
+        self.state
+            .lock()
+            .loaded(now, self.limit.load(Ordering::Relaxed))
+    }
+
+    /// Gates an initiation or a response from `src`. Data messages and cookie replies are
+    /// not gated and return [`GateVerdict::Pass`]. `out` receives a cookie reply (64 bytes).
+    pub fn check<'a>(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Result<GateVerdict<'a>, NoiseError> {
+        let msg = Message::parse(datagram)?;
+        let Some((mac1_at, mac2_at)) = mac_offsets(&msg) else {
+            return Ok(GateVerdict::Pass);
+        };
+        if !mac1_valid(&self.mac1_key, datagram, mac1_at) {
+            return Err(NoiseError::InvalidMac);
+        }
+        let cookie = {
+            let mut st = self.state.lock();
+            let loaded = st.loaded(now, self.limit.load(Ordering::Relaxed));
+            st.count_one(now);
+            if !loaded {
+                return Ok(GateVerdict::Pass);
+            }
+            st.cookie(now, src)
+        };
+        if ct_eq(
+            &mac(&cookie, &datagram[..mac2_at]),
+            &datagram[mac2_at..mac2_at + 16],
+        ) {
+            return Ok(GateVerdict::Pass);
+        }
+        if out.len() < COOKIE_REPLY_LEN {
+            return Err(NoiseError::BufferTooSmall);
+        }
+        let out = &mut out[..COOKIE_REPLY_LEN];
+        out.fill(0);
+        out[0] = TYPE_COOKIE_REPLY;
+        // The reply is addressed to the sender index of the message it answers.
+        out[4..8].copy_from_slice(&u32_at(datagram, 4).to_le_bytes());
+        let mut nonce = [0u8; 24];
+        OsRng.fill_bytes(&mut nonce);
+        out[offset::COOKIE_NONCE..offset::COOKIE_BODY].copy_from_slice(&nonce);
+        let body = &mut out[offset::COOKIE_BODY..offset::COOKIE_BODY + 16];
+        body.copy_from_slice(&cookie);
+        let aead = XChaCha20Poly1305::new((&self.cookie_key).into());
+        let tag = aead
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&nonce),
+                &datagram[mac1_at..mac2_at],
+                body,
+            )
+            .map_err(|_| NoiseError::DecryptFailed)?;
+        out[offset::COOKIE_BODY + 16..].copy_from_slice(&tag);
+        Ok(GateVerdict::CookieReply(out))
     }
 }
 

@@ -521,7 +521,7 @@ fn replay_window_on_the_wire() {
 #[test]
 fn cookie_gate_demands_mac2_under_load() {
     let mut s = Sim::new(None);
-    let mut gate = CookieGate::new(&s.b_id, 2);
+    let gate = CookieGate::new(&s.b_id, 2);
     let from: SocketAddr = "192.0.2.1:4000".parse().unwrap();
     let now = s.t0;
     let mut out = vec![0u8; 2048];
@@ -595,7 +595,7 @@ fn cookie_gate_demands_mac2_under_load() {
 #[test]
 fn cookies_expire_with_the_secret() {
     let mut s = Sim::new(None);
-    let mut gate = CookieGate::new(&s.b_id, 0);
+    let gate = CookieGate::new(&s.b_id, 0);
     let from: SocketAddr = "[2001:db8::1]:51820".parse().unwrap();
     let mut out = vec![0u8; 2048];
     let mut reply = vec![0u8; 128];
@@ -714,7 +714,7 @@ fn crossing_initiations_end_with_one_session() {
 fn fuzzed_datagrams_are_refused_without_harm() {
     let mut s = Sim::new(None);
     let mut out = vec![0u8; 2048];
-    let mut gate = CookieGate::new(&s.b_id, 0);
+    let gate = CookieGate::new(&s.b_id, 0);
     let from: SocketAddr = "192.0.2.9:9".parse().unwrap();
     let mut samples = vec![s.a.force_handshake(s.t0, &mut out).unwrap().to_vec()];
     samples.push(match s.b.decapsulate(s.t0, &samples[0], &mut out) {
@@ -813,7 +813,11 @@ fn per_peer_state_is_small() {
     let keypair = std::mem::size_of::<Keypair>();
     let handshake = std::mem::size_of::<handshake::InitiatorHandshake>();
     println!("NoisePeer idle: {idle} B inline, no heap; keypair: {keypair} B boxed; handshake in flight: {handshake} B boxed");
-    println!("established (one key pair): {} B", idle + keypair);
+    println!(
+        "established (one key pair): {} B, of which ring's two expanded keys {} B",
+        idle + keypair,
+        2 * std::mem::size_of::<ring::aead::LessSafeKey>()
+    );
     assert!(idle <= 512, "idle peer state {idle} B");
     println!(
         "busiest (three key pairs and a handshake): {} B",
