@@ -830,3 +830,46 @@ fn per_peer_state_is_small() {
     );
     assert!(idle + keypair <= 2048, "established peer state");
 }
+
+#[test]
+fn padding_is_cut_off_and_ipv6_sources_are_reported() {
+    let mut s = Sim::new(None);
+    s.handshake(s.t0);
+    let now = s.at(1.0);
+    let mut out = vec![0u8; 2048];
+    let mut buf = vec![0u8; 2048];
+    let mut v6 = vec![0x5au8; 61];
+    v6[0] = 0x60;
+    v6[4..6].copy_from_slice(&21u16.to_be_bytes());
+    let src: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+    v6[8..24].copy_from_slice(&src.octets());
+    let Ok(Output::Transmit(d)) = s.a.encapsulate(now, &v6, &mut out) else {
+        panic!("sealing")
+    };
+    assert_eq!(d.len(), 64 + DATA_OVERHEAD, "plaintext padded to 16 bytes");
+    let d = d.to_vec();
+    match s.b.decapsulate(now, &d, &mut buf) {
+        Ok(Output::Deliver { packet, source }) => {
+            assert_eq!(packet, &v6[..]);
+            assert_eq!(source, IpAddr::V6(src));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Padding never pushes a full-sized packet past the MTU.
+    let full = packet(A_IP, B_IP, DEFAULT_MTU as usize, 3);
+    let Ok(Output::Transmit(d)) = s.a.encapsulate(now, &full, &mut out) else {
+        panic!("sealing")
+    };
+    assert_eq!(d.len(), DEFAULT_MTU as usize + DATA_OVERHEAD);
+    // A decrypted packet whose header claims more than it carries is refused.
+    let mut liar = packet(A_IP, B_IP, 40, 3);
+    liar[2..4].copy_from_slice(&100u16.to_be_bytes());
+    let Ok(Output::Transmit(d)) = s.a.encapsulate(now, &liar, &mut out) else {
+        panic!("sealing")
+    };
+    let d = d.to_vec();
+    assert_eq!(
+        s.b.decapsulate(now, &d, &mut buf),
+        Err(NoiseError::InvalidPacket)
+    );
+}
