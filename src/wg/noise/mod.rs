@@ -407,7 +407,10 @@ impl NoisePeer {
             return Err(NoiseError::SessionExpired);
         };
         let n = kp.seal(packet, usize::from(self.mtu), out)?;
-        if self.current_wants_rekey(now) && self.handshake.is_none() {
+        // The same test as current_wants_rekey, on the key pair already at hand.
+        let wants_rekey = kp.send_counter > REKEY_AFTER_MESSAGES
+            || (kp.initiator && kp.age(now) >= REKEY_AFTER_TIME);
+        if wants_rekey && self.handshake.is_none() {
             self.timers.rekey.get_or_insert(now);
         }
         if !packet.is_empty() {
