@@ -3,6 +3,7 @@
 mod allowed_ips;
 pub mod config;
 mod device;
+pub mod noise;
 mod peer;
 pub mod policy;
 
