@@ -17,7 +17,8 @@
 //! A peer that cannot be installed or started fails the run.
 //!
 //! Knobs (environment):
-//! * `SIDE_BY_SIDE_PEERS=gotatun,boringtun,wireguard-go` picks peers (default: all);
+//! * `SIDE_BY_SIDE_PEERS=gotatun,boringtun,wireguard-go` picks peers (default: all;
+//!   `none` for ours and the baseline only);
 //! * `SIDE_BY_SIDE_PATHS=tunnel,relay` picks sections (default: both);
 //! * `SIDE_BY_SIDE_SECS` (default 10) is each iperf3 run, after one omitted second;
 //! * `SIDE_BY_SIDE_REPEATS` (default 3, at least 1) is the number of rounds;
@@ -109,15 +110,21 @@ fn main() {
     };
     let repeats = env_or("SIDE_BY_SIDE_REPEATS", 3usize).max(1);
     let peer_names: Vec<&str> = Userspace::PEERS.iter().map(|p| p.name()).collect();
-    let peers: Vec<Userspace> = list("SIDE_BY_SIDE_PEERS", &peer_names)
-        .iter()
-        .filter_map(|n| Userspace::from_name(n))
-        .collect();
+    // `none` leaves only ours and the baseline, for quick runs of one change to ours.
+    let peers: Vec<Userspace> = if std::env::var("SIDE_BY_SIDE_PEERS").is_ok_and(|v| v == "none") {
+        Vec::new()
+    } else {
+        list("SIDE_BY_SIDE_PEERS", &peer_names)
+            .iter()
+            .filter_map(|n| Userspace::from_name(n))
+            .collect()
+    };
     let paths = list("SIDE_BY_SIDE_PATHS", &["tunnel", "relay"]);
     let launch = launch_from_env();
 
     // Everything is installed and built before anything is measured.
     let ours = daemon::install(Userspace::Sidecar);
+    let relay = paths.iter().any(|p| p == "relay").then(relay_bin);
     let installed: Vec<Installed> = peers.iter().map(|&p| daemon::install(p)).collect();
     println!("ours: {} ({})", ours.path.display(), ours.version);
     if !launch.env.is_empty() || launch.cpus.is_some() {
@@ -152,13 +159,13 @@ fn main() {
         println!("{}", samples.ratios("ours", Some("veth")));
     }
 
-    if paths.iter().any(|p| p == "relay") {
+    if let Some(relay) = relay {
         println!();
         println!(
             "relay path: remote -> router -> relay -> NAT -> client, outer IPv4, inner IPv6; \
              the client is sidecar-agent up behind every hop (same allocation)"
         );
-        println!("  sidecar-relay: {}", relay_bin().display());
+        println!("  sidecar-relay: {}", relay.display());
         println!("  <peer>+kernel: the peer + /128 route + kernel forwarding + kernel proxy NDP");
         println!(
             "  down = remote -> client, up = client -> remote; pings from the remote host, \
