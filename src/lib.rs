@@ -5,6 +5,7 @@
 //! bytes and actions out; thin tokio drivers own sockets and devices.
 
 pub mod cli;
+pub mod driver;
 pub mod icmp;
 pub mod key;
 pub mod neighbor;
@@ -15,7 +16,6 @@ pub mod proto;
 pub mod route;
 pub mod shape;
 pub mod tun;
-pub mod tunnel;
 pub mod uapi;
 pub mod udp;
 pub mod wg;

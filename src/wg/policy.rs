@@ -21,6 +21,19 @@ pub struct PacketInfo {
 }
 
 impl PacketInfo {
+    /// Only the destination, for routing: the cheapest read of the header.
+    pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+        match packet.first()? >> 4 {
+            4 => <[u8; 4]>::try_from(packet.get(16..20)?)
+                .ok()
+                .map(|a| IpAddr::from(Ipv4Addr::from(a))),
+            6 => <[u8; 16]>::try_from(packet.get(24..40)?)
+                .ok()
+                .map(|a| IpAddr::from(Ipv6Addr::from(a))),
+            _ => None,
+        }
+    }
+
     /// Reads the header of an IPv4 or IPv6 packet; `None` if it is too short for one.
     pub fn parse(packet: &[u8]) -> Option<PacketInfo> {
         match packet.first()? >> 4 {
