@@ -70,7 +70,7 @@ impl Driver {
         tracing::info!(
             link = link.name(),
             mtu = link.mtu(),
-            link_offload = link.offload(),
+            tun_offload = link.offload(),
             udp_gso_segments = socket.max_gso_segments(),
             udp_gro_segments = socket.gro_segments(),
             listen_port = socket.local_port(),

@@ -1,6 +1,7 @@
 //! The seam between the device and the Noise protocol: the only file that names
-//! boringtun. Everything the device needs from the protocol goes through the types
-//! below, so the protocol implementation can be swapped by rewriting this file.
+//! boringtun's noise types (`Tunn`, its rate limiter, its handshake parser).
+//! Everything the device needs from the protocol goes through the types below, so
+//! the protocol implementation can be swapped by rewriting this file.
 //!
 //! # The seam API (what a noise implementation provides)
 //!

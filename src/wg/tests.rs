@@ -166,7 +166,7 @@ fn net(o: Out) -> (SocketAddr, Vec<u8>) {
     }
 }
 
-/// Runs the handshake A -> B triggered by a first packet, and returns what B's tunnel got.
+/// Runs the handshake A -> B triggered by a first packet, and returns what B's link got.
 fn handshake(p: &Pair) -> Vec<u8> {
     let first = ipv4("198.51.100.1", "198.51.100.2", b"hello");
     let (to, init) = net(send(&p.a, &first));
@@ -182,22 +182,22 @@ fn handshake(p: &Pair) -> Vec<u8> {
     assert_eq!(resp.len(), 92);
     // A gets the response: it answers with a keepalive and then releases the queued packet.
     let outs = deliver(&p.a, sa(B_ADDR), &resp);
-    let mut tunnel = Vec::new();
+    let mut link = Vec::new();
     for o in outs {
         let (to, d) = net(o);
         assert_eq!(to, sa(B_ADDR));
         for o in deliver(&p.b, sa(A_ADDR), &d) {
             if let Out::Tun(pkt) = o {
-                tunnel.push(pkt);
+                link.push(pkt);
             }
         }
     }
     assert_eq!(
-        tunnel.len(),
+        link.len(),
         1,
         "the queued packet arrives after the handshake"
     );
-    tunnel.remove(0)
+    link.remove(0)
 }
 
 #[test]
@@ -755,7 +755,7 @@ fn shaped_peer_queues_then_releases_in_order() {
     let p = pair();
     handshake(&p);
     assert!(p.a.set_peer_rate(&p.b_key, Some(8))); // 1 MB/s each way
-                                                   // Each packet carries its sequence number; B's tunnel must see them in that order.
+                                                   // Each packet carries its sequence number; B's link must see them in that order.
     let numbered = |i: u32| {
         let mut payload = vec![0u8; 980];
         payload[..4].copy_from_slice(&i.to_be_bytes());
@@ -867,7 +867,7 @@ fn policy_decides_both_directions_and_answers_unallocated_addresses() {
     handshake(&p);
     p.b.set_policy(Some(std::sync::Arc::new(TestPolicy)));
 
-    // From the peer: refused by the policy before it reaches the tunnel device.
+    // From the peer: refused by the policy before it reaches the link.
     let (_, d) = net(send(&p.a, &ipv4("198.51.100.66", "198.51.100.2", b"x")));
     let outs = deliver(&p.b, sa(A_ADDR), &d);
     assert!(matches!(outs[0], Out::Dropped(DropReason::OtherTenant)));
@@ -884,7 +884,7 @@ fn policy_decides_both_directions_and_answers_unallocated_addresses() {
     error[9] = 1;
     assert!(matches!(send(&p.b, &error), Out::Net(..)));
 
-    // For an address nobody holds: an error back through the tunnel device.
+    // For an address nobody holds: an error back to the link.
     let lost = ipv4("203.0.113.5", "192.0.2.200", b"where");
     assert!(matches!(
         send(&p.b, &lost),
