@@ -496,6 +496,17 @@ fn main() {
     let disk2 = disk_usage(&data_dir);
 
     assert!(relay.is_running(), "relay died:\n{}", relay.log_tail(30));
+    let rate = |o: &Outcome, t: Duration| (o.created + o.existing) as f64 / t.as_secs_f64();
+    // Printed before the restart, which may be slow at this size.
+    println!(
+        "at {peers} registered peers: relay RSS {:.2} KiB/peer after registering (target at \
+         most 2 KiB); {:.0} registrations/s over the first {peers}, {:.0} registrations/s for \
+         the next {tail_peers} (target at least 1000); engine peer entry {} bytes",
+        rss1.saturating_sub(rss0) as f64 / peers as f64,
+        rate(&keep_alive, keep_alive_time),
+        rate(&tail, tail_time),
+        std::mem::size_of::<sidecar::wg::Peer>(),
+    );
     let on_interface = relay.dump().len();
     assert_eq!(
         on_interface,
@@ -580,7 +591,6 @@ fn main() {
         &limited,
         limited_time,
     );
-    let rate = |o: &Outcome, t: Duration| (o.created + o.existing) as f64 / t.as_secs_f64();
     println!(
         "rate limiting on (default [limits], {} answered 429) / raised out of reach, keep-alive: \
          {:.3} (target at least 1000 reg/s with limits on)",
@@ -606,15 +616,6 @@ fn main() {
         rss3.saturating_sub(rss0) as f64 * 1024.0 / (peers + tail_peers + agent_peers) as f64,
         mib(rss0),
         restart_time.as_secs_f64(),
-    );
-    println!(
-        "at {peers} registered peers: relay RSS {:.2} KiB/peer after registering, {:.2} KiB/peer \
-         after a restart (target at most 2 KiB); {:.0} registrations/s at that size (target at \
-         least 1000); engine peer entry {} bytes",
-        rss1.saturating_sub(rss0) as f64 / peers as f64,
-        rss3.saturating_sub(rss0) as f64 / (peers + tail_peers + agent_peers) as f64,
-        rate(&tail, tail_time),
-        std::mem::size_of::<sidecar::wg::Peer>(),
     );
     let per_peer = |after: u64, before: u64| after.saturating_sub(before) as f64 / peers as f64;
     println!(
