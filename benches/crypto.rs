@@ -5,9 +5,11 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use sidecar::wg::Output;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-use sidecar::wg::{Action, Device, PeerConfig};
+use sidecar::wg::{Device, PeerConfig};
 use sidecar::Key;
 
 const SIZE: usize = 1420;
@@ -29,23 +31,20 @@ fn established() -> (Device, Device) {
     to_a.allowed_ips = vec!["198.51.100.1/32".parse().unwrap()];
     b.set_peer(&to_a);
 
+    let now = Instant::now();
     let mut buf = vec![0u8; 2048];
-    let mut buf2 = vec![0u8; 2048];
-    let Action::Send { datagram, .. } = a.encapsulate(&packet(), &mut buf) else {
+    let Output::Transmit { datagram, .. } = a.handle_packet(now, &packet(), &mut buf) else {
         panic!("no handshake initiation")
     };
     let init = datagram.to_vec();
-    let Action::SendThenDrain { datagram, .. } =
-        b.decapsulate(endpoint("192.0.2.1:51820"), &init, &mut buf)
+    let Output::Transmit { datagram, .. } =
+        b.handle_datagram(now, endpoint("192.0.2.1:51820"), &init, &mut buf)
     else {
         panic!("no handshake response")
     };
     let resp = datagram.to_vec();
-    if let Action::SendThenDrain { peer, .. } =
-        a.decapsulate(endpoint("192.0.2.2:51820"), &resp, &mut buf)
-    {
-        while a.drain_queue(&peer, &mut buf2).is_some() {}
-    }
+    let _ = a.handle_datagram(now, endpoint("192.0.2.2:51820"), &resp, &mut buf);
+    while a.poll_transmit(now, &mut buf).is_some() {}
     (a, b)
 }
 
@@ -79,6 +78,8 @@ fn rate(mut op: impl FnMut()) -> f64 {
 
 fn bench(c: &mut Criterion) {
     let (a, b) = established();
+    // One `now` per batch, as the driver feeds it: a fixed one here.
+    let now = Instant::now();
     let pkt = packet();
     let mut out = vec![0u8; 2048];
     let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).unwrap());
@@ -101,13 +102,18 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("encapsulate", |bench| {
-        bench.iter(|| matches!(a.encapsulate(&pkt, &mut out), Action::Send { .. }))
+        bench.iter(|| {
+            matches!(
+                a.handle_packet(now, &pkt, &mut out),
+                Output::Transmit { .. }
+            )
+        })
     });
     g.bench_function("decapsulate", |bench| {
         bench.iter_batched(
             || {
                 let mut d = vec![0u8; SIZE + 32];
-                let Action::Send { datagram, .. } = a.encapsulate(&pkt, &mut d) else {
+                let Output::Transmit { datagram, .. } = a.handle_packet(now, &pkt, &mut d) else {
                     panic!("encapsulate failed")
                 };
                 let n = datagram.len();
@@ -117,8 +123,8 @@ fn bench(c: &mut Criterion) {
             |d| {
                 let mut o = [0u8; 2048];
                 matches!(
-                    b.decapsulate(endpoint("192.0.2.1:51820"), &d, &mut o),
-                    Action::Tunnel(_)
+                    b.handle_datagram(now, endpoint("192.0.2.1:51820"), &d, &mut o),
+                    Output::Deliver(_)
                 )
             },
             BatchSize::SmallInput,
@@ -139,7 +145,7 @@ fn bench(c: &mut Criterion) {
         );
     });
     let encap = rate(|| {
-        let _ = a.encapsulate(&pkt, &mut out);
+        let _ = a.handle_packet(now, &pkt, &mut out);
     });
     let mut datagrams: Vec<Vec<u8>> = Vec::new();
     let mut o = vec![0u8; 2048];
@@ -150,13 +156,13 @@ fn bench(c: &mut Criterion) {
         while total < 0.5 {
             datagrams.clear();
             for _ in 0..1000 {
-                if let Action::Send { datagram, .. } = a.encapsulate(&pkt, &mut out) {
+                if let Output::Transmit { datagram, .. } = a.handle_packet(now, &pkt, &mut out) {
                     datagrams.push(datagram.to_vec());
                 }
             }
             let t = Instant::now();
             for d in &datagrams {
-                let _ = b.decapsulate(endpoint("192.0.2.1:51820"), d, &mut o);
+                let _ = b.handle_datagram(now, endpoint("192.0.2.1:51820"), d, &mut o);
             }
             total += t.elapsed().as_secs_f64();
             n += datagrams.len();

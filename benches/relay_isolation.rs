@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use criterion::{BatchSize, Criterion};
 use sidecar::route::{RouteEntry, RouteKind, MAIN_TABLE};
-use sidecar::wg::{Action, Device, PeerConfig, Policy};
+use sidecar::wg::{Device, Output, PeerConfig, Policy};
 use sidecar::Key;
 use sidecar_relay::dataplane::{PeerEntry, Tenant};
 use sidecar_relay::policy::{HostView, TenantPolicy};
@@ -47,23 +47,22 @@ fn established() -> (Device, Device) {
     to_relay.endpoint = Some(RELAY_EP.parse().unwrap());
     to_relay.allowed_ips = vec!["::/0".parse().unwrap()];
     client.set_peer(&to_relay);
+    let now = Instant::now();
     let mut buf = vec![0u8; 2048];
-    let mut buf2 = vec![0u8; 2048];
-    let Action::Send { datagram, .. } = client.encapsulate(&packet(PEER, REMOTE), &mut buf) else {
+    let Output::Transmit { datagram, .. } =
+        client.handle_packet(now, &packet(PEER, REMOTE), &mut buf)
+    else {
         panic!("no handshake initiation")
     };
     let init = datagram.to_vec();
-    let Action::SendThenDrain { datagram, .. } =
-        relay.decapsulate(CLIENT_EP.parse().unwrap(), &init, &mut buf)
+    let Output::Transmit { datagram, .. } =
+        relay.handle_datagram(now, CLIENT_EP.parse().unwrap(), &init, &mut buf)
     else {
         panic!("no handshake response")
     };
     let resp = datagram.to_vec();
-    if let Action::SendThenDrain { peer, .. } =
-        client.decapsulate(RELAY_EP.parse().unwrap(), &resp, &mut buf)
-    {
-        while client.drain_queue(&peer, &mut buf2).is_some() {}
-    }
+    let _ = client.handle_datagram(now, RELAY_EP.parse().unwrap(), &resp, &mut buf);
+    while client.poll_transmit(now, &mut buf).is_some() {}
     (relay, client)
 }
 
@@ -132,10 +131,12 @@ fn datagrams(client: &Device, n: usize) -> Vec<Vec<u8>> {
     let pkt = packet(PEER, REMOTE);
     let mut out = vec![0u8; 2048];
     (0..n)
-        .map(|_| match client.encapsulate(&pkt, &mut out) {
-            Action::Send { datagram, .. } => datagram.to_vec(),
-            other => panic!("client encapsulate: {other:?}"),
-        })
+        .map(
+            |_| match client.handle_packet(Instant::now(), &pkt, &mut out) {
+                Output::Transmit { datagram, .. } => datagram.to_vec(),
+                other => panic!("client encapsulate: {other:?}"),
+            },
+        )
         .collect()
 }
 
@@ -149,14 +150,16 @@ fn relay_path_ns(relay: &Device, client: &Device, rounds: usize) -> f64 {
         .map(|_| {
             let batch = datagrams(client, 4000);
             let t = Instant::now();
+            // The driver reads the clock once per batch.
+            let now = t;
             for d in &batch {
                 assert!(matches!(
-                    relay.decapsulate(from, d, &mut out),
-                    Action::Tunnel(_)
+                    relay.handle_datagram(now, from, d, &mut out),
+                    Output::Deliver(_)
                 ));
                 assert!(matches!(
-                    relay.encapsulate(&down, &mut out),
-                    Action::Send { .. }
+                    relay.handle_packet(now, &down, &mut out),
+                    Output::Transmit { .. }
                 ));
             }
             t.elapsed().as_nanos() as f64 / batch.len() as f64
@@ -210,6 +213,7 @@ fn main() {
         .configure_from_args();
     let from: SocketAddr = CLIENT_EP.parse().unwrap();
     let down = packet(REMOTE, PEER);
+    let now = Instant::now();
     let mut g = c.benchmark_group("relay path 1420 B");
     for (name, p) in [
         ("isolation off", None),
@@ -221,14 +225,22 @@ fn main() {
                 || datagrams(&client, 1).pop().unwrap(),
                 |d| {
                     let mut o = [0u8; 2048];
-                    matches!(relay.decapsulate(from, &d, &mut o), Action::Tunnel(_))
+                    matches!(
+                        relay.handle_datagram(now, from, &d, &mut o),
+                        Output::Deliver(_)
+                    )
                 },
                 BatchSize::SmallInput,
             )
         });
         let mut out = vec![0u8; 2048];
         g.bench_function(format!("encapsulate, {name}"), |b| {
-            b.iter(|| matches!(relay.encapsulate(&down, &mut out), Action::Send { .. }))
+            b.iter(|| {
+                matches!(
+                    relay.handle_packet(now, &down, &mut out),
+                    Output::Transmit { .. }
+                )
+            })
         });
     }
     g.finish();

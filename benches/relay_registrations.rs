@@ -1,13 +1,15 @@
 //! Registration throughput and memory of `sidecar-relay`: a release relay in the
 //! topology of `tests/support/relay.rs` (on-link /64, unique interface name), one
-//! admin-created token, then `RELAY_BENCH_PEERS` (default 10000) registrations of random
+//! admin-created token, then `RELAY_BENCH_PEERS` (default 100000) registrations of random
 //! public keys through the HTTPS API from the router namespace.
 //!
 //! Two client styles, one after the other on the same relay:
 //!
 //! * keep-alive: `RELAY_BENCH_CLIENTS` (default 16) threads, each with one pinned TLS
 //!   connection it reuses for all of its requests (a minimal HTTP/1.1 client on rustls);
-//!   the relay's RSS and store size are measured around this phase;
+//!   the relay's RSS and store size are measured around this phase, then
+//!   `RELAY_BENCH_TAIL_PEERS` (default 5000) more keep-alive registrations are timed on
+//!   their own: the registration rate at that size;
 //! * agent-style: the agent's own `RelayClient`, which opens a new TCP + TLS connection per
 //!   request, with as many concurrent tasks, for `RELAY_BENCH_AGENT_PEERS` (default 1000)
 //!   further peers.
@@ -438,11 +440,13 @@ fn main() {
     }
     require_tools(BASE_TOOLS);
     require_tools(&["curl", "nft", "sysctl", "du"]);
-    let peers = env_usize("RELAY_BENCH_PEERS", 10_000).max(1);
+    let peers = env_usize("RELAY_BENCH_PEERS", 100_000).max(1);
+    let tail_peers = env_usize("RELAY_BENCH_TAIL_PEERS", 5_000).max(1);
     let clients = env_usize("RELAY_BENCH_CLIENTS", 16).max(1);
     let agent_peers = env_usize("RELAY_BENCH_AGENT_PEERS", 1_000);
     let limited_peers = env_usize("RELAY_BENCH_LIMITED_PEERS", 10_000).max(clients);
-    let max_peers = u32::try_from((peers + agent_peers).max(20_000)).expect("peer count fits u32");
+    let max_peers =
+        u32::try_from((peers + tail_peers + agent_peers).max(20_000)).expect("peer count fits u32");
 
     println!("sidecar-relay: {}", relay_bin().display());
     let topo = Topology::new();
@@ -462,6 +466,7 @@ fn main() {
     let tls = Arc::new(tls);
 
     let keys: Vec<Key> = (0..peers).map(|_| random_pubkey()).collect();
+    let tail_keys: Vec<Key> = (0..tail_peers).map(|_| random_pubkey()).collect();
     let agent_keys: Vec<Key> = (0..agent_peers).map(|_| random_pubkey()).collect();
 
     let (rss0, _) = memory_kib(pid);
@@ -478,6 +483,9 @@ fn main() {
     check("keep-alive registrations", peers, &keep_alive);
     let (rss1, hwm1) = memory_kib(pid);
     let disk1 = disk_usage(&data_dir);
+    let (tail, tail_time) =
+        register_keep_alive(&topo.router, addr, tls.clone(), &one_token, &tail_keys);
+    check("keep-alive registrations at size", tail_peers, &tail);
 
     let client =
         RelayClient::new(&relay.url(""), &token, &relay.creds.pin).expect("RelayClient::new");
@@ -487,10 +495,21 @@ fn main() {
     let disk2 = disk_usage(&data_dir);
 
     assert!(relay.is_running(), "relay died:\n{}", relay.log_tail(30));
+    let rate = |o: &Outcome, t: Duration| (o.created + o.existing) as f64 / t.as_secs_f64();
+    // Printed before the restart, which may be slow at this size.
+    println!(
+        "at {peers} registered peers: relay RSS {:.2} KiB/peer after registering (target at \
+         most 2 KiB); {:.0} registrations/s over the first {peers}, {:.0} registrations/s for \
+         the next {tail_peers} (target at least 1000); engine peer entry {} bytes",
+        rss1.saturating_sub(rss0) as f64 / peers as f64,
+        rate(&keep_alive, keep_alive_time),
+        rate(&tail, tail_time),
+        std::mem::size_of::<sidecar::wg::Peer>(),
+    );
     let on_interface = relay.dump().len();
     assert_eq!(
         on_interface,
-        peers + agent_peers,
+        peers + tail_peers + agent_peers,
         "`wg show {}` lists a different number of peers",
         relay.iface
     );
@@ -506,7 +525,7 @@ fn main() {
     let (rss3, _) = memory_kib(relay_pid(&topo.relay));
     assert_eq!(
         relay.dump().len(),
-        peers + agent_peers,
+        peers + tail_peers + agent_peers,
         "the restarted relay restored a different number of peers"
     );
 
@@ -560,6 +579,7 @@ fn main() {
         &keep_alive,
         keep_alive_time,
     );
+    row(format!("keep-alive, after {peers} peers"), &tail, tail_time);
     row(
         format!("RelayClient (conn/request), {clients} tasks"),
         &agent,
@@ -570,7 +590,6 @@ fn main() {
         &limited,
         limited_time,
     );
-    let rate = |o: &Outcome, t: Duration| (o.created + o.existing) as f64 / t.as_secs_f64();
     println!(
         "rate limiting on (default [limits], {} answered 429) / raised out of reach, keep-alive: \
          {:.3} (target at least 1000 reg/s with limits on)",
@@ -585,15 +604,15 @@ fn main() {
         mib(rss1.saturating_sub(rss0)),
         rss1.saturating_sub(rss0) as f64 * 1024.0 / peers as f64,
         mib(rss2),
-        peers + agent_peers,
+        peers + tail_peers + agent_peers,
         mib(hwm1.max(hwm2)),
     );
     println!(
         "relay RSS after a restart restoring {} peers: {:.1} MiB ({:.0} bytes/peer over the \
          {:.1} MiB before registering; restart to ready {:.2} s)",
-        peers + agent_peers,
+        peers + tail_peers + agent_peers,
         mib(rss3),
-        rss3.saturating_sub(rss0) as f64 * 1024.0 / (peers + agent_peers) as f64,
+        rss3.saturating_sub(rss0) as f64 * 1024.0 / (peers + tail_peers + agent_peers) as f64,
         mib(rss0),
         restart_time.as_secs_f64(),
     );
@@ -606,7 +625,7 @@ fn main() {
         disk1.0 as f64 / 1048576.0,
         per_peer(disk1.0, disk0.0),
         disk2.0 as f64 / 1048576.0,
-        peers + agent_peers,
+        peers + tail_peers + agent_peers,
         disk0.1 as f64 / 1048576.0,
         disk1.1 as f64 / 1048576.0,
         disk2.1 as f64 / 1048576.0,

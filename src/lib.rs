@@ -4,6 +4,7 @@
 //! The protocol state lives in sans-IO types ([`wg`]) that take bytes in and give
 //! bytes and actions out; thin tokio drivers own sockets and devices.
 
+pub mod driver;
 pub mod endpoint;
 pub mod icmp;
 pub mod key;
@@ -13,7 +14,6 @@ pub mod prefix;
 pub mod route;
 pub mod shape;
 pub mod tun;
-pub mod tunnel;
 pub mod uapi;
 pub mod udp;
 pub mod wg;

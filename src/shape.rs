@@ -6,14 +6,16 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
+
+use crate::wg::FedClock;
 
 /// The bucket counts in cells of this many bytes: governor's interval is whole
 /// nanoseconds, and per-byte cells would lose precision (or stop limiting at all)
@@ -40,13 +42,26 @@ pub enum Admit {
     Dropped,
 }
 
-/// One direction of one peer. Time comes from `C`: the system's monotonic clock in
-/// use, a clock the caller advances in tests.
-pub struct Lane<C: Clock = DefaultClock> {
+/// What the head of a queue is up to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Its time has come: this packet goes now (hand the buffer back with
+    /// [`Lane::recycle`]).
+    Due(Vec<u8>),
+    /// The head may go after this long.
+    Wait(Duration),
+    Empty,
+}
+
+/// One direction of one peer. Time comes from `C`: the device's clock (fed the `now`
+/// of each input) in use, a clock the test advances in tests.
+pub struct Lane<C: Clock = FedClock> {
     limiter: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
     queue: Mutex<Queue>,
     max_bytes: usize,
     dropped: AtomicU64,
+    /// Whether the device's list of lanes to release holds this one.
+    listed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -76,15 +91,8 @@ impl Queue {
     }
 }
 
-impl Lane {
-    /// A lane limited to `bytes_per_sec` (at least one cell per second).
-    pub fn new(bytes_per_sec: u64) -> Lane {
-        Lane::with_clock(bytes_per_sec, DefaultClock::default())
-    }
-}
-
 impl<C: Clock> Lane<C> {
-    /// Like [`Lane::new`], on `clock`.
+    /// A lane limited to `bytes_per_sec` (at least one cell per second) on `clock`.
     pub fn with_clock(bytes_per_sec: u64, clock: C) -> Lane<C> {
         let bytes_per_sec = bytes_per_sec.max(CELL as u64);
         let period_ns = (CELL as u64 * 1_000_000_000 / bytes_per_sec).max(1);
@@ -101,6 +109,7 @@ impl<C: Clock> Lane<C> {
             queue: Mutex::new(Queue::default()),
             max_bytes,
             dropped: AtomicU64::new(0),
+            listed: AtomicBool::new(false),
         }
     }
 
@@ -126,12 +135,13 @@ impl<C: Clock> Lane<C> {
         Admit::Queued
     }
 
-    /// Moves every queued packet that the bucket now allows into `out`, in order.
-    /// Returns how long until the next one is due, or `None` when the queue is empty.
-    pub fn release(&self, out: &mut Vec<Vec<u8>>) -> Option<Duration> {
+    /// Takes the head of the queue if the bucket allows it now.
+    pub fn next(&self) -> Next {
         let mut q = self.queue.lock();
         loop {
-            let len = q.packets.front()?.len();
+            let Some(len) = q.packets.front().map(Vec::len) else {
+                return Next::Empty;
+            };
             let (n, carry) = q.charge(len);
             let verdict = match n {
                 None => Ok(Ok(())),
@@ -142,11 +152,11 @@ impl<C: Clock> Lane<C> {
                     q.carry = carry;
                     q.bytes -= len;
                     if let Some(p) = q.packets.pop_front() {
-                        out.push(p);
+                        return Next::Due(p);
                     }
                 }
                 Ok(Err(not_until)) => {
-                    return Some(not_until.wait_time_from(self.limiter.clock().now()));
+                    return Next::Wait(not_until.wait_time_from(self.limiter.clock().now()));
                 }
                 // Larger than the burst: it could never pass. The burst is sized above
                 // any packet, so this is only reachable with absurd inputs.
@@ -159,13 +169,20 @@ impl<C: Clock> Lane<C> {
         }
     }
 
-    /// Returns released buffers for reuse.
-    pub fn recycle(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+    /// Marks the lane as listed for release; true if it was not before.
+    pub fn list(&self) -> bool {
+        !self.listed.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn unlist(&self) {
+        self.listed.store(false, Ordering::SeqCst);
+    }
+
+    /// Returns a released buffer for reuse.
+    pub fn recycle(&self, buf: Vec<u8>) {
         let mut q = self.queue.lock();
-        for b in bufs {
-            if q.spare.len() < 1024 {
-                q.spare.push(b);
-            }
+        if q.spare.len() < 1024 {
+            q.spare.push(buf);
         }
     }
 
@@ -188,12 +205,12 @@ pub struct Shaper {
 }
 
 impl Shaper {
-    /// Shapes both directions to `mbps` megabits per second.
-    pub fn from_mbps(mbps: u32) -> Shaper {
+    /// Shapes both directions to `mbps` megabits per second, on `clock`.
+    pub fn from_mbps(mbps: u32, clock: &FedClock) -> Shaper {
         let bits_per_sec = u64::from(mbps) * 1_000_000;
         Shaper {
-            egress: Lane::new(bits_per_sec / 8),
-            ingress: Lane::new(bits_per_sec / 8),
+            egress: Lane::with_clock(bits_per_sec / 8, clock.clone()),
+            ingress: Lane::with_clock(bits_per_sec / 8, clock.clone()),
             bits_per_sec,
         }
     }
@@ -207,6 +224,18 @@ impl Shaper {
 mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
+
+    /// Moves every packet now due into `out`, as the device's polls do one by one;
+    /// how long until the next is due, `None` when the queue is empty.
+    fn release<C: Clock>(lane: &Lane<C>, out: &mut Vec<Vec<u8>>) -> Option<Duration> {
+        loop {
+            match lane.next() {
+                Next::Due(p) => out.push(p),
+                Next::Wait(w) => return Some(w),
+                Next::Empty => return None,
+            }
+        }
+    }
 
     /// A lane whose time stands still unless the test advances it.
     fn fake_lane(bytes_per_sec: u64) -> (Lane<FakeRelativeClock>, FakeRelativeClock) {
@@ -234,19 +263,19 @@ mod tests {
 
         // Nothing is due before its time; 10 ms at 1 MB/s release 10 packets.
         let mut out = Vec::new();
-        let wait = lane.release(&mut out).expect("the queue is not empty");
+        let wait = release(&lane, &mut out).expect("the queue is not empty");
         assert!(out.is_empty(), "released {} early", out.len());
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(1),
             "{wait:?}"
         );
         clock.advance(Duration::from_millis(10));
-        assert!(lane.release(&mut out).is_some());
+        assert!(release(&lane, &mut out).is_some());
         assert_eq!(out.len(), 10);
         assert_eq!(lane.queued_bytes(), 40_000);
         // The queue drains completely at the rate, and a drained lane has nothing due.
         clock.advance(Duration::from_millis(40));
-        assert_eq!(lane.release(&mut out), None);
+        assert_eq!(release(&lane, &mut out), None);
         assert_eq!(out.len(), 50);
     }
 
@@ -272,7 +301,7 @@ mod tests {
                 }
                 Admit::Queued => seq += 1,
                 Admit::Dropped => {
-                    let wait = lane.release(&mut out);
+                    let wait = release(&lane, &mut out);
                     for p in out.drain(..) {
                         assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), expect);
                         expect += 1;

@@ -6,14 +6,14 @@ use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use bollard::Docker;
 use futures_util::StreamExt;
+use sidecar::driver::Driver;
 use sidecar::tun::TunDevice;
-use sidecar::tunnel::Tunnel;
 use sidecar::udp::UdpTransport;
 use sidecar::wg::{Device, PeerConfig};
 use sidecar::{Endpoint, IpPrefix, Key};
@@ -67,7 +67,7 @@ struct Managed {
 }
 
 struct Running {
-    tunnel: Tunnel,
+    driver: Driver,
     relay_key: Key,
     /// Kept open so the namespace outlives a racing container exit until we notice;
     /// also tells whether the container still lives in it.
@@ -482,20 +482,17 @@ impl Agent {
             }
             Mode::Netstack => None,
         };
-        let (tunnel, mode) = match tun {
+        let (driver, mode) = match tun {
             Some(t) => {
                 let tun = TunDevice::from_sync(t.device, CONTAINER_IFACE, alloc.mtu, t.offload)
                     .map_err(|e| fail(false, format!("cannot drive the TUN device: {e}")))?;
-                (Tunnel::start(device, tun, socket), "tun")
+                (Driver::start(device, Arc::new(tun), socket), "tun")
             }
             None => {
                 let targets = container_addresses(&info);
                 let netstack = crate::netstack_link::start(&addrs, targets, alloc.mtu)
                     .map_err(|e| fail(false, format!("cannot start netstack mode: {e}")))?;
-                (
-                    Tunnel::start_with_link(device, netstack, socket),
-                    "netstack",
-                )
+                (Driver::start(device, netstack, socket), "netstack")
             }
         };
         Ok(Some(Managed {
@@ -511,7 +508,7 @@ impl Agent {
                 ..StatusRow::default()
             },
             running: Some(Running {
-                tunnel,
+                driver,
                 relay_key,
                 netns: Some(netns),
             }),
@@ -523,7 +520,7 @@ impl Agent {
     fn stop(&mut self, id: &str, why: &str) {
         if let Some(m) = self.containers.get_mut(id) {
             if let Some(running) = m.running.take() {
-                running.tunnel.stop();
+                running.driver.stop();
                 tracing::info!(container = %short(id), name = %m.name, why, "tunnel stopped");
             }
             m.row.state = "stopped".into();
@@ -580,9 +577,10 @@ impl Agent {
         let mut rows: Vec<StatusRow> = Vec::new();
         for m in self.containers.values_mut() {
             if let Some(r) = &m.running {
-                if let Some(p) = r.tunnel.device().peer(&r.relay_key) {
-                    m.row.latest_handshake = p
-                        .last_handshake()
+                let device = r.driver.device();
+                if let Some(p) = device.peer(&r.relay_key) {
+                    m.row.latest_handshake = device
+                        .last_handshake(&p, Instant::now(), SystemTime::now())
                         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                         .map(|d| d.as_secs());
                     m.row.rx_bytes = p.rx_bytes();

@@ -4,9 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use sidecar::driver::Driver;
 use sidecar::route;
 use sidecar::tun::TunDevice;
-use sidecar::tunnel::Tunnel;
 use sidecar::uapi::{validate_interface_name, UapiServer};
 use sidecar::udp::UdpTransport;
 use sidecar::wg::Device;
@@ -88,14 +88,14 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
         add_routes(&config, ifindex)?
     };
 
-    let tunnel = Tunnel::start(device, tun, socket);
-    let uapi = UapiServer::bind(&name, tunnel.control())
+    let driver = Driver::start(device, Arc::new(tun), socket);
+    let uapi = UapiServer::bind(&name, driver.control())
         .await
         .with_context(|| format!("cannot serve the userspace API for {name}"))?;
     tracing::info!(
         interface = %name,
         public_key = %config.interface.private_key.public_key(),
-        listen_port = tunnel.listen_port(),
+        listen_port = driver.listen_port(),
         peers = config.peers.len(),
         "interface is up; `wg show {name}` shows it",
     );
@@ -115,7 +115,7 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
             tracing::debug!(%prefix, error = %e, "route already gone");
         }
     }
-    tunnel.stop();
+    driver.stop();
     tracing::info!(interface = %name, "interface removed");
     Ok(())
 }

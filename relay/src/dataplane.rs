@@ -6,12 +6,12 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use parking_lot::RwLock;
+use sidecar::driver::Driver;
 use sidecar::tun::TunDevice;
-use sidecar::tunnel::Tunnel;
 use sidecar::udp::UdpTransport;
 use sidecar::wg::{Device, DeviceControl, DeviceUpdate, PeerUpdate};
 use sidecar::{route, IpPrefix, Key};
@@ -97,7 +97,7 @@ impl OwnedAddresses {
 }
 
 pub struct RelayDataPlane {
-    tunnel: Tunnel,
+    driver: Driver,
     ifindex: u32,
     owned: Arc<OwnedAddresses>,
     policy: Arc<TenantPolicy>,
@@ -138,7 +138,7 @@ impl RelayDataPlane {
             .context("cannot follow the host's route changes")?;
         let device = Arc::new(Device::with_private_key(private_key));
         device.set_policy(Some(policy.clone()));
-        let tunnel = Tunnel::start(device, tun, socket);
+        let driver = Driver::start(device, Arc::new(tun), socket);
         for prefix in prefixes {
             let mode = if prefix.is_ipv4() {
                 n.ipv4_mode
@@ -148,7 +148,7 @@ impl RelayDataPlane {
             route_unallocated(prefix, mode, n.uplink.as_deref(), ifindex);
         }
         Ok(RelayDataPlane {
-            tunnel,
+            driver,
             ifindex,
             owned: Arc::new(OwnedAddresses::default()),
             policy,
@@ -161,11 +161,11 @@ impl RelayDataPlane {
     }
 
     pub fn device(&self) -> &Arc<Device> {
-        self.tunnel.device()
+        self.driver.device()
     }
 
     pub fn control(&self) -> Arc<dyn DeviceControl> {
-        self.tunnel.control()
+        self.driver.control()
     }
 
     pub fn owned(&self) -> Arc<OwnedAddresses> {
@@ -173,7 +173,7 @@ impl RelayDataPlane {
     }
 
     pub fn listen_port(&self) -> u16 {
-        self.tunnel.listen_port()
+        self.driver.listen_port()
     }
 
     /// Puts a registered peer on the data plane (or refreshes it), keeping any live
@@ -226,7 +226,7 @@ impl RelayDataPlane {
 
     fn prefixes_of(&self, key: &Key) -> Vec<IpPrefix> {
         self.device()
-            .peer_info(key)
+            .peer_info(key, Instant::now(), SystemTime::now())
             .map(|p| p.config.allowed_ips)
             .unwrap_or_default()
     }
@@ -258,8 +258,9 @@ impl RelayDataPlane {
     /// (last handshake as unix seconds, rx bytes, tx bytes)
     pub fn stats(&self, key: &Key) -> Option<(Option<u64>, u64, u64)> {
         let peer = self.device().peer(key)?;
-        let handshake = peer
-            .last_handshake()
+        let handshake = self
+            .device()
+            .last_handshake(&peer, Instant::now(), SystemTime::now())
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
         Some((handshake, peer.rx_bytes(), peer.tx_bytes()))

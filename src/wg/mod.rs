@@ -1,17 +1,33 @@
-//! The WireGuard peer table and its protocol state.
+//! The WireGuard peer table and its protocol state, as a sans-IO state machine:
+//! fed packets, datagrams and time, drained by polls (see [`Device`]).
+//!
+//! One concern per file: `device` (the table and its configuration), `send` and
+//! `receive` (the two directions of the data path), `timers`, `outbox` (what the
+//! polls drain), `shaping` (the device's shaping queues), `peer`, `allowed_ips`,
+//! `metrics`, `clock` (time as fed), and `session`, the seam to the noise protocol.
 
 mod allowed_ips;
+mod clock;
 pub mod config;
 mod device;
+mod metrics;
 pub mod noise;
+mod outbox;
 mod peer;
 pub mod policy;
+mod receive;
+mod send;
+mod session;
+mod shaping;
+mod timers;
 
 pub use allowed_ips::AllowedIps;
+pub use clock::FedClock;
 pub use config::{
     DeviceControl, DeviceInfo, DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
 };
-pub use device::{Action, Device, DropReason, Released, DATA_OVERHEAD, MIN_OUT_BUF};
+pub use device::{Device, Output, Transmit, DATA_OVERHEAD, MIN_OUT_BUF};
+pub use metrics::DropReason;
 pub use peer::{Peer, PeerRef};
 pub use policy::{PacketInfo, Policy, Verdict};
 

@@ -1,13 +1,15 @@
-//! One remote peer: its noise state and the bookkeeping around it.
+//! One remote peer: its configuration, its noise state (created at first need) and
+//! its counters. Kept small: the relay holds one per registered peer.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
-use boringtun::noise::Tunn;
 use parking_lot::{Mutex, RwLock};
 
+use super::clock::{nanos, FedClock};
+use super::session::NoiseState;
 use crate::key::Key;
 use crate::shape::Shaper;
 
@@ -38,41 +40,49 @@ pub struct Peer {
     pub(crate) public_key: Key,
     /// The 24-bit index this peer's sessions carry in their receiver index.
     pub(crate) index: u32,
-    /// `None` while the device has no private key.
-    pub(crate) tunn: Mutex<Option<Tunn>>,
-    pub(crate) preshared_key: RwLock<Option<Key>>,
-    pub(crate) endpoint: RwLock<Option<SocketAddr>>,
-    /// Seconds, 0 = off. Kept outside the noise state so it can change without a new session.
+    /// Persistent keepalive in seconds, 0 = off. Kept outside the noise state so it
+    /// can change without a new session.
     pub(crate) keepalive: AtomicU32,
-    /// Milliseconds since the device's epoch at which we last sent this peer anything.
-    pub(crate) last_sent_ms: AtomicU64,
-    /// Set when a keepalive (and so a handshake, if needed) should go out at the next tick.
+    /// `None` until first needed (a packet to send, an initiation from the peer, a
+    /// keepalive due) and again once its session expired with nothing queued, so an
+    /// idle peer costs only this struct.
+    pub(crate) noise: Mutex<Option<NoiseState>>,
+    pub(crate) endpoint: RwLock<Option<SocketAddr>>,
+    /// When we last sent this peer anything (device clock, ns).
+    pub(crate) last_sent_ns: AtomicU64,
+    /// When the latest handshake completed (device clock, ns + 1; 0 = never).
+    pub(crate) last_handshake_ns: AtomicU64,
+    /// Set when a keepalive (and so a handshake, if needed) should go out at the next
+    /// timer run.
     pub(crate) kick: AtomicBool,
+    /// Whether the device's list of peers whose new session may release queued
+    /// packets holds this one.
+    pub(crate) releasing: AtomicBool,
     pub(crate) rx_bytes: AtomicU64,
     pub(crate) tx_bytes: AtomicU64,
     pub(crate) rx_dropped_source: AtomicU64,
+    pub(crate) preshared_key: RwLock<Option<Key>>,
     /// Rate limit for both directions, when the peer has one.
     pub(crate) shaper: RwLock<Option<Arc<Shaper>>>,
-    /// Whether the device's list of peers with queued packets holds this one.
-    pub(crate) shaping_listed: AtomicBool,
 }
 
 impl Peer {
-    pub(crate) fn new(public_key: Key, index: u32, tunn: Option<Tunn>) -> Peer {
+    pub(crate) fn new(public_key: Key, index: u32) -> Peer {
         Peer {
             public_key,
             index,
-            tunn: Mutex::new(tunn),
-            preshared_key: RwLock::new(None),
-            endpoint: RwLock::new(None),
             keepalive: AtomicU32::new(0),
-            last_sent_ms: AtomicU64::new(0),
+            noise: Mutex::new(None),
+            endpoint: RwLock::new(None),
+            last_sent_ns: AtomicU64::new(0),
+            last_handshake_ns: AtomicU64::new(0),
             kick: AtomicBool::new(false),
+            releasing: AtomicBool::new(false),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             rx_dropped_source: AtomicU64::new(0),
+            preshared_key: RwLock::new(None),
             shaper: RwLock::new(None),
-            shaping_listed: AtomicBool::new(false),
         }
     }
 
@@ -95,13 +105,23 @@ impl Peer {
         }
     }
 
-    pub fn last_handshake(&self) -> Option<SystemTime> {
-        let since = self
-            .tunn
-            .lock()
-            .as_ref()
-            .and_then(|t| t.time_since_last_handshake())?;
-        SystemTime::now().checked_sub(since)
+    /// How long ago the latest handshake completed, as of `now` on `clock`.
+    pub(crate) fn handshake_age(&self, clock: &FedClock, now: Instant) -> Option<Duration> {
+        let at = self
+            .last_handshake_ns
+            .load(Ordering::Relaxed)
+            .checked_sub(1)?;
+        Some(Duration::from_nanos(clock.ns(now).saturating_sub(at)))
+    }
+
+    pub(crate) fn note_handshake(&self, now_ns: u64) {
+        self.last_handshake_ns
+            .store(now_ns.saturating_add(1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn note_sent(&self, bytes: usize, now_ns: u64) {
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.last_sent_ns.store(now_ns, Ordering::Relaxed);
     }
 
     pub fn rx_bytes(&self) -> u64 {
@@ -123,17 +143,23 @@ impl Peer {
         }
     }
 
-    /// A clone, so that no lock on the peer is held while a packet is queued:
-    /// queueing takes the device's shaping-list lock, and releasing takes the two
-    /// the other way round.
+    /// A clone, so that no lock on the peer is held while a packet is queued.
     pub fn shaper(&self) -> Option<Arc<Shaper>> {
         self.shaper.read().clone()
     }
 
-    pub(crate) fn keepalive_due(&self, now_ms: u64) -> bool {
+    /// When the next persistent keepalive is due (device clock, ns), if it is on.
+    pub(crate) fn keepalive_at(&self) -> Option<u64> {
         let interval = self.keepalive.load(Ordering::Relaxed);
-        interval != 0
-            && now_ms.saturating_sub(self.last_sent_ms.load(Ordering::Relaxed))
-                >= Duration::from_secs(u64::from(interval)).as_millis() as u64
+        (interval != 0).then(|| {
+            self.last_sent_ns
+                .load(Ordering::Relaxed)
+                .saturating_add(nanos(Duration::from_secs(u64::from(interval))))
+        })
+    }
+
+    /// Whether the peer has a noise state now (for tests and the memory figures).
+    pub fn has_noise_state(&self) -> bool {
+        self.noise.lock().is_some()
     }
 }

@@ -1,9 +1,10 @@
-//! What the data path may carry between peers and the tunnel device, decided per
-//! packet by the program that embeds the engine (the relay: tenant isolation).
+//! What the data path may carry between peers and the link (TUN device or userspace
+//! stack), decided per packet by the program that embeds the engine (the relay:
+//! tenant isolation).
 //!
 //! The device asks its [`Policy`] about every decrypted packet before it goes to the
-//! tunnel device, and about every packet read from the tunnel device before it is
-//! encrypted for a peer. The engine itself knows nothing of tenants or interfaces.
+//! link, and about every packet read from the link before it is encrypted for a
+//! peer. The engine itself knows nothing of tenants or interfaces.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -21,6 +22,19 @@ pub struct PacketInfo {
 }
 
 impl PacketInfo {
+    /// Only the destination, for routing: the cheapest read of the header.
+    pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+        match packet.first()? >> 4 {
+            4 => <[u8; 4]>::try_from(packet.get(16..20)?)
+                .ok()
+                .map(|a| IpAddr::from(Ipv4Addr::from(a))),
+            6 => <[u8; 16]>::try_from(packet.get(24..40)?)
+                .ok()
+                .map(|a| IpAddr::from(Ipv6Addr::from(a))),
+            _ => None,
+        }
+    }
+
     /// Reads the header of an IPv4 or IPv6 packet; `None` if it is too short for one.
     pub fn parse(packet: &[u8]) -> Option<PacketInfo> {
         match packet.first()? >> 4 {
@@ -70,16 +84,16 @@ pub enum Verdict {
 /// back into the [`Device`](super::Device) from it.
 pub trait Policy: Send + Sync {
     /// A decrypted packet from a peer, its source already checked against that peer's
-    /// allowed IPs, before it is written to the tunnel device.
+    /// allowed IPs, before it is written to the link.
     fn check_from_peer(&self, packet: &PacketInfo) -> Verdict;
 
-    /// A packet read from the tunnel device, before it is encrypted for the peer whose
+    /// A packet read from the link, before it is encrypted for the peer whose
     /// allowed IPs hold its destination.
     fn check_to_peer(&self, packet: &PacketInfo) -> Verdict;
 
-    /// A packet read from the tunnel device for an address no peer holds: whether to
+    /// A packet read from the link for an address no peer holds: whether to
     /// answer it with a destination unreachable error (rate limited) written back to
-    /// the tunnel device, rather than dropping it silently. Either way it is dropped
+    /// the link, rather than dropping it silently. Either way it is dropped
     /// and counted ([`DropReason::Unallocated`] when answered, else
     /// [`DropReason::NoRoute`]).
     fn answers_unrouted(&self, dst: IpAddr) -> bool {

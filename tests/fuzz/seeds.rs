@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use boringtun::noise::TunnResult;
-use sidecar::wg::{Action, Device, PeerConfig};
+use sidecar::wg::{Device, Output, PeerConfig};
 use sidecar::{IpPrefix, Key};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -181,10 +181,10 @@ fn wg_datagram() -> Vec<Vec<u8>> {
         seeds.push(with(wg_mode::DATAGRAM, Some(0), &init));
         seeds.push(with(wg_mode::DATAGRAM, Some(1), &init));
         seeds.push(with(wg_mode::DATAGRAM, Some(2), &init));
-        let response = match device.decapsulate(targets::CLIENT_ENDPOINT, &init, &mut out) {
-            Action::Send { datagram, .. } | Action::SendThenDrain { datagram, .. } => {
-                datagram.to_vec()
-            }
+        let now = std::time::Instant::now();
+        let response = match device.handle_datagram(now, targets::CLIENT_ENDPOINT, &init, &mut out)
+        {
+            Output::Transmit { datagram, .. } => datagram.to_vec(),
             _ => Vec::new(),
         };
         seeds.push(with(wg_mode::DATAGRAM, Some(0), &response));

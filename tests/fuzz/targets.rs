@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
-use sidecar::wg::{Action, Device, PeerConfig, MIN_OUT_BUF};
+use sidecar::wg::{Device, Output, PeerConfig, MIN_OUT_BUF};
 use sidecar::{IpPrefix, Key};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::phy::{Device as PhyDevice, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -120,28 +120,33 @@ impl WgFixture {
     fn deliver(&mut self, from: SocketAddr, datagram: &[u8]) {
         let mut out = vec![0u8; datagram.len().max(MIN_OUT_BUF) + 64];
         let mut to_client = Vec::new();
-        match self.device.decapsulate(from, datagram, &mut out) {
-            Action::Send { datagram, .. } => to_client.push(datagram.to_vec()),
-            Action::SendThenDrain { datagram, peer, .. } => {
-                to_client.push(datagram.to_vec());
-                let mut more = std::mem::take(&mut self.scratch);
-                for _ in 0..300 {
-                    match self.device.drain_queue(&peer, &mut more) {
-                        Some(Action::Send { datagram, .. }) => to_client.push(datagram.to_vec()),
-                        _ => break,
-                    }
-                }
-                self.scratch = more;
-            }
-            Action::Tunnel(packet) => {
+        let now = std::time::Instant::now();
+        match self.device.handle_datagram(now, from, datagram, &mut out) {
+            Output::Transmit { datagram, .. } => to_client.push(datagram.to_vec()),
+            Output::Deliver(packet) => {
                 // What the relay writes to its TUN device must be one whole IP packet.
                 assert!(
                     is_whole_ip_packet(packet),
-                    "tunnel got a broken packet: {packet:02x?}"
+                    "the link got a broken packet: {packet:02x?}"
                 );
             }
             _ => {}
         }
+        let mut more = std::mem::take(&mut self.scratch);
+        for _ in 0..300 {
+            match self.device.poll_transmit(now, &mut more) {
+                Some(t) => to_client.push(more[..t.len].to_vec()),
+                None => break,
+            }
+        }
+        while let Some(n) = self.device.poll_deliver(now, &mut more) {
+            assert!(
+                is_whole_ip_packet(&more[..n]),
+                "the link got a broken packet: {:02x?}",
+                &more[..n]
+            );
+        }
+        self.scratch = more;
         if from == CLIENT_ENDPOINT {
             for d in to_client {
                 self.answer_as_peer(&d);
@@ -170,9 +175,12 @@ impl WgFixture {
             }
             for r in replies {
                 let mut out = vec![0u8; r.len().max(MIN_OUT_BUF) + 64];
-                if let Action::Send { datagram, .. } | Action::SendThenDrain { datagram, .. } =
-                    self.device.decapsulate(CLIENT_ENDPOINT, &r, &mut out)
-                {
+                if let Output::Transmit { datagram, .. } = self.device.handle_datagram(
+                    std::time::Instant::now(),
+                    CLIENT_ENDPOINT,
+                    &r,
+                    &mut out,
+                ) {
                     pending.push(datagram.to_vec());
                 }
             }
@@ -217,7 +225,9 @@ pub fn wg_datagram(data: &[u8]) {
             fx.deliver(from, datagram);
             // An output buffer too small must be refused, not overrun.
             let mut small = [0u8; MIN_OUT_BUF];
-            let _ = fx.device.decapsulate(from, datagram, &mut small);
+            let _ =
+                fx.device
+                    .handle_datagram(std::time::Instant::now(), from, datagram, &mut small);
         }
         wg_mode::INNER => {
             let mut buf = vec![0u8; rest.len() + 148];
@@ -229,12 +239,21 @@ pub fn wg_datagram(data: &[u8]) {
         }
         wg_mode::OUTBOUND => {
             let mut out = vec![0u8; rest.len() + 148];
-            let sent = match fx.device.encapsulate(rest, &mut out) {
-                Action::Send { datagram, .. } => Some(datagram.to_vec()),
+            let now = std::time::Instant::now();
+            let sent = match fx.device.handle_packet(now, rest, &mut out) {
+                Output::Transmit { datagram, .. } => Some(datagram.to_vec()),
                 _ => None,
             };
             let mut small = [0u8; 16];
-            let _ = fx.device.encapsulate(rest, &mut small);
+            let _ = fx.device.handle_packet(now, rest, &mut small);
+            // Answers for the link (ICMP errors) are whole packets too.
+            while let Some(n) = fx.device.poll_deliver(now, &mut out) {
+                assert!(
+                    is_whole_ip_packet(&out[..n]),
+                    "broken answer: {:02x?}",
+                    &out[..n]
+                );
+            }
             if let Some(d) = sent {
                 fx.answer_as_peer(&d);
             }
@@ -460,7 +479,7 @@ pub fn uapi(data: &[u8]) {
             private_key: device.private_key(),
             listen_port: update.listen_port.unwrap_or(0),
             fwmark: device.fwmark(),
-            peers: device.peers(),
+            peers: device.peers(std::time::Instant::now(), std::time::SystemTime::now()),
         });
         // Keep the fixture small: start over once it has grown.
         if device.peer_count() > 64 {
