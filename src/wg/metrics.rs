@@ -157,9 +157,13 @@ impl Device {
     /// the same moment on the monotonic and the wall clock (for handshake times).
     pub fn write_metrics(&self, now: Instant, wall: SystemTime, out: &mut String) {
         let peers = self.peers(now, wall);
-        let _ = writeln!(out, "# HELP sidecar_peers Configured WireGuard peers.");
-        let _ = writeln!(out, "# TYPE sidecar_peers gauge");
-        let _ = writeln!(out, "sidecar_peers {}", peers.len());
+        write_scalar(
+            out,
+            "sidecar_peers",
+            "gauge",
+            "Configured WireGuard peers.",
+            peers.len() as u64,
+        );
         let _ = writeln!(
             out,
             "# HELP sidecar_dropped_total Packets and datagrams dropped, by reason."
@@ -173,25 +177,19 @@ impl Device {
                 self.dropped(reason)
             );
         }
-        let _ = writeln!(
+        write_scalar(
             out,
-            "# HELP sidecar_cookie_replies_total Cookie replies sent to handshakes under load."
+            "sidecar_cookie_replies_total",
+            "counter",
+            "Cookie replies sent to handshakes under load.",
+            self.counters.cookie_replies.load(Ordering::Relaxed),
         );
-        let _ = writeln!(out, "# TYPE sidecar_cookie_replies_total counter");
-        let _ = writeln!(
+        write_scalar(
             out,
-            "sidecar_cookie_replies_total {}",
-            self.counters.cookie_replies.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sidecar_unreachable_sent_total Destination unreachable errors sent for unallocated addresses."
-        );
-        let _ = writeln!(out, "# TYPE sidecar_unreachable_sent_total counter");
-        let _ = writeln!(
-            out,
-            "sidecar_unreachable_sent_total {}",
-            self.counters.unreachable_sent.load(Ordering::Relaxed)
+            "sidecar_unreachable_sent_total",
+            "counter",
+            "Destination unreachable errors sent for unallocated addresses.",
+            self.counters.unreachable_sent.load(Ordering::Relaxed),
         );
         type PeerMetric = (
             &'static str,
@@ -248,4 +246,11 @@ impl Device {
             );
         }
     }
+}
+
+/// One metric without labels, with its HELP and TYPE lines.
+fn write_scalar(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
 }
