@@ -1,9 +1,14 @@
 //! Sidecar agent library: what the `sidecar-agent` binary is made of.
 
+pub mod container;
 pub mod container_net;
+pub mod health;
 pub mod labels;
 pub mod manager;
+pub mod metrics;
 pub mod netstack_link;
 pub mod relay_client;
 pub mod resolve;
+pub mod secrets;
+pub mod shared;
 pub mod state;

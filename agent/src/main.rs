@@ -3,9 +3,11 @@
 mod cli;
 mod up;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,7 +21,10 @@ use clap::{Parser, Subcommand};
         `up` brings up a plain wg-quick configuration file in userspace and serves the standard \
         WireGuard userspace API, so the stock `wg` tool can inspect and change it.\n\n\
         Labels: sidecar.enable=true, sidecar.ipv4=true, sidecar.relay=URL (pin one relay), \
-        sidecar.bandwidth=MBPS.\n\nLogging follows RUST_LOG (default: info)."
+        sidecar.bandwidth=MBPS.\n\n\
+        The agent token belongs in a file only root can read (--token-file or \
+        SIDECAR_TOKEN_FILE) or in SIDECAR_TOKEN: a --token on the command line is visible to \
+        every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,14 +42,21 @@ enum Command {
         /// The relay's control API, https://HOST:PORT.
         #[arg(long, env = "SIDECAR_RELAY", value_name = "URL")]
         relay: String,
-        /// Agent token from the relay (starts with sct_live_).
+        /// File holding the agent token from the relay (mode 0600; the token starts
+        /// with sct_live_).
+        #[arg(long, env = "SIDECAR_TOKEN_FILE", value_name = "PATH")]
+        token_file: Option<PathBuf>,
+        /// The agent token itself. Prefer --token-file: a token on the command line
+        /// is visible to every user of the host in `ps`.
         #[arg(
             long,
             env = "SIDECAR_TOKEN",
             value_name = "TOKEN",
-            hide_env_values = true
+            hide_env_values = true,
+            conflicts_with = "token_file",
+            required_unless_present = "token_file"
         )]
-        token: String,
+        token: Option<String>,
         /// The relay certificate's pin, sha256//BASE64 (printed by the relay).
         #[arg(long, env = "SIDECAR_PIN", value_name = "PIN")]
         pin: String,
@@ -58,6 +70,23 @@ enum Command {
         /// agent forwarding every port to the container; auto: tun where possible.
         #[arg(long, value_enum, default_value = "auto")]
         mode: sidecar_agent::manager::Mode,
+        /// How often each container's registration is verified with the relay (and
+        /// made again when the relay lost it), in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        check_every: u64,
+        /// Containers setting up or talking to the relay at once, at most.
+        #[arg(long, value_name = "N", default_value_t = sidecar_agent::manager::DEFAULT_MAX_IN_FLIGHT)]
+        max_in_flight: usize,
+        /// Where /healthz, /readyz and /metrics are served (plain HTTP), or `off`.
+        #[arg(long, env = "SIDECAR_HEALTH_LISTEN", value_name = "ADDR|off", default_value = sidecar_agent::health::DEFAULT_LISTEN)]
+        health_listen: String,
+    },
+    /// Exit 0 when a running agent is ready (its /readyz answers 200): for a
+    /// container HEALTHCHECK.
+    Health {
+        /// The agent's --health-listen address.
+        #[arg(long, env = "SIDECAR_HEALTH_LISTEN", value_name = "ADDR", default_value = sidecar_agent::health::DEFAULT_LISTEN)]
+        listen: SocketAddr,
     },
     /// One row per managed container: name, addresses, mode, latest handshake, bytes.
     Status {
@@ -82,18 +111,46 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let token_in_argv = matches
+        .subcommand_matches("run")
+        .and_then(|m| m.value_source("token"))
+        == Some(ValueSource::CommandLine);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     cli::run("info,boringtun=warn", || async move {
         match cli.command {
             Command::Up { config, interface } => up::run(&config, interface.as_deref()).await,
             Command::Run {
                 relay,
+                token_file,
                 token,
                 pin,
                 docker,
                 state_dir,
                 mode,
+                check_every,
+                max_in_flight,
+                health_listen,
             } => {
+                let token = match (token_file, token) {
+                    (Some(path), _) => sidecar_agent::secrets::read_token_file(&path)?,
+                    (None, Some(token)) => {
+                        if token_in_argv {
+                            tracing::warn!("--token on the command line is visible to every user of this host (ps, /proc); put it in a file readable only by root and pass --token-file, or set SIDECAR_TOKEN");
+                        }
+                        token
+                    }
+                    (None, None) => anyhow::bail!("give the agent token with --token-file PATH"),
+                };
+                let health_listen = match health_listen.as_str() {
+                    "off" => None,
+                    addr => Some(addr.parse::<SocketAddr>().with_context(|| {
+                        format!("--health-listen {addr:?} is not an address such as 127.0.0.1:9531 (or off)")
+                    })?),
+                };
                 let client = sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
                 sidecar_agent::manager::run(sidecar_agent::manager::Settings {
                     relay_url: client.url().to_string(),
@@ -101,9 +158,13 @@ fn main() -> std::process::ExitCode {
                     docker_socket: docker,
                     state_dir,
                     mode,
+                    check_every: std::time::Duration::from_secs(check_every),
+                    max_in_flight,
+                    health_listen,
                 })
                 .await
             }
+            Command::Health { listen } => sidecar_agent::health::probe(listen).await,
             Command::Status { state_dir } => sidecar_agent::manager::print_status(&state_dir),
             Command::Metrics { interface } => metrics(&interface).await,
         }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sidecar::Key;
 use sidecar_proto::pin::{client_config, PinMismatch};
 use sidecar_proto::{
-    Allocation, ApiError, DeletePeer, PeerView, RegisterPeer, Status, TOKEN_PREFIX,
+    Allocation, ApiError, ContainerPeer, DeletePeer, RegisterPeer, Status, TOKEN_PREFIX,
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -148,9 +148,10 @@ impl RelayClient {
         }
     }
 
-    pub async fn peer_by_container(&self, id: &str) -> Result<Option<PeerView>, ClientError> {
+    /// This token's registration for container `id`, with the relay's view of it.
+    pub async fn peer_by_container(&self, id: &str) -> Result<Option<ContainerPeer>, ClientError> {
         match self
-            .call::<(), PeerView>(Method::GET, &format!("/v1/peers/by-container/{id}"), None)
+            .call::<(), ContainerPeer>(Method::GET, &format!("/v1/peers/by-container/{id}"), None)
             .await
         {
             Ok(p) => Ok(Some(p)),

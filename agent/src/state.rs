@@ -25,6 +25,32 @@ pub struct StatusRow {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub error: Option<String>,
+    /// When the registration was last checked with the relay, unix seconds.
+    #[serde(default)]
+    pub last_check: Option<u64>,
+    /// The relay's view at that check: a handshake within the last 180 s.
+    #[serde(default)]
+    pub up: Option<bool>,
+    /// The relay's view at that check: it reached the address through its data path.
+    #[serde(default)]
+    pub externally_reachable: Option<bool>,
+    /// Times the registration was found missing on the relay and made again.
+    #[serde(default)]
+    pub reregistrations: u64,
+}
+
+/// Why a container's key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file exists but does not hold a key (torn by a crash, or edited).
+    #[error("key file {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("key file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -63,32 +89,53 @@ impl StateDir {
         Ok(self.root.join("keys").join(format!("{container}.key")))
     }
 
-    /// The container's private key, created (mode 0600) on first use.
-    pub fn container_key(&self, container: &str) -> io::Result<Key> {
+    /// The container's private key, created (mode 0600) on first use. The file is
+    /// written whole under a temporary name and renamed, and the directory synced, so
+    /// a crash leaves either no key or the whole key, never part of one.
+    pub fn container_key(&self, container: &str) -> Result<Key, KeyError> {
         if let Some(key) = self.existing_key(container)? {
             return Ok(key);
         }
+        let path = self.key_path(container).map_err(|source| KeyError::Io {
+            path: self.root.join("keys"),
+            source,
+        })?;
         let key = Key::generate_private();
-        write_private(
-            &self.key_path(container)?,
-            format!("{}\n", key.to_base64()).as_bytes(),
-        )?;
+        write_atomically(&path, format!("{}\n", key.to_base64()).as_bytes())
+            .map_err(|source| KeyError::Io { path, source })?;
         Ok(key)
     }
 
     /// The container's private key if it has one.
-    pub fn existing_key(&self, container: &str) -> io::Result<Option<Key>> {
-        let path = self.key_path(container)?;
+    pub fn existing_key(&self, container: &str) -> Result<Option<Key>, KeyError> {
+        let path = self.key_path(container).map_err(|source| KeyError::Io {
+            path: self.root.join("keys"),
+            source,
+        })?;
         match std::fs::read_to_string(&path) {
-            Ok(text) => Key::from_base64(text.trim()).map(Some).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
-            }),
+            Ok(text) => Key::from_base64(text.trim())
+                .map(Some)
+                .map_err(|e| KeyError::Damaged {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(KeyError::Damaged {
+                path,
+                reason: "not text".into(),
+            }),
+            Err(source) => Err(KeyError::Io { path, source }),
         }
+    }
+
+    /// Moves a damaged key aside (kept for inspection, no longer a container key), so
+    /// the container's next start gets a new key instead of the same failure.
+    pub fn set_aside_key(&self, container: &str) -> io::Result<PathBuf> {
+        let path = self.key_path(container)?;
+        let aside = path.with_extension("key.damaged");
+        std::fs::rename(&path, &aside)?;
+        sync_dir(&self.root.join("keys"))?;
+        Ok(aside)
     }
 
     /// The containers that have a key here.
@@ -118,9 +165,7 @@ impl StateDir {
     /// Replaces the status snapshot atomically, so a reader never sees half of it.
     pub fn write_status(&self, rows: &[StatusRow]) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(rows).map_err(io::Error::other)?;
-        let tmp = self.root.join("status.json.tmp");
-        write_private(&tmp, &json)?;
-        std::fs::rename(tmp, self.status_path())
+        write_atomically(&self.status_path(), &json)
     }
 
     pub fn read_status(&self) -> io::Result<Vec<StatusRow>> {
@@ -129,15 +174,38 @@ impl StateDir {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+/// Writes `bytes` (mode 0600) to a temporary name beside `path`, renames it over
+/// `path` and syncs the directory, so the rename itself survives a crash.
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A dot name that does not end in `.key`, so a leftover is never taken for a key.
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // A leftover of an earlier crash keeps the mode it was created with.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -157,6 +225,25 @@ mod tests {
         assert_eq!(ids, vec!["abc123", "def456"]);
         state.remove_key("abc123").unwrap();
         assert_ne!(state.container_key("abc123").unwrap(), a);
+        // A torn key is reported as damaged, not taken for a new container.
+        let torn = dir.join("keys").join("abc123.key");
+        std::fs::write(&torn, "AAAA").unwrap();
+        assert!(matches!(
+            state.container_key("abc123"),
+            Err(KeyError::Damaged { .. })
+        ));
+        let aside = state.set_aside_key("abc123").unwrap();
+        assert!(aside.exists());
+        assert!(state.existing_key("abc123").unwrap().is_none());
+        let mut ids = state.key_ids().unwrap();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec!["def456"],
+            "neither a set-aside key nor a temporary file is a key"
+        );
+        let fresh = state.container_key("abc123").unwrap();
+        assert_ne!(fresh, a);
         let rows = vec![StatusRow {
             container: "abc123".into(),
             name: "web".into(),

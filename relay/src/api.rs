@@ -31,8 +31,8 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use sidecar::{Endpoint, Key};
 use sidecar_proto::{
-    codes, Allocation, ApiError, CreateToken, CreatedToken, DeletePeer, Health, Limits, PeerList,
-    PeerView, RegisterPeer, RevokeToken, Status, Usage, TOKEN_PREFIX,
+    codes, Allocation, ApiError, ContainerPeer, CreateToken, CreatedToken, DeletePeer, Health,
+    Limits, PeerList, PeerView, RegisterPeer, RevokeToken, Status, Usage, TOKEN_PREFIX,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -69,7 +69,12 @@ pub struct ApiState {
     info: RelayInfo,
     started: Instant,
     draining: AtomicBool,
+    /// The relay's own echo probe through the data path, for by-container.
+    prober: Option<Arc<crate::probe::Prober>>,
 }
+
+/// `up` in by-container: a handshake within this long.
+pub const UP_WITHIN: Duration = Duration::from_secs(180);
 
 impl ApiState {
     pub fn new(service: PeerService, info: RelayInfo) -> ApiState {
@@ -78,7 +83,14 @@ impl ApiState {
             info,
             started: Instant::now(),
             draining: AtomicBool::new(false),
+            prober: None,
         }
+    }
+
+    /// Answers by-container's `externally_reachable` with `prober`.
+    pub fn with_prober(mut self, prober: Option<Arc<crate::probe::Prober>>) -> ApiState {
+        self.prober = prober;
+        self
     }
 
     /// From now on, refuse new registrations (503 `draining`) and report
@@ -407,6 +419,41 @@ fn peer_view(peer: &PeerRecord, state: &ApiState) -> PeerView {
     }
 }
 
+/// by-container's plain view: `up` from the latest handshake, `externally_reachable`
+/// from the relay's own echo probe (skipped while the peer is not up: no reply can
+/// come through a tunnel without a session).
+async fn container_peer(peer: &PeerRecord, state: &ApiState) -> ContainerPeer {
+    let v = peer_view(peer, state);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let up = v
+        .last_handshake
+        .is_some_and(|t| now.saturating_sub(t) <= UP_WITHIN.as_secs());
+    let externally_reachable = match (&state.prober, up) {
+        (Some(p), true) => p.reachable(v.ipv6).await,
+        _ => false,
+    };
+    ContainerPeer {
+        pubkey: v.pubkey,
+        ipv6: v.ipv6,
+        ipv4: v.ipv4,
+        relay_public_key: v.relay_public_key,
+        relay_endpoint: v.relay_endpoint,
+        keepalive: v.keepalive,
+        mtu: v.mtu,
+        name: v.name,
+        container: v.container,
+        created: v.created,
+        last_handshake: v.last_handshake,
+        rx_bytes: v.rx_bytes,
+        tx_bytes: v.tx_bytes,
+        up,
+        externally_reachable,
+    }
+}
+
 #[utoipa::path(
     get, path = "/v1/health", tag = "relay",
     summary = "Liveness and drain state (no authentication)",
@@ -531,7 +578,7 @@ async fn list_peers(
     security(("bearer" = [])),
     params(("id" = String, Path, description = "Container id given at registration")),
     responses(
-        (status = 200, description = "The peer", body = PeerView),
+        (status = 200, description = "The peer, its bare addresses, and whether it is up and reachable", body = ContainerPeer),
         (status = 401, description = "Missing or invalid token", body = ApiError),
         (status = 404, description = "No peer for this container and token", body = ApiError),
     ),
@@ -540,9 +587,9 @@ async fn peer_by_container(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
     Path(id): Path<String>,
-) -> Result<Json<PeerView>, ErrorResponse> {
+) -> Result<Json<ContainerPeer>, ErrorResponse> {
     match state.store().peer_by_container(&token.id, &id)? {
-        Some(peer) => Ok(Json(peer_view(&peer, &state))),
+        Some(peer) => Ok(Json(container_peer(&peer, &state).await)),
         None => Err(ErrorResponse::new(
             StatusCode::NOT_FOUND,
             codes::NOT_FOUND,

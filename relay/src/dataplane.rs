@@ -18,6 +18,7 @@ use sidecar::{route, IpPrefix, Key};
 
 use crate::config::{PrefixMode, RelayConfig};
 use crate::policy::TenantPolicy;
+use crate::probe::{ProbeLink, Prober};
 
 /// Metric of the routes that send the whole prefix and pool into the TUN device:
 /// above every usual route, so a peer's /128 or /32 and an uplink's on-link route
@@ -98,6 +99,8 @@ impl OwnedAddresses {
 
 pub struct RelayDataPlane {
     driver: Driver,
+    /// The relay's own echo probe through the tunnels (`None` without CAP_NET_RAW).
+    prober: Option<Arc<Prober>>,
     ifindex: u32,
     owned: Arc<OwnedAddresses>,
     policy: Arc<TenantPolicy>,
@@ -138,7 +141,17 @@ impl RelayDataPlane {
             .context("cannot follow the host's route changes")?;
         let device = Arc::new(Device::with_private_key(private_key));
         device.set_policy(Some(policy.clone()));
-        let driver = Driver::start(device, Arc::new(tun), socket);
+        let prober = match Prober::new(n.ipv6_prefix) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the echo probe's raw socket (needs CAP_NET_RAW); by-container reports externally_reachable false");
+                None
+            }
+        };
+        let driver = match &prober {
+            Some(p) => Driver::start(device, Arc::new(ProbeLink::new(tun, p.clone())), socket),
+            None => Driver::start(device, Arc::new(tun), socket),
+        };
         for prefix in prefixes {
             let mode = if prefix.is_ipv4() {
                 n.ipv4_mode
@@ -149,10 +162,16 @@ impl RelayDataPlane {
         }
         Ok(RelayDataPlane {
             driver,
+            prober,
             ifindex,
             owned: Arc::new(OwnedAddresses::default()),
             policy,
         })
+    }
+
+    /// The relay's echo probe, when it could be set up.
+    pub fn prober(&self) -> Option<Arc<Prober>> {
+        self.prober.clone()
     }
 
     /// The tenant isolation in the data path.

@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod limits;
 pub mod neighbor;
 pub mod policy;
+pub mod probe;
 pub mod service;
 pub mod store;
 pub mod tls;

@@ -185,6 +185,9 @@ struct NewTokens {
 
 async fn prepare(config: &RelayConfig) -> Result<Setup> {
     create_private_dir(&config.data_dir)?;
+    refuse_if_readable(&config.data_dir)?;
+    refuse_if_readable(&config.wireguard_key_path())?;
+    refuse_if_readable(&config.tls_key_path())?;
     let private_key = load_or_create_key(&config.wireguard_key_path())?;
     let host = endpoint_host(&config.wireguard.endpoint);
     let (identity, fresh_cert) = Identity::load_or_generate(
@@ -255,10 +258,15 @@ fn print_credentials(config: &RelayConfig, setup: &Setup, first: bool) {
             println!("admin token (shown once, stored hashed): {}", tokens.admin);
             println!("agent token \"default\" (shown once): {}", tokens.agent);
             println!();
-            println!("agent command line:");
             println!(
-                "  sidecar-agent run --relay {api} --token {} --pin '{pin}'",
+                "agent command line (the token goes in a file only root can read, never in argv):"
+            );
+            println!(
+                "  (umask 077; mkdir -p /etc/sidecar; printf '%s\\n' '{}' > /etc/sidecar/agent.token)",
                 tokens.agent
+            );
+            println!(
+                "  sidecar-agent run --relay {api} --token-file /etc/sidecar/agent.token --pin '{pin}'"
             );
         }
         None if first => {}
@@ -267,7 +275,7 @@ fn print_credentials(config: &RelayConfig, setup: &Setup, first: bool) {
             println!(
                 "  curl --pinnedpubkey '{pin}' -k -H 'Authorization: Bearer <admin token>' -H 'Content-Type: application/json' \\\n    -d '{{\"name\":\"agent\",\"max_peers\":100,\"max_ipv4\":0}}' {api}/v1/admin/tokens"
             );
-            println!("agent command line: sidecar-agent run --relay {api} --token <agent token> --pin '{pin}'");
+            println!("agent command line, with the agent token in /etc/sidecar/agent.token (mode 0600): sidecar-agent run --relay {api} --token-file /etc/sidecar/agent.token --pin '{pin}'");
         }
     }
 }
@@ -313,16 +321,19 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         .await
         .with_context(|| format!("cannot serve `wg show {}`", config.wireguard.interface))?;
 
-    let state = Arc::new(ApiState::new(
-        service.clone(),
-        RelayInfo {
-            public_key: setup.private_key.public_key(),
-            endpoint: config.wireguard.endpoint.clone(),
-            keepalive: config.wireguard.keepalive,
-            mtu: config.wireguard.mtu,
-            version: env!("CARGO_PKG_VERSION"),
-        },
-    ));
+    let state = Arc::new(
+        ApiState::new(
+            service.clone(),
+            RelayInfo {
+                public_key: setup.private_key.public_key(),
+                endpoint: config.wireguard.endpoint.clone(),
+                keepalive: config.wireguard.keepalive,
+                mtu: config.wireguard.mtu,
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        )
+        .with_prober(dataplane.prober()),
+    );
     let listener = std::net::TcpListener::bind(config.api.listen)
         .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;
     listener.set_nonblocking(true)?;
@@ -485,6 +496,28 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Refuses a secret (the data directory, a private key) other users can read, as
+/// ssh does: a key that leaked cannot be taken back. A missing file is fine (it is
+/// about to be created 0600).
+fn refuse_if_readable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        let fix = if meta.is_dir() { "700" } else { "600" };
+        anyhow::bail!(
+            "{} is readable by other users (mode {mode:04o}); run `chmod {fix} {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn load_or_create_key(path: &Path) -> Result<Key> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use sidecar::{IpPrefix, Key};
-use sidecar_proto::{Allocation, ApiError, PeerList, PeerView, Status};
+use sidecar_proto::{Allocation, ApiError, ContainerPeer, PeerList, Status};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::dataplane::PeerEntry;
 use sidecar_relay::service::{DataPlane, PeerService, ServiceOptions};
@@ -696,10 +696,18 @@ async fn lookup_by_container() {
         .get("/v1/peers/by-container/3f4e5d", Some(&alice))
         .await;
     assert_eq!(resp.status, 200);
-    let view: PeerView = resp.parse();
+    let raw: serde_json::Value = resp.parse();
+    assert!(
+        raw["ipv6"].as_str().is_some_and(|a| !a.contains('/')),
+        "by-container gives a bare address: {raw}"
+    );
+    assert_eq!(raw["ipv4"], "", "no IPv4: an empty string");
+    let view: ContainerPeer = serde_json::from_value(raw).unwrap();
     assert_eq!(view.pubkey, key);
     assert_eq!(view.container.as_deref(), Some("3f4e5d"));
     assert_eq!(view.name.as_deref(), Some("db"));
+    assert!(!view.up, "never handshaken: not up");
+    assert!(!view.externally_reachable);
 
     client
         .get("/v1/peers/by-container/3f4e5d", Some(&bob))
@@ -1047,6 +1055,7 @@ async fn openapi_document_is_generated_for_every_route() {
         "RegisterPeer",
         "Allocation",
         "PeerView",
+        "ContainerPeer",
         "PeerList",
         "DeletePeer",
         "CreateToken",

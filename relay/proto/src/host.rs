@@ -62,3 +62,26 @@ pub mod optional_ipv4 {
         Ok(Option::<Host>::deserialize(d)?.map(|Host(addr)| addr))
     }
 }
+
+/// An optional IPv4 address without a prefix length, and an empty string for none:
+/// the plain form of `GET /v1/peers/by-container/{id}`.
+pub mod bare_optional_ipv4 {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(addr: &Option<Ipv4Addr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{text:?} is not an IPv4 address")))
+    }
+}

@@ -152,6 +152,49 @@ pub struct PeerView {
     pub tx_bytes: u64,
 }
 
+/// `GET /v1/peers/by-container/{id}` response: the peer as [`PeerView`] gives it,
+/// with its addresses bare (`2001:db8::5`; an empty string where there is none) and
+/// its state in plain form, so a script or health check needs no parsing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ContainerPeer {
+    /// The peer's public key, base64.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub pubkey: Key,
+    /// The peer's IPv6 address, bare (`2001:db8::5`).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "2001:db8::5"))]
+    pub ipv6: Ipv6Addr,
+    /// The peer's IPv4 address, bare; an empty string when it has none.
+    #[serde(default, with = "host::bare_optional_ipv4")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = ""))]
+    pub ipv4: Option<Ipv4Addr>,
+    /// The relay's WireGuard public key, base64.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_public_key: Key,
+    /// `host:port`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_endpoint: Endpoint,
+    /// Seconds.
+    pub keepalive: u16,
+    pub mtu: u16,
+    pub name: Option<String>,
+    pub container: Option<String>,
+    /// When the peer was registered, unix seconds.
+    pub created: u64,
+    /// Last completed WireGuard handshake, unix seconds.
+    pub last_handshake: Option<u64>,
+    /// Bytes received from the peer through the tunnel.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer through the tunnel.
+    pub tx_bytes: u64,
+    /// A WireGuard handshake completed within the last 180 seconds.
+    pub up: bool,
+    /// The relay itself just reached the peer's address through its data path: an
+    /// echo request sent from the relay's own address through the tunnel, and its
+    /// reply seen. Cached for a few seconds.
+    pub externally_reachable: bool,
+}
+
 /// `GET /v1/peers` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -285,6 +328,41 @@ mod tests {
     const R: Key = Key([2; 32]);
     const K_B64: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
     const R_B64: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+    #[test]
+    fn container_peer_has_bare_addresses_and_plain_state() {
+        let view = ContainerPeer {
+            pubkey: K,
+            ipv6: "2001:db8::5".parse().unwrap(),
+            ipv4: None,
+            relay_public_key: R,
+            relay_endpoint: "relay.example:51820".parse().unwrap(),
+            keepalive: 25,
+            mtu: 1420,
+            name: None,
+            container: Some("abc".into()),
+            created: 1,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            up: true,
+            externally_reachable: false,
+        };
+        let v = to_value(&view);
+        assert_eq!(v["ipv6"], "2001:db8::5");
+        assert_eq!(v["ipv4"], "");
+        assert_eq!(v["up"], true);
+        assert_eq!(v["externally_reachable"], false);
+        let back: ContainerPeer = serde_json::from_value(v).unwrap();
+        assert_eq!(back, view);
+        let with_v4 = ContainerPeer {
+            ipv4: Some("192.0.2.7".parse().unwrap()),
+            ..view
+        };
+        let v = to_value(&with_v4);
+        assert_eq!(v["ipv4"], "192.0.2.7");
+        assert_eq!(serde_json::from_value::<ContainerPeer>(v).unwrap(), with_v4);
+    }
 
     fn allocation() -> Allocation {
         Allocation {
