@@ -83,10 +83,14 @@ enum Launch {
     WithoutNetAdmin,
 }
 
-/// `sidecar-agent run` in the docker host's namespace; SIGTERM on drop.
+/// `sidecar-agent run` in the docker host's namespace; SIGTERM on drop. Started as
+/// the README documents it: the token in a 0600 file, never on the command line.
 struct SidecarAgent {
     child: ChildGuard,
     state_dir: PathBuf,
+    token: String,
+    // Declared after the process, so dropped after it: holds the token file.
+    secrets: TempDir,
 }
 
 impl SidecarAgent {
@@ -117,12 +121,25 @@ impl SidecarAgent {
         token: &str,
     ) -> Self {
         let bin = agent_bin();
+        let secrets = TempDir::new();
+        let token_file = secrets.join("agent.token");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&token_file)
+                .expect("create the token file");
+            writeln!(f, "{token}").expect("write the token file");
+        }
         let mut cmd = match launch {
             Launch::Privileged => ns.program(&bin),
             Launch::WithoutNetAdmin => drop_net_admin(ns, &bin),
         };
         cmd.args(["run", "--relay", &relay.url("")])
-            .args(["--token", token])
+            .arg("--token-file")
+            .arg(&token_file)
             .args(["--pin", &relay.creds.pin])
             .arg("--docker")
             .arg(&docker.socket)
@@ -148,7 +165,27 @@ impl SidecarAgent {
         SidecarAgent {
             child,
             state_dir: state_dir.to_owned(),
+            token: token.to_owned(),
+            secrets,
         }
+    }
+
+    /// Polls `status` until `name` is active with an address, then pings that address
+    /// from the remote host until it answers; the address.
+    fn wait_reachable(&self, remote: &Netns, name: &str, timeout: Duration) -> IpAddr {
+        let t0 = Instant::now();
+        let row = self.wait_row(name, timeout, |r| r.state == "active" && r.ipv6.is_some());
+        let ip = IpAddr::V6(row.ipv6.expect("row has an IPv6 address"));
+        let left = timeout
+            .saturating_sub(t0.elapsed())
+            .max(Duration::from_secs(1));
+        assert!(
+            first_reply(remote, ip, left).is_some(),
+            "{name} ({ip}) not reachable within {timeout:?}:\n{}\nagent log:\n{}",
+            self.status().0,
+            self.child.stderr_tail(30)
+        );
+        ip
     }
 
     fn log(&self) -> String {
@@ -1682,5 +1719,286 @@ fn bandwidth_label_shapes_both_directions_to_its_rate() {
                  above the other's limit (all runs: {results:?})"
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Liveness and secrets
+
+/// `GET /v1/peers/by-container/{id}` with `token`: the body, or `None` on 404.
+fn by_container(relay: &Relay, token: &str, id: &str) -> Option<Value> {
+    let r = relay.call(
+        relay.ns(),
+        "GET",
+        &format!("/v1/peers/by-container/{id}"),
+        token,
+        None,
+    );
+    match r.status {
+        200 => Some(r.json),
+        404 => None,
+        _ => panic!("by-container {id}: {r:?}"),
+    }
+}
+
+/// Polls by-container until `cond` holds; the last view either way.
+fn wait_by_container(
+    relay: &Relay,
+    token: &str,
+    id: &str,
+    timeout: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> (bool, Option<Value>) {
+    let mut last = None;
+    let ok = wait_until(timeout, || {
+        last = by_container(relay, token, id);
+        last.as_ref().is_some_and(&cond)
+    });
+    (ok, last)
+}
+
+/// No process on the machine has `token` in its command line (what `ps` shows).
+fn assert_token_not_in_any_cmdline(token: &str) {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("/proc").expect("list /proc") {
+        let Ok(entry) = entry else { continue };
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        checked += 1;
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !text.contains(token),
+            "process {:?} shows the agent token in its command line: {text}",
+            entry.file_name()
+        );
+    }
+    assert!(checked > 0, "no process command lines could be read");
+}
+
+/// The lost registration comes back without touching the container or the agent:
+/// a peer deleted through the API, then a relay restarted with its store wiped (and,
+/// as an operator would, the new agent token put in the agent's token file). On the
+/// way, by-container reports the container up and reachable by the relay itself,
+/// and no longer reachable once the tunnel is cut. The token never shows in `ps`.
+#[test]
+fn lost_registrations_come_back_within_a_minute_and_by_container_tells_the_truth() {
+    require();
+    let topo = Topology::new();
+    let mut relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    assert_token_not_in_any_cmdline(&agent.token);
+
+    let name = unique_name("live");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    let ip = agent.wait_reachable(&topo.remote, &name, REACHABLE_BOUND);
+    let token = relay.creds.default_token.clone();
+    let (ok, view) = wait_by_container(&relay, &token, &id, Duration::from_secs(15), |v| {
+        v["up"] == true && v["externally_reachable"] == true
+    });
+    assert!(ok, "by-container never said up and reachable: {view:?}");
+    let view = view.expect("a view");
+    assert_eq!(
+        view["ipv6"].as_str(),
+        Some(ip.to_string().as_str()),
+        "bare address"
+    );
+    assert_eq!(view["ipv4"], "", "no IPv4: an empty string");
+
+    // 1. The peer is deleted through the API while its container runs.
+    let r = relay.call(
+        relay.ns(),
+        "DELETE",
+        "/v1/peers",
+        &token,
+        Some(&serde_json::json!({"pubkey": view["pubkey"]})),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    assert!(by_container(&relay, &token, &id).is_none(), "deleted");
+    let t = Instant::now();
+    let back = first_reply(&topo.remote, ip, Duration::from_secs(60));
+    eprintln!(
+        "reachable again {:?} after the peer was deleted",
+        t.elapsed()
+    );
+    assert!(
+        back.is_some(),
+        "{ip} not reachable within 60 s of its peer's deletion:\n{}\nagent log:\n{}",
+        agent.status().0,
+        agent.child.stderr_tail(30)
+    );
+    let peers = peers_of(&relay, &id);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(
+        peers[0]["ipv6"].as_str(),
+        Some(format!("{ip}/128").as_str()),
+        "same key, same address"
+    );
+    assert!(
+        agent.status().0.contains("registered again: 1"),
+        "status tells the registration was made again:\n{}",
+        agent.status().0
+    );
+
+    // 2. The relay comes back with an empty store; its new agent token goes in the
+    // agent's token file.
+    relay.stop(libc::SIGTERM);
+    let store = relay.config.parent().expect("data dir").join("store");
+    std::fs::remove_dir_all(&store).expect("wipe the relay's store");
+    let t = Instant::now();
+    relay.run();
+    let new_token = wait_for_printed_token(&relay);
+    assert_ne!(new_token, token, "a new store has new tokens");
+    std::fs::write(agent.secrets.join("agent.token"), format!("{new_token}\n"))
+        .expect("replace the token");
+    let (ok, view) = wait_by_container(&relay, &new_token, &id, Duration::from_secs(60), |_| true);
+    assert!(
+        ok,
+        "never registered again after the store was wiped:\n{}\nagent log:\n{}",
+        agent.status().0,
+        agent.child.stderr_tail(30)
+    );
+    let ip2: IpAddr = view.expect("a view")["ipv6"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("an address");
+    let left = Duration::from_secs(60).saturating_sub(t.elapsed());
+    let back = first_reply(&topo.remote, ip2, left.max(Duration::from_secs(1)));
+    eprintln!(
+        "reachable again {:?} after the relay restarted with an empty store",
+        t.elapsed()
+    );
+    assert!(
+        back.is_some() && t.elapsed() < Duration::from_secs(60),
+        "{ip2} not reachable within 60 s of the wiped relay's start:\n{}\nagent log:\n{}",
+        agent.status().0,
+        agent.child.stderr_tail(30)
+    );
+
+    // 3. The tunnel is cut (the agent stops): the relay can no longer reach it.
+    let (ok, view) = wait_by_container(&relay, &new_token, &id, Duration::from_secs(15), |v| {
+        v["up"] == true && v["externally_reachable"] == true
+    });
+    assert!(ok, "up and reachable again: {view:?}");
+    agent.stop();
+    let (ok, view) = wait_by_container(&relay, &new_token, &id, Duration::from_secs(15), |v| {
+        v["externally_reachable"] == false
+    });
+    assert!(ok, "still reachable after the tunnel was cut: {view:?}");
+}
+
+/// The default agent token a relay run printed for a new store.
+fn wait_for_printed_token(relay: &Relay) -> String {
+    let mut token = None;
+    wait_until(Duration::from_secs(10), || {
+        token = relay.stdout().lines().find_map(|l| {
+            l.strip_prefix("agent token \"default\" (shown once):")
+                .map(|t| t.trim().to_owned())
+        });
+        token.is_some()
+    });
+    token.unwrap_or_else(|| panic!("the relay printed no new agent token:\n{}", relay.stdout()))
+}
+
+/// The relay's API silently drops every packet (its WireGuard port keeps working):
+/// relay calls hang until they time out. A container labeled meanwhile shows up in
+/// `status` within seconds and is served once the API answers again; SIGTERM ends
+/// the agent within seconds although calls are in flight.
+#[test]
+fn an_unreachable_relay_api_delays_neither_other_containers_nor_sigterm() {
+    require();
+    require_tools(&["nft"]);
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    let first = unique_name("early");
+    docker.run_named(&first, &[ENABLE], SERVERS);
+    let ip = agent.wait_reachable(&topo.remote, &first, REACHABLE_BOUND);
+
+    let table = format!("sidecar_blackhole_{}", std::process::id());
+    let blackhole = ApiBlackhole::new(relay.ns(), &table);
+    // Two containers whose registrations hang, then one more: each is in `status`
+    // within seconds of its start, not after the others' calls time out.
+    let mut names = Vec::new();
+    for i in 0..3 {
+        let name = unique_name(&format!("late{i}"));
+        docker.run_named(&name, &[ENABLE], SERVERS);
+        names.push(name);
+    }
+    for name in &names {
+        let t = Instant::now();
+        agent.wait_row(name, Duration::from_secs(5), |r| r.state == "starting");
+        eprintln!("{name} in status {:?} after its check began", t.elapsed());
+    }
+    assert!(
+        first_reply(&topo.remote, ip, Duration::from_secs(5)).is_some(),
+        "the container served before keeps working while the API hangs"
+    );
+
+    drop(blackhole);
+    for name in &names {
+        agent.wait_reachable(&topo.remote, name, Duration::from_secs(40));
+    }
+
+    let _blackhole = ApiBlackhole::new(relay.ns(), &table);
+    let name = unique_name("last");
+    docker.run_named(&name, &[ENABLE], SERVERS);
+    agent.wait_row(&name, Duration::from_secs(5), |r| r.state == "starting");
+    let t = Instant::now();
+    agent.child.signal(libc::SIGTERM);
+    let status = agent.child.wait_timeout(Duration::from_secs(3));
+    eprintln!(
+        "SIGTERM with a relay call in flight: exited after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent did not exit cleanly within 3 s of SIGTERM ({status:?}):\n{}",
+        agent.child.stderr_tail(20)
+    );
+}
+
+/// Drops TCP to the relay's API port inside the relay's namespace (nftables) until
+/// dropped.
+struct ApiBlackhole<'n> {
+    ns: &'n Netns,
+    table: String,
+}
+
+impl<'n> ApiBlackhole<'n> {
+    fn new(ns: &'n Netns, table: &str) -> Self {
+        let rules = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority -10;\n  tcp dport {} drop\n }}\n}}\n",
+            support::relay::API_PORT
+        );
+        ns.exec_with_stdin("nft -f -", &rules);
+        ApiBlackhole {
+            ns,
+            table: table.to_owned(),
+        }
+    }
+}
+
+impl Drop for ApiBlackhole<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .ns
+            .try_exec(&format!("nft delete table inet {}", self.table));
     }
 }

@@ -41,6 +41,8 @@ const WATCH_EVERY: Duration = Duration::from_secs(5);
 /// renewal takes a few attempts of 5 s at worst; older than this, the relay has most
 /// likely stopped answering for this key.
 const STALE_HANDSHAKE: Duration = Duration::from_secs(135);
+/// After a failed check, the next one comes this soon.
+const CHECK_RETRY: Duration = Duration::from_secs(10);
 /// A quiet tunnel triggers a check at most this often.
 const STALE_CHECK_GAP: Duration = Duration::from_secs(15);
 
@@ -289,6 +291,14 @@ impl Task {
         if !labels.enable {
             return Ok(None);
         }
+        // Shown at once, so a relay that is slow to answer leaves a visible trace.
+        shared.update(&id, |e| {
+            e.row.name = name.clone();
+            if e.live.is_none() {
+                e.row.state = "starting".into();
+            }
+        });
+        shared.write_status();
         if !labels.accepts_relay(&shared.relay_url) {
             return Err(fail(
                 true,
@@ -496,6 +506,9 @@ impl Task {
                     en.row.externally_reachable = None;
                     en.row.error = Some(format!("{CHECK_ERROR}{e}"));
                 });
+                // Sooner than the period: the relay may be back (or the token file
+                // replaced) in a moment.
+                self.next_check = now + CHECK_RETRY.min(self.liveness.check_every);
             }
         }
         self.shared.write_status();

@@ -135,8 +135,8 @@ fn main() -> std::process::ExitCode {
                 max_in_flight,
                 health_listen,
             } => {
-                let token = match (token_file, token) {
-                    (Some(path), _) => sidecar_agent::secrets::read_token_file(&path)?,
+                let token = match (&token_file, token) {
+                    (Some(path), _) => sidecar_agent::secrets::read_token_file(path)?,
                     (None, Some(token)) => {
                         if token_in_argv {
                             tracing::warn!("--token on the command line is visible to every user of this host (ps, /proc); put it in a file readable only by root and pass --token-file, or set SIDECAR_TOKEN");
@@ -151,7 +151,11 @@ fn main() -> std::process::ExitCode {
                         format!("--health-listen {addr:?} is not an address such as 127.0.0.1:9531 (or off)")
                     })?),
                 };
-                let client = sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
+                let mut client =
+                    sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
+                if let Some(path) = token_file {
+                    client = client.with_token_file(path);
+                }
                 sidecar_agent::manager::run(sidecar_agent::manager::Settings {
                     relay_url: client.url().to_string(),
                     relay: client,

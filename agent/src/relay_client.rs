@@ -79,7 +79,10 @@ pub struct RelayClient {
     url: String,
     host: String,
     port: u16,
-    token: String,
+    token: Arc<parking_lot::RwLock<String>>,
+    /// Where the token came from, read again when the relay refuses it (the token
+    /// was revoked and replaced, or the relay's store was rebuilt).
+    token_file: Option<std::path::PathBuf>,
     connector: TlsConnector,
 }
 
@@ -116,9 +119,38 @@ impl RelayClient {
             url: format!("https://{rest}"),
             host,
             port,
-            token: token.to_string(),
+            token: Arc::new(parking_lot::RwLock::new(token.to_string())),
+            token_file: None,
             connector: TlsConnector::from(Arc::new(config)),
         })
+    }
+
+    /// Reads the token from `path` again whenever the relay refuses the current one.
+    pub fn with_token_file(mut self, path: std::path::PathBuf) -> RelayClient {
+        self.token_file = Some(path);
+        self
+    }
+
+    /// After a 401: whether the token file now holds another valid-looking token.
+    fn reload_token(&self) -> bool {
+        let Some(path) = &self.token_file else {
+            return false;
+        };
+        let fresh = match crate::secrets::read_token_file(path) {
+            Ok(t) if check_token(&t).is_ok() => t,
+            Ok(_) => return false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the token file again");
+                return false;
+            }
+        };
+        let mut token = self.token.write();
+        if *token == fresh {
+            return false;
+        }
+        *token = fresh;
+        tracing::info!(path = %path.display(), "the relay refused the token; using the new one from the token file");
+        true
     }
 
     pub fn url(&self) -> &str {
@@ -166,9 +198,15 @@ impl RelayClient {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body))
-            .await
-            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
+        let once = || async {
+            tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method.clone(), path, body))
+                .await
+                .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
+        };
+        match once().await {
+            Err(ClientError::Api { status: 401, .. }) if self.reload_token() => once().await,
+            other => other,
+        }
     }
 
     async fn exchange<B: Serialize, T: DeserializeOwned>(
@@ -210,7 +248,7 @@ impl RelayClient {
             .method(method)
             .uri(path)
             .header(HOST, format!("{}:{}", self.host, self.port))
-            .header(AUTHORIZATION, format!("Bearer {}", self.token));
+            .header(AUTHORIZATION, format!("Bearer {}", self.token.read()));
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");
         }

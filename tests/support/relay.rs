@@ -557,6 +557,14 @@ impl<'t> Relay<'t> {
         })
     }
 
+    /// What the running relay printed on stdout (credentials of a new store).
+    pub fn stdout(&self) -> String {
+        self.child
+            .as_ref()
+            .map(ChildGuard::stdout)
+            .unwrap_or_default()
+    }
+
     /// The relay's log (stderr) so far.
     pub fn log(&self) -> String {
         self.child
