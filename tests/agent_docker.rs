@@ -1985,13 +1985,16 @@ fn an_unreachable_relay_api_delays_neither_other_containers_nor_sigterm() {
     let mut names = Vec::new();
     for i in 0..3 {
         let name = unique_name(&format!("late{i}"));
+        let started = Instant::now();
         docker.run_named(&name, &[ENABLE], SERVERS);
-        names.push(name);
+        names.push((name, started));
     }
-    for name in &names {
-        let t = Instant::now();
+    for (name, started) in &names {
         agent.wait_row(name, Duration::from_secs(5), |r| r.state == "starting");
-        eprintln!("{name} in status {:?} after its check began", t.elapsed());
+        eprintln!(
+            "{name} in status {:?} after `docker run` began",
+            started.elapsed()
+        );
     }
     assert!(
         reply_within(&topo.remote, ip, Duration::from_secs(5)),
@@ -1999,7 +2002,7 @@ fn an_unreachable_relay_api_delays_neither_other_containers_nor_sigterm() {
     );
 
     drop(blackhole);
-    for name in &names {
+    for (name, _) in &names {
         agent.wait_reachable(&topo.remote, name, Duration::from_secs(40));
     }
 
