@@ -2052,3 +2052,56 @@ impl Drop for ApiBlackhole<'_> {
             .try_exec(&format!("nft delete table inet {}", self.table));
     }
 }
+
+/// A key file torn while the agent was down (a crash mid-write on another tool, a
+/// bad edit): the container's row says so, the agent does not retry it in a loop,
+/// its old registration is found by container and given back, and once the
+/// container starts again it gets a new key and is served.
+#[test]
+fn a_damaged_key_is_reported_its_registration_given_back_and_not_retried() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let mut agent =
+        SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    let name = unique_name("torn");
+    let id = docker.run_named(&name, &[ENABLE], SERVERS);
+    agent.wait_reachable(&topo.remote, &name, REACHABLE_BOUND);
+    assert_eq!(agent.stop().code(), Some(0));
+    drop(agent);
+
+    let key_file = state.path().join("keys").join(format!("{id}.key"));
+    std::fs::write(&key_file, "c2lkZWNhcg").expect("tear the key");
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    let row = agent.wait_row(&name, Duration::from_secs(15), |r| r.state == "error");
+    let error = row.error.unwrap_or_default();
+    assert!(
+        error.contains("damaged") && error.contains("given back"),
+        "the row names the damage and what was done: {error}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || peers_of(&relay, &id).is_empty()),
+        "the old registration was not given back: {:?}",
+        peers_of(&relay, &id)
+    );
+    assert!(!key_file.exists(), "the damaged key was moved aside");
+    // Not retried in a loop: one attempt in the log over the next seconds.
+    std::thread::sleep(Duration::from_secs(12));
+    let attempts = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("damaged key"))
+        .count();
+    assert_eq!(attempts, 1, "retried:\n{}", agent.log());
+
+    docker.restart(&id);
+    agent.wait_reachable(&topo.remote, &name, Duration::from_secs(20));
+    assert_eq!(
+        peers_of(&relay, &id).len(),
+        1,
+        "served again with a new key"
+    );
+}
