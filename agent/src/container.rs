@@ -533,6 +533,15 @@ impl Task {
                 return;
             }
         };
+        if !alloc.created {
+            // The relay had it all along (by-container named another key for this
+            // container): the tunnel is fine as it is.
+            tracing::warn!(container = %short(&self.id), name = %self.name, "the relay still holds this container's registration beside another key's; keeping the tunnel");
+            self.shared.update(&self.id, |e| {
+                e.row.last_check = Some(unix_now());
+            });
+            return;
+        }
         Counters::bump(&self.shared.counters.registrations);
         Counters::bump(&self.shared.counters.reregistrations);
         self.shared.update(&self.id, |e| {

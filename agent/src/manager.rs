@@ -264,9 +264,9 @@ impl Agent {
             }
         };
         for id in ids {
-            // A task at work on it (giving it back already) is left to finish.
-            let busy = self.tasks.get(&id).is_some_and(|h| !h.task.is_finished());
-            if !existing.contains(&id) && !busy {
+            // A task giving it back already ignores this; one that stopped serving it
+            // (removed while Docker was not followed) gives it back now.
+            if !existing.contains(&id) {
                 self.send(&id, Command::Destroy);
             }
         }
