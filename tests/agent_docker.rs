@@ -1824,6 +1824,10 @@ fn lost_registrations_come_back_within_a_minute_and_by_container_tells_the_truth
     let name = unique_name("live");
     let id = docker.run_named(&name, &[ENABLE], SERVERS);
     let ip = agent.wait_reachable(&topo.remote, &name, REACHABLE_BOUND);
+    // A neighbour that only the wiped store touches.
+    let other_name = unique_name("also");
+    let other = docker.run_named(&other_name, &[ENABLE], SERVERS);
+    agent.wait_reachable(&topo.remote, &other_name, REACHABLE_BOUND);
     let token = relay.creds.default_token.clone();
     let (ok, view) = wait_by_container(&relay, &token, &id, Duration::from_secs(15), |v| {
         v["up"] == true && v["externally_reachable"] == true
@@ -1913,29 +1917,34 @@ fn lost_registrations_come_back_within_a_minute_and_by_container_tells_the_truth
     assert_ne!(new_token, token, "a new store has new tokens");
     std::fs::write(agent.secrets.join("agent.token"), format!("{new_token}\n"))
         .expect("replace the token");
-    let (ok, view) = wait_by_container(&relay, &new_token, &id, Duration::from_secs(60), |_| true);
-    assert!(
-        ok,
-        "never registered again after the store was wiped:\n{}\nagent log:\n{}",
-        agent.status().0,
-        agent.child.stderr_tail(30)
-    );
-    let ip2: IpAddr = view.expect("a view")["ipv6"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .expect("an address");
-    let left = Duration::from_secs(60).saturating_sub(t.elapsed());
-    let back = reply_within(&topo.remote, ip2, left.max(Duration::from_secs(1)));
-    eprintln!(
-        "reachable again {:?} after the relay restarted with an empty store",
-        t.elapsed()
-    );
-    assert!(
-        back && t.elapsed() < Duration::from_secs(60),
-        "{ip2} not reachable within 60 s of the wiped relay's start:\n{}\nagent log:\n{}",
-        agent.status().0,
-        agent.child.stderr_tail(30)
-    );
+    // Every labeled container, not only the one deleted before.
+    for cid in [&id, &other] {
+        let (ok, view) =
+            wait_by_container(&relay, &new_token, cid, Duration::from_secs(60), |_| true);
+        assert!(
+            ok,
+            "{cid} never registered again after the store was wiped:\n{}\nagent log:\n{}",
+            agent.status().0,
+            agent.child.stderr_tail(30)
+        );
+        let addr: IpAddr = view.expect("a view")["ipv6"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("an address");
+        let left = Duration::from_secs(60).saturating_sub(t.elapsed());
+        let back = reply_within(&topo.remote, addr, left.max(Duration::from_secs(1)));
+        eprintln!(
+            "{} reachable again {:?} after the relay restarted with an empty store",
+            &cid[..12],
+            t.elapsed()
+        );
+        assert!(
+            back && t.elapsed() < Duration::from_secs(60),
+            "{addr} not reachable within 60 s of the wiped relay's start:\n{}\nagent log:\n{}",
+            agent.status().0,
+            agent.child.stderr_tail(30)
+        );
+    }
 
     // 3. The tunnel is cut (the agent stops): the relay can no longer reach it.
     let (ok, view) = wait_by_container(&relay, &new_token, &id, Duration::from_secs(15), |v| {
