@@ -158,12 +158,9 @@ impl Task {
             return self.check().await;
         }
         self.next_watch = now + WATCH_EVERY;
-        let quiet = handshake_age(r).unwrap_or_else(|| now.saturating_duration_since(r.since))
-            > STALE_HANDSHAKE;
-        let checked_lately = self
-            .last_check
-            .is_some_and(|t| now.saturating_duration_since(t) < STALE_CHECK_GAP);
-        if quiet && !checked_lately {
+        let quiet_for = handshake_age(r).unwrap_or_else(|| now.saturating_duration_since(r.since));
+        let since_check = self.last_check.map(|t| now.saturating_duration_since(t));
+        if quiet_needs_check(quiet_for, since_check) {
             tracing::info!(container = %short(&self.id), name = %self.name, "no handshake for longer than a rekey; checking the registration");
             self.check().await;
         }
@@ -648,6 +645,12 @@ fn is_check_error(e: &str) -> bool {
     e.starts_with(CHECK_ERROR)
 }
 
+/// Whether a tunnel without a handshake for `quiet_for` (the last check
+/// `since_check` ago) is worth asking the relay about now.
+fn quiet_needs_check(quiet_for: Duration, since_check: Option<Duration>) -> bool {
+    quiet_for > STALE_HANDSHAKE && since_check.is_none_or(|d| d >= STALE_CHECK_GAP)
+}
+
 fn handshake_age(r: &Running) -> Option<Duration> {
     let device = r.driver.device();
     let peer = device.peer(&r.peer.public_key)?;
@@ -739,4 +742,22 @@ fn tun_unavailable(e: &std::io::Error) -> bool {
             | Some(libc::ENODEV)
             | Some(libc::EOPNOTSUPP)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_quiet_past_a_rekey_is_checked_but_not_hammered() {
+        let s = Duration::from_secs;
+        // Sessions renew every 120 s while keepalives flow: no reason to ask.
+        assert!(!quiet_needs_check(s(100), None));
+        assert!(!quiet_needs_check(s(130), Some(s(60))));
+        // Longer than a rekey and its retries: ask at once.
+        assert!(quiet_needs_check(s(140), None));
+        assert!(quiet_needs_check(s(140), Some(s(20))));
+        // But not again right after a check.
+        assert!(!quiet_needs_check(s(400), Some(s(5))));
+    }
 }
