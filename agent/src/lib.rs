@@ -1,6 +1,7 @@
 //! Sidecar agent library: what the `sidecar-agent` binary is made of.
 
 pub mod container_net;
+pub mod fd_budget;
 pub mod labels;
 pub mod manager;
 pub mod netstack_link;

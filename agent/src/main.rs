@@ -94,6 +94,15 @@ fn main() -> std::process::ExitCode {
                 state_dir,
                 mode,
             } => {
+                match sidecar_agent::fd_budget::raise() {
+                    Ok(r) => tracing::info!(
+                        before = r.before,
+                        after = r.after,
+                        per_container = r.share,
+                        "file descriptor limit"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+                }
                 let client = sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
                 sidecar_agent::manager::run(sidecar_agent::manager::Settings {
                     relay_url: client.url().to_string(),
