@@ -4,7 +4,10 @@
 //! `--network=sandbox`), so a TUN device in the container's namespace would never be
 //! seen; the agent must notice that by itself, say why in `status`, and serve the
 //! container in netstack mode: reachable on its public address over TCP, UDP and ping
-//! from the internet side. A runc container beside it still gets its TUN device.
+//! from the internet side. A runc container beside it still gets its TUN device. And
+//! under a flood of 2,000 UDP flows, the container's share of the agent's descriptors
+//! holds: a second container still comes up and the first still serves new clients
+//! (without the share, the agent runs out of descriptors for everything).
 //!
 //! The servers run inside the sandbox (busybox `nc` for TCP, Perl for UDP): a socket of
 //! this test opened in the container's namespace would not see the sandbox's traffic.
@@ -65,7 +68,34 @@ struct Agent {
 
 impl Agent {
     fn start(ns: &Netns, relay: &Relay, docker: &Dockerd, state_dir: &Path) -> Agent {
+        Agent::start_limited(ns, relay, docker, state_dir, None)
+    }
+
+    /// Like [`Agent::start`], with soft and hard RLIMIT_NOFILE set to `nofile`.
+    fn start_limited(
+        ns: &Netns,
+        relay: &Relay,
+        docker: &Dockerd,
+        state_dir: &Path,
+        nofile: Option<u64>,
+    ) -> Agent {
         let mut cmd = ns.program(agent_bin());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(["run", "--relay", &relay.url("")])
             .args(["--token", &relay.creds.default_token])
             .args(["--pin", &relay.creds.pin])
@@ -168,12 +198,42 @@ fn udp_roundtrip(ns: &Netns, addr: IpAddr) -> Result<(), String> {
     Err(last)
 }
 
-#[test]
-fn runsc_container_is_served_in_netstack_mode_over_tcp_udp_and_ping() {
+fn require() {
     require_tools(BASE_TOOLS);
     require_tools(RELAY_TOOLS);
     require_tools(DOCKER_TOOLS);
     require_tools(&["unshare", "mount"]);
+}
+
+/// Starts the gVisor container with its servers; its id.
+fn run_gvisor(docker: &Dockerd, name: &str) -> String {
+    let (options, servers) = gvisor_servers();
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    docker.run_with(name, &options, &[ENABLE], &servers)
+}
+
+fn assert_tcp_echo(ns: &Netns, ip: IpAddr, what: &str) {
+    let payload = b"through gVisor\n";
+    let mut last = String::new();
+    let echoed = wait_until(Duration::from_secs(15), || {
+        match tcp_echo(ns, ip, payload) {
+            Ok(got) if got == payload => true,
+            Ok(got) => {
+                last = format!("echo answered {:?}", String::from_utf8_lossy(&got));
+                false
+            }
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        }
+    });
+    assert!(echoed, "{what}: TCP echo at [{ip}]:{ECHO_PORT}: {last}");
+}
+
+#[test]
+fn runsc_container_is_served_in_netstack_mode_over_tcp_udp_and_ping() {
+    require();
     let topo = Topology::new();
     let relay = Relay::start(&topo, &RelayOptions::default());
     let site = topo.client_site();
@@ -183,9 +243,7 @@ fn runsc_container_is_served_in_netstack_mode_over_tcp_udp_and_ping() {
 
     let name = unique_name("gv");
     let t0 = Instant::now();
-    let (options, servers) = gvisor_servers();
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
-    let id = docker.run_with(&name, &options, &[ENABLE], &servers);
+    let id = run_gvisor(&docker, &name);
     let runtime = docker.inspect(&id)["HostConfig"]["Runtime"].clone();
     assert_eq!(runtime, "runsc", "the container does not run under gVisor");
     let (cols, extra) = agent.wait_row(&name);
@@ -212,22 +270,7 @@ fn runsc_container_is_served_in_netstack_mode_over_tcp_udp_and_ping() {
     let p = ping_with(&topo.remote, ip, "-c 3 -i 0.2 -W 2");
     assert!(p.all_received(), "ping {ip} lost replies:\n{}", p.output);
 
-    let payload = b"through gVisor\n";
-    let mut last = String::new();
-    let echoed = wait_until(Duration::from_secs(15), || {
-        match tcp_echo(&topo.remote, ip, payload) {
-            Ok(got) if got == payload => true,
-            Ok(got) => {
-                last = format!("echo answered {:?}", String::from_utf8_lossy(&got));
-                false
-            }
-            Err(e) => {
-                last = e.to_string();
-                false
-            }
-        }
-    });
-    assert!(echoed, "TCP echo at [{ip}]:{ECHO_PORT} (runsc): {last}");
+    assert_tcp_echo(&topo.remote, ip, "runsc");
     udp_roundtrip(&topo.remote, ip).unwrap_or_else(|e| {
         panic!(
             "UDP echo at [{ip}]:{UDP_PORT} (runsc): {e}\ncontainer log:\n{}",
@@ -246,4 +289,85 @@ fn runsc_container_is_served_in_netstack_mode_over_tcp_udp_and_ping() {
         "{}",
         agent.status()
     );
+}
+
+/// 2,000 UDP flows towards the netstack container of an agent held to 1,024 file
+/// descriptors: the container's share caps them, so a second labeled container still
+/// comes up, and the first still serves a new client.
+#[test]
+fn udp_flood_on_one_container_leaves_room_for_another_and_for_new_clients() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::with_runsc(&site.ns);
+    let state = TempDir::new();
+    let mut agent = Agent::start_limited(&site.ns, &relay, &docker, state.path(), Some(1024));
+
+    let first = unique_name("gv");
+    let id = run_gvisor(&docker, &first);
+    let (cols, _) = agent.wait_row(&first);
+    assert_eq!(cols[4], "netstack", "{}", agent.status());
+    let ip = ipv6_of(&cols);
+    udp_roundtrip(&topo.remote, ip).unwrap_or_else(|e| panic!("UDP before the flood: {e}"));
+
+    // From eight addresses of the remote host (beside its own, on its link), so the
+    // per-source cap alone does not hold the flood back: each flow a socket of its own
+    // (a source port of its own), one datagram.
+    const FLOWS: u16 = 2000;
+    const SOURCES: u16 = 8;
+    let sources: Vec<Ipv6Addr> = (0..SOURCES)
+        .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 0x100 + i))
+        .collect();
+    for a in &sources {
+        topo.remote
+            .ip(&format!("-6 addr add {a}/64 dev eth0 nodad"));
+    }
+    topo.remote.enter(|| {
+        for i in 0..FLOWS {
+            let from = sources[usize::from(i % SOURCES)];
+            let sock = std::net::UdpSocket::bind((from, 0)).expect("bind");
+            sock.send_to(format!("flow {i}").as_bytes(), (ip, UDP_PORT))
+                .expect("send");
+        }
+    });
+
+    // Datagrams keep their order through the tunnel: once a probe behind the flood
+    // is answered, the netstack has seen every flow of it.
+    udp_roundtrip(&topo.remote, ip).unwrap_or_else(|e| {
+        panic!(
+            "UDP right after the flood: {e}\nagent log:\n{}",
+            agent.child.stderr_tail(40)
+        )
+    });
+
+    let second = unique_name("rc");
+    let t0 = Instant::now();
+    docker.run_named(
+        &second,
+        &[ENABLE],
+        "nc -ll -p 8080 -e cat & exec sleep 1000000",
+    );
+    let (cols, _) = agent.wait_row(&second);
+    eprintln!("second container served {:?} after the flood", t0.elapsed());
+    let second_ip = ipv6_of(&cols);
+    assert!(
+        wait_until(REACHABLE_BOUND, || {
+            ping_with(&topo.remote, second_ip, "-c 1 -W 1").received == 1
+        }),
+        "the second container is not reachable after the flood:\n{}\nagent log:\n{}",
+        agent.status(),
+        agent.child.stderr_tail(40)
+    );
+
+    // A new client of the first container (a new source port, so a new flow).
+    udp_roundtrip(&topo.remote, ip).unwrap_or_else(|e| {
+        panic!(
+            "UDP after the flood: {e}\nagent log:\n{}\ncontainer log:\n{}",
+            agent.child.stderr_tail(40),
+            String::from_utf8_lossy(&docker.try_docker(&["logs", &id]).stderr)
+        )
+    });
+    assert_tcp_echo(&topo.remote, ip, "after the flood");
+    assert!(agent.child.is_running(), "{}", agent.child.stderr_tail(40));
 }
