@@ -26,5 +26,9 @@
 FROM scratch
 COPY . /
 VOLUME /var/lib/sidecar-agent
+# Ready when the agent's /readyz (served on loopback, so reachable with --network host)
+# answers 200.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+    CMD ["/usr/local/bin/sidecar-agent", "health"]
 ENTRYPOINT ["/usr/local/bin/sidecar-agent"]
 CMD ["run"]

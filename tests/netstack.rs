@@ -1498,6 +1498,7 @@ async fn syn_flood_from_spoofed_sources_leaves_room_for_a_real_client() {
             .unwrap();
     }
     let answered = started.elapsed();
+    eprintln!("after {FLOOD} spoofed SYNs the real client was answered in {answered:?}");
     assert_eq!(&buf, b"real client");
     assert!(
         answered < Duration::from_secs(1),

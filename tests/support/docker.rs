@@ -150,15 +150,19 @@ fn runsc_runtime() -> PathBuf {
     let dir = option_env!("CARGO_TARGET_TMPDIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let path = dir.join(format!("runsc-runtime-{}", std::process::id()));
+    // One file for every test process (its content never changes), written under a
+    // name of our own and renamed, so a daemon starting meanwhile never sees half of it.
+    let path = dir.join("runsc-runtime");
+    let scratch = dir.join(format!("runsc-runtime.{}", std::process::id()));
     write_executable(
-        &path,
+        &scratch,
         &format!(
             r#"#!/bin/sh
 exec unshare --mount --propagation private sh -c 'mount -t tmpfs sidecar-hide /proc/sys/net && exec {RUNSC} "$@"' runsc "$@"
 "#
         ),
     );
+    std::fs::rename(&scratch, &path).unwrap_or_else(|e| panic!("rename to {path:?}: {e}"));
     *cached = Some(path.clone());
     path
 }
