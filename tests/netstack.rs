@@ -1292,10 +1292,10 @@ async fn connection_cap_refuses_the_next_until_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connecting_cap_refuses_syns_while_upstream_connects_hang() {
+async fn half_open_cap_gives_the_oldest_place_to_a_new_syn() {
     let (_listener, _fillers, addr) = hanging_listener().await;
     let limits = NetstackLimits {
-        tcp_connecting: 2,
+        tcp_half_open: 2,
         ..NetstackLimits::default()
     };
     let (client, netstack) = setup_limited(limits);
@@ -1306,6 +1306,8 @@ async fn connecting_cap_refuses_syns_while_upstream_connects_hang() {
         pending.push(tokio::spawn(async move {
             c.connect(public(false, addr.port())).await.map(|_| ())
         }));
+        // Distinct arrival times, so "oldest" means the first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     wait_for("two connects in progress", || {
         netstack.stats().tcp_active == 2
@@ -1314,36 +1316,331 @@ async fn connecting_cap_refuses_syns_while_upstream_connects_hang() {
     let c = client.clone();
     let third =
         tokio::spawn(async move { c.connect(public(false, addr.port())).await.map(|_| ()) });
-    wait_for("the third SYN dropped at the cap", || {
-        netstack.stats().dropped_limits >= 1
+    wait_for("the third SYN takes the first one's place", || {
+        netstack.stats().tcp_half_open_dropped >= 1
     })
     .await;
     let stats = netstack.stats();
-    assert_eq!((stats.tcp_active, stats.tcp_refused), (2, 0), "{stats:?}");
+    assert_eq!(
+        (stats.tcp_active, stats.tcp_refused, stats.dropped_limits),
+        (2, 0, 0),
+        "{stats:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "too slow to tell the cap from the connect timeout"
     );
-
-    // Once the hanging connects time out (reset), the third SYN gets its turn.
+    // The first client is forgotten silently; its SYN retransmission then starts
+    // over and takes the oldest place in turn, so the table never grows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(netstack.stats().tcp_active, 2);
     for p in pending {
-        let result = within("reset after the connect timeout", p).await.unwrap();
-        assert_eq!(result.err(), Some(tcp::State::Closed));
+        p.abort();
     }
-    wait_for("the third connect admitted", || {
-        let s = netstack.stats();
-        s.tcp_refused == 2 && s.tcp_active == 1
-    })
-    .await;
     third.abort();
 }
 
+/// A TCP segment or UDP datagram from any source, as a spoofing attacker sends it.
+fn raw_packet(
+    src: IpEndpoint,
+    dst: IpEndpoint,
+    tcp: Option<(TcpControl, u32, Option<u32>)>,
+) -> Vec<u8> {
+    let caps = ChecksumCapabilities::default();
+    let v6 = matches!(dst.addr, IpAddress::Ipv6(_));
+    let hdr = if v6 { 40 } else { 20 };
+    let (proto, len) = match tcp {
+        Some(_) => (IpProtocol::Tcp, 24),
+        None => (IpProtocol::Udp, 8 + 5),
+    };
+    let mut p = vec![0; hdr + len];
+    match (src.addr, dst.addr) {
+        (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => Ipv6Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: proto,
+            payload_len: len,
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv6Packet::new_unchecked(&mut p[..])),
+        (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: proto,
+            payload_len: len,
+            hop_limit: 64,
+        }
+        .emit(&mut Ipv4Packet::new_unchecked(&mut p[..]), &caps),
+        _ => panic!("mixed families"),
+    }
+    match tcp {
+        Some((control, seq, ack)) => TcpRepr {
+            src_port: src.port,
+            dst_port: dst.port,
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: Some(1380),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        }
+        .emit(
+            &mut TcpPacket::new_unchecked(&mut p[hdr..]),
+            &src.addr,
+            &dst.addr,
+            &caps,
+        ),
+        None => UdpRepr {
+            src_port: src.port,
+            dst_port: dst.port,
+        }
+        .emit(
+            &mut UdpPacket::new_unchecked(&mut p[hdr..]),
+            &src.addr,
+            &dst.addr,
+            5,
+            |b| b.copy_from_slice(b"flood"),
+            &caps,
+        ),
+    }
+    p
+}
+
+/// The i-th of a flood's spoofed sources, in 203.0.113.0/24 and 2001:db8:7::/48.
+fn spoofed(i: u32, v6: bool) -> IpEndpoint {
+    let addr = if v6 {
+        IpAddress::Ipv6(Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            7,
+            0,
+            0,
+            0,
+            (i >> 8) as u16,
+            i as u16 | 1,
+        ))
+    } else {
+        IpAddress::Ipv4(Ipv4Addr::new(203, 0, 113, 1 + (i % 250) as u8))
+    };
+    IpEndpoint::new(addr, 1024 + (i % 60000) as u16)
+}
+
+/// (source, destination, flags, seq) of a TCP segment the netstack sent.
+fn sent_tcp(packet: &[u8]) -> Option<(IpEndpoint, IpEndpoint, bool, bool, u32)> {
+    let (src, dst, payload): (IpAddress, IpAddress, &[u8]) = match packet[0] >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (ip.src_addr().into(), ip.dst_addr().into(), &packet[20..])
+        }
+        _ => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (ip.src_addr().into(), ip.dst_addr().into(), &packet[40..])
+        }
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    assert!(
+        tcp.verify_checksum(&src, &dst),
+        "the netstack sent a segment with a bad checksum"
+    );
+    Some((
+        IpEndpoint::new(src, tcp.src_port()),
+        IpEndpoint::new(dst, tcp.dst_port()),
+        tcp.syn(),
+        tcp.ack(),
+        tcp.seq_number().0 as u32,
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn udp_flow_cap_refuses_new_flows_until_idle_ones_expire() {
-    const IDLE: Duration = Duration::from_secs(3);
+async fn syn_flood_from_spoofed_sources_leaves_room_for_a_real_client() {
+    let limits = NetstackLimits::default();
+    let (client, netstack) = setup_loopback();
+    let (v4, v6) = tcp_pair().await;
+    let port = v4.local_addr().unwrap().port();
+    let accepted_v4 = echo_server(v4);
+    echo_server(v6);
+
+    const FLOOD: u32 = 3000;
+    for i in 0..FLOOD {
+        let v6 = i % 2 == 1;
+        let dst = IpEndpoint::from(public(v6, port));
+        netstack.deliver(&raw_packet(
+            spoofed(i, v6),
+            dst,
+            Some((TcpControl::Syn, i * 7919, None)),
+        ));
+    }
+    let started = Instant::now();
+    let conn = within(
+        "connect after the flood",
+        client.connect(public(false, port)),
+    )
+    .await
+    .unwrap();
+    within("echo after the flood", conn.write_all(b"real client"))
+        .await
+        .unwrap();
+    let mut buf = [0; 11];
+    let mut got = 0;
+    while got < buf.len() {
+        got += within("echo after the flood", conn.read(&mut buf[got..]))
+            .await
+            .unwrap();
+    }
+    let answered = started.elapsed();
+    eprintln!("after {FLOOD} spoofed SYNs the real client was answered in {answered:?}");
+    assert_eq!(&buf, b"real client");
+    assert!(
+        answered < Duration::from_secs(1),
+        "the real client got its answer after {answered:?}"
+    );
+
+    let stats = netstack.stats();
+    assert!(
+        stats.tcp_active as usize <= limits.tcp_half_open + 1,
+        "half-open connections not bounded: {stats:?}"
+    );
+    assert!(
+        stats.tcp_half_open_dropped >= u64::from(FLOOD) - limits.tcp_half_open as u64,
+        "{stats:?}"
+    );
+    assert!(
+        accepted_v4.lock().unwrap().len() > 1,
+        "the flood never reached the container"
+    );
+}
+
+/// An accepting server that counts connections the netstack closed on it.
+fn counting_server(listener: TcpListener) -> (Arc<Mutex<usize>>, Arc<Mutex<usize>>) {
+    let accepted = Arc::new(Mutex::new(0));
+    let closed = Arc::new(Mutex::new(0));
+    let (a, c) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            *a.lock().unwrap() += 1;
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = [0; 64];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                *c.lock().unwrap() += 1;
+            });
+        }
+    });
+    (accepted, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_syn_acks_expire_and_close_their_upstream_connections() {
+    let limits = NetstackLimits {
+        tcp_handshake_timeout: Duration::from_secs(1),
+        tcp_half_open_per_source: 4,
+        ..NetstackLimits::default()
+    };
+    let (_client, netstack) = setup_limited(limits);
+    let (v4, _v6) = tcp_pair().await;
+    let port = v4.local_addr().unwrap().port();
+    let (accepted, closed) = counting_server(v4);
+
+    // Twenty SYNs from one source: only four places, the source's oldest go first.
+    let source = spoofed(1, false);
+    for i in 0..20u16 {
+        let src = IpEndpoint::new(source.addr, 30000 + i);
+        let dst = IpEndpoint::from(public(false, port));
+        netstack.deliver(&raw_packet(src, dst, Some((TcpControl::Syn, 1, None))));
+    }
+    wait_for("the source held to its cap", || {
+        netstack.stats().tcp_half_open_dropped >= 16
+    })
+    .await;
+    assert!(netstack.stats().tcp_active <= 4, "{:?}", netstack.stats());
+    let started = Instant::now();
+    wait_for("unanswered handshakes expire", || {
+        netstack.stats().tcp_active == 0
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(netstack.stats().tcp_half_open_dropped, 20);
+    wait_for("every upstream connection closed", || {
+        *closed.lock().unwrap() == *accepted.lock().unwrap()
+    })
+    .await;
+    assert!(*accepted.lock().unwrap() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sequence_numbers_follow_a_keyed_hash_and_a_4_us_clock() {
+    // No pump: this test reads the netstack's segments itself.
+    let netstack = NetstackDevice::start(NetstackConfig {
+        public: vec![PUBLIC_V6.into(), PUBLIC_V4.into()],
+        target_v6: Some(Ipv6Addr::LOCALHOST.into()),
+        target_v4: Some(Ipv4Addr::LOCALHOST.into()),
+        mtu: MTU,
+    })
+    .unwrap();
+    let (v4, v6) = tcp_pair().await;
+    let port = v4.local_addr().unwrap().port();
+    echo_server(v4);
+    echo_server(v6);
+    let mut buf = vec![0; 65536];
+    let syn_ack = |src: IpEndpoint, dst: IpEndpoint| {
+        let netstack = netstack.clone();
+        netstack.deliver(&raw_packet(src, dst, Some((TcpControl::Syn, 5000, None))));
+        async move {
+            let mut buf = vec![0; 65536];
+            loop {
+                let n = netstack.recv(&mut buf).await.unwrap();
+                if let Some((from, to, true, true, seq)) = sent_tcp(&buf[..n]) {
+                    if from == dst && to == src {
+                        return (seq, Instant::now());
+                    }
+                }
+            }
+        }
+    };
+    let _ = &mut buf;
+    let dst = IpEndpoint::from(public(false, port));
+    let a = IpEndpoint::new(IpAddress::Ipv4(CLIENT_V4), 41000);
+    let (first, t1) = within("SYN-ACK", syn_ack(a, dst)).await;
+    // The client gives up; the same 4-tuple comes back a while later.
+    netstack.deliver(&raw_packet(a, dst, Some((TcpControl::Rst, 5001, None))));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (second, t2) = within("SYN-ACK again", syn_ack(a, dst)).await;
+    let ticks = second.wrapping_sub(first);
+    let expected = (t2 - t1).as_micros() as u32 / 4;
+    assert!(
+        ticks.abs_diff(expected) < 25_000,
+        "same 4-tuple: ISN moved {ticks} ticks in {:?} (expected about {expected})",
+        t2 - t1
+    );
+
+    // Neighbouring 4-tuples share nothing: no counter, no PRNG stepping by one.
+    let mut isns = Vec::new();
+    for p in 0..16 {
+        let src = IpEndpoint::new(IpAddress::Ipv4(CLIENT_V4), 42000 + p);
+        let (seq, _) = within("SYN-ACK", syn_ack(src, dst)).await;
+        isns.push(seq);
+    }
+    let close = isns
+        .windows(2)
+        .filter(|w| w[1].wrapping_sub(w[0]) < 1_000_000)
+        .count();
+    assert!(close <= 1, "ISNs of neighbouring ports are close: {isns:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flow_cap_reuses_the_oldest_idle_flow() {
     let limits = NetstackLimits {
         udp_flows: 2,
-        udp_idle: IDLE,
         ..NetstackLimits::default()
     };
     let (client, netstack) = setup_limited(limits);
@@ -1367,39 +1664,66 @@ async fn udp_flow_cap_refuses_new_flows_until_idle_ones_expire() {
 
     assert_eq!(echo(a, b"a").await.as_deref(), Some(&b"a"[..]));
     assert_eq!(echo(b, b"b").await.as_deref(), Some(&b"b"[..]));
-    let last_activity = Instant::now();
-    assert_eq!(echo(c, b"c").await, None, "a third flow passed the cap");
+    // At the cap: the third flow takes the place of the one quiet longest (a).
+    assert_eq!(echo(c, b"c").await.as_deref(), Some(&b"c"[..]));
+    assert_eq!(echo(b, b"b").await.as_deref(), Some(&b"b"[..]));
     let stats = netstack.stats();
     assert_eq!(
         (
             stats.udp_flows_opened,
             stats.udp_flows_active,
-            stats.dropped_limits
+            stats.udp_flows_reused
         ),
-        (2, 2, 1),
+        (3, 2, 1),
         "{stats:?}"
     );
-
-    // Both flows go quiet, expire, and free their places.
-    wait_for("idle flows expire", || {
-        netstack.stats().udp_flows_active == 0
-    })
-    .await;
-    let idle_for = last_activity.elapsed();
-    assert!(
-        idle_for >= IDLE - Duration::from_millis(250),
-        "flows expired after {idle_for:?} of idleness, before {IDLE:?}"
-    );
-    assert_eq!(echo(c, b"c").await.as_deref(), Some(&b"c"[..]));
+    // a opens again, this time pushing out c, and b kept its flow throughout.
     assert_eq!(echo(a, b"a").await.as_deref(), Some(&b"a"[..]));
     let stats = netstack.stats();
     assert_eq!(
-        (
-            stats.udp_flows_opened,
-            stats.udp_flows_active,
-            stats.dropped_limits
-        ),
-        (4, 2, 1),
+        (stats.udp_flows_opened, stats.udp_flows_reused),
+        (4, 2),
         "{stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flood_of_new_flows_leaves_room_for_a_real_client() {
+    let limits = NetstackLimits {
+        udp_flows: 500,
+        udp_flows_per_source: 100,
+        ..NetstackLimits::default()
+    };
+    let (client, netstack) = setup_limited(limits);
+    let (v4, v6) = udp_pair().await;
+    let port = v4.local_addr().unwrap().port();
+    udp_echo_server(v4);
+    udp_echo_server(v6);
+    let dst = IpEndpoint::from(public(false, port));
+    // 1,000 flows from 250 spoofed sources, then 1,000 from a single one.
+    for i in 0..1000 {
+        netstack.deliver(&raw_packet(spoofed(i, false), dst, None));
+    }
+    let one = spoofed(7, false).addr;
+    for i in 0..1000 {
+        netstack.deliver(&raw_packet(IpEndpoint::new(one, 20000 + i), dst, None));
+    }
+    wait_for("the flood processed", || {
+        netstack.stats().udp_flows_opened >= 2000
+    })
+    .await;
+    let stats = netstack.stats();
+    assert!(stats.udp_flows_active <= 500, "{stats:?}");
+    assert!(stats.udp_flows_reused >= 1500, "{stats:?}");
+
+    let handle = client.udp_socket(IpEndpoint::new(IpAddress::Ipv4(CLIENT_V4), 7000));
+    let started = Instant::now();
+    client.udp_send(handle, b"real client", public(false, port));
+    let (reply, _) = within("echo after the flood", client.udp_recv(handle)).await;
+    assert_eq!(reply, b"real client");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
     );
 }

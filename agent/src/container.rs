@@ -383,13 +383,24 @@ impl Task {
         let socket = UdpTransport::bind(0)
             .map_err(|e| fail(false, format!("cannot open a UDP socket: {e}")))?;
 
+        let mut mode_reason = match shared.mode {
+            Mode::Auto => {
+                container_net::tun_unseen_reason(&netns, &ips(container_addresses(&info)))
+            }
+            _ => None,
+        };
         let tun = match shared.mode {
+            Mode::Auto if mode_reason.is_some() => {
+                tracing::info!(container = %short(&id), reason = mode_reason.as_deref(), "using netstack mode");
+                None
+            }
             Mode::Tun | Mode::Auto => {
                 match container_net::create_in_namespace(&netns, CONTAINER_IFACE, alloc.mtu, &addrs)
                 {
                     Ok(t) => Some(t),
                     Err(e) if shared.mode == Mode::Auto && tun_unavailable(&e) => {
                         tracing::info!(container = %short(&id), error = %e, "no TUN device possible in the container; using netstack mode");
+                        mode_reason = Some(format!("no TUN device possible in the container: {e}"));
                         None
                     }
                     Err(e) => {
@@ -422,6 +433,7 @@ impl Task {
             ipv6: Some(IpPrefix::host(alloc.ipv6.into()).to_string()),
             ipv4: alloc.ipv4.map(|a| IpPrefix::host(a.into()).to_string()),
             mode: Some(mode.into()),
+            mode_reason,
             error: note,
             ..StatusRow::default()
         };
@@ -729,6 +741,10 @@ fn container_addresses(
         }
     }
     (v6, v4)
+}
+
+fn ips((v6, v4): (Option<IpAddr>, Option<IpAddr>)) -> Vec<IpAddr> {
+    v6.into_iter().chain(v4).collect()
 }
 
 /// The errors that mean "this host cannot make a TUN device there", as opposed to

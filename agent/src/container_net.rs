@@ -116,3 +116,101 @@ fn enable_ipv6(name: &str) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Why a TUN device made in `netns` would never be seen by the container, if so.
+///
+/// A sandboxed runtime such as gVisor's runsc (with its default `--network=sandbox`)
+/// runs the container's network stack in user space: at start it takes over the
+/// namespace's interfaces, removing their addresses from the kernel, and never looks
+/// at devices added later. Docker still reports the container's address, but no
+/// interface of the namespace carries it. (A runtime that leaves the kernel's stack
+/// to the container, like runc or runsc with `--network=host`, keeps the address
+/// there.) Returns `None` when any of `docker_addrs` is on an interface, or when
+/// there is nothing to compare (no Docker address: a `none` or host network).
+pub fn tun_unseen_reason(netns: &File, docker_addrs: &[IpAddr]) -> Option<String> {
+    if docker_addrs.is_empty() {
+        return None;
+    }
+    let fd = netns.as_raw_fd();
+    let present = std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: as in `create_in_namespace`: fd is open, the thread ends here.
+                if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                interface_addresses()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace inspection thread panicked")))
+    });
+    match present {
+        Ok(present) if !docker_addrs.iter().any(|a| present.contains(a)) => Some(format!(
+            "the container's address {} is on no interface of its network namespace: \
+             its network stack runs in a sandbox (such as gVisor), which never sees a TUN \
+             device made there",
+            docker_addrs[0]
+        )),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list the addresses in the container's namespace");
+            None
+        }
+    }
+}
+
+/// Every address on an interface of the calling thread's network namespace.
+fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates the list it stores in `list`; freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed; an
+        // address's actual type is given by its family.
+        unsafe {
+            let addr = (*cur).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: the list came from getifaddrs and nothing points into it any more.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_holding_the_address_is_not_a_sandbox() {
+        let own = File::open("/proc/self/ns/net").expect("own namespace");
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(tun_unseen_reason(&own, &[lo]), None);
+        assert_eq!(tun_unseen_reason(&own, &[]), None);
+        let absent: IpAddr = "192.0.2.77".parse().unwrap();
+        let reason = tun_unseen_reason(&own, &[absent]).expect("address absent");
+        assert!(
+            reason.contains("192.0.2.77") && reason.contains("sandbox"),
+            "{reason}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod container;
 pub mod container_net;
+pub mod fd_budget;
 pub mod health;
 pub mod labels;
 pub mod manager;

@@ -135,6 +135,15 @@ fn main() -> std::process::ExitCode {
                 max_in_flight,
                 health_listen,
             } => {
+                match sidecar_agent::fd_budget::raise() {
+                    Ok(r) => tracing::info!(
+                        before = r.before,
+                        after = r.after,
+                        per_container = r.share,
+                        "file descriptor limit"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+                }
                 let token = match (&token_file, token) {
                     (Some(path), _) => sidecar_agent::secrets::read_token_file(path)?,
                     (None, Some(token)) => {

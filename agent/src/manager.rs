@@ -340,6 +340,9 @@ pub fn print_status(state_dir: &std::path::Path) -> Result<()> {
             r.rx_bytes,
             r.tx_bytes
         );
+        if let Some(m) = &r.mode_reason {
+            println!("    mode: {m}");
+        }
         if r.state == "active" {
             println!("    {}", check_line(r, now));
         }

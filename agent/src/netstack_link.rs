@@ -10,7 +10,7 @@ use sidecar::netstack::{NetstackConfig, NetstackDevice};
 use sidecar::IpPrefix;
 
 /// Starts the stack for `public` (the allocation), forwarding to the container's
-/// `(IPv6, IPv4)` addresses.
+/// `(IPv6, IPv4)` addresses, within the container's share of file descriptors.
 pub fn start(
     public: &[IpPrefix],
     (target_v6, target_v4): (Option<IpAddr>, Option<IpAddr>),
@@ -22,10 +22,13 @@ pub fn start(
             "the container has no address on any Docker network to forward to",
         ));
     }
-    NetstackDevice::start(NetstackConfig {
-        public: public.iter().map(|p| p.addr()).collect(),
-        target_v6,
-        target_v4,
-        mtu,
-    })
+    NetstackDevice::start_with_limits(
+        NetstackConfig {
+            public: public.iter().map(|p| p.addr()).collect(),
+            target_v6,
+            target_v4,
+            mtu,
+        },
+        crate::fd_budget::netstack_limits(),
+    )
 }

@@ -20,6 +20,9 @@ pub struct StatusRow {
     pub ipv4: Option<String>,
     /// `tun` or `netstack`.
     pub mode: Option<String>,
+    /// Why auto mode chose netstack, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode_reason: Option<String>,
     /// Unix seconds.
     pub latest_handshake: Option<u64>,
     pub rx_bytes: u64,

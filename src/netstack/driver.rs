@@ -18,8 +18,11 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 
 use super::device::StackDevice;
+use super::half_open::HalfOpen;
+use super::isn::IsnSource;
 use super::packet::{self, Inbound, TcpSegment};
-use super::tcp::{Events, TcpConn, Verdict};
+use super::seq_offset::Segment;
+use super::tcp::{Events, TcpConn, Verdict, CONNECT_TIMEOUT};
 use super::udp::UdpFlow;
 use super::wake::FlowWake;
 use super::{Counters, NetstackConfig, NetstackLimits, Shared, OUTPUT_CAPACITY};
@@ -38,6 +41,8 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(300);
 const TIME_WAIT: Duration = Duration::from_secs(2);
 /// How often idle UDP flows are looked for.
 const UDP_SWEEP: Duration = Duration::from_secs(1);
+/// How often unfinished handshakes are checked against their deadline.
+const HALF_OPEN_SWEEP: Duration = Duration::from_millis(250);
 /// While the output queue is full smoltcp always wants to transmit now; poll less
 /// eagerly and let the consumer's wake-up bring us back.
 const BLOCKED_POLL: Duration = Duration::from_millis(10);
@@ -59,9 +64,14 @@ pub(super) struct Driver {
     limits: NetstackLimits,
     tcp: HashMap<u64, TcpConn>,
     tcp_by_key: HashMap<Key, u64>,
-    connecting: usize,
+    half_open: HalfOpen,
+    next_half_open_sweep: Instant,
+    isn: IsnSource,
+    /// Outbound packets at the front of `dev.tx` already moved to our sequence space.
+    shifted: usize,
     udp: HashMap<u64, UdpFlow>,
     udp_by_key: HashMap<Key, u64>,
+    udp_per_source: HashMap<IpAddress, usize>,
     next_id: u64,
     next_udp_sweep: Instant,
     /// Connections in TIME-WAIT, oldest first, with the time they may go.
@@ -113,8 +123,8 @@ impl Driver {
         let mtu = usize::from(config.mtu);
         let mut dev = StackDevice::new(mtu);
         let mut iface_config = Config::new(HardwareAddress::Ip);
-        // smoltcp derives TCP initial sequence numbers from this; the default of 0
-        // makes them predictable.
+        // smoltcp's own ISNs are replaced (see `isn`), but it draws other values,
+        // such as IPv4 identifications, from this.
         iface_config.random_seed = OsRng.next_u64();
         let epoch = Instant::now();
         let mut iface = Interface::new(iface_config, &mut dev, smoltcp::time::Instant::ZERO);
@@ -148,9 +158,13 @@ impl Driver {
             limits,
             tcp: HashMap::new(),
             tcp_by_key: HashMap::new(),
-            connecting: 0,
+            half_open: HalfOpen::default(),
+            next_half_open_sweep: epoch,
+            isn: IsnSource::random(epoch),
+            shifted: 0,
             udp: HashMap::new(),
             udp_by_key: HashMap::new(),
+            udp_per_source: HashMap::new(),
             next_id: 0,
             next_udp_sweep: epoch,
             time_wait: VecDeque::new(),
@@ -199,6 +213,8 @@ impl Driver {
         }
         self.service_ready(clock);
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        self.shift_outbound(clock);
+        self.expire_half_open(clock);
         self.expire_time_wait(clock);
         self.expire_udp(clock);
         let more_output = self.flush();
@@ -229,6 +245,12 @@ impl Driver {
                     .saturating_duration_since(Instant::now()),
             );
         }
+        if self.half_open.len() > 0 {
+            delay = delay.min(
+                self.next_half_open_sweep
+                    .saturating_duration_since(Instant::now()),
+            );
+        }
         delay
     }
 
@@ -253,22 +275,40 @@ impl Driver {
                 remote,
                 payload,
             }) => self.udp_input(clock, (local, remote), &packet[payload]),
-            Ok(Inbound::Tcp(segment)) => self.tcp_input(now, segment, packet),
+            Ok(Inbound::Tcp(segment)) => self.tcp_input(now, clock, segment, packet),
         }
     }
 
-    fn tcp_input(&mut self, now: smoltcp::time::Instant, segment: TcpSegment, packet: Vec<u8>) {
+    fn tcp_input(
+        &mut self,
+        now: smoltcp::time::Instant,
+        clock: Instant,
+        segment: TcpSegment,
+        mut packet: Vec<u8>,
+    ) {
         let key = (segment.local, segment.remote);
         let known = self.tcp_by_key.get(&key).copied();
         if segment.opens && known.is_none() {
-            self.accept(now, key, packet);
+            self.accept(now, clock, key, packet);
             return;
+        }
+        let offset = known.and_then(|id| self.tcp.get(&id)?.seq_offset);
+        if let (Some(offset), Some(seg)) = (offset, Segment::find(&packet)) {
+            seg.unshift_acks(&mut packet, offset);
         }
         // Anything else, including segments for no connection (smoltcp answers those
         // with RST), is smoltcp's business.
         self.dev.rx = Some(packet);
         self.iface
             .poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        self.shift_outbound(clock);
+        if let Some(id) = known {
+            // Settled here rather than when the flow is serviced later in the round:
+            // a SYN right behind this ACK in the same batch must not take its place.
+            if self.half_open.contains(id) && self.established(id) {
+                self.half_open.remove(id);
+            }
+        }
         if let (true, Some(id)) = (segment.rst, known) {
             // A RST in SYN-RECEIVED sends the socket back to LISTEN, where it would
             // take the next SYN for its port as if it were a fresh listener. Drop it
@@ -285,10 +325,8 @@ impl Driver {
     /// A SYN for a connection we do not have: there is no listen-on-every-port socket
     /// in smoltcp, so create a listener for exactly this SYN and hold its SYN-ACK until
     /// the container accepted the upstream connection.
-    fn accept(&mut self, now: smoltcp::time::Instant, key: Key, packet: Vec<u8>) {
-        if self.tcp.len() >= self.limits.tcp_connections
-            || self.connecting >= self.limits.tcp_connecting
-        {
+    fn accept(&mut self, now: smoltcp::time::Instant, clock: Instant, key: Key, packet: Vec<u8>) {
+        if !self.make_room_for_handshake(&key.1.addr) {
             Counters::bump(&self.counters().dropped_limits);
             return;
         }
@@ -316,6 +354,7 @@ impl Driver {
         self.dev.rx = Some(packet);
         self.iface
             .poll_ingress_single(now, &mut self.dev, &mut self.sockets);
+        self.shift_outbound(clock);
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         if socket.state() != State::SynReceived || socket.remote_endpoint() != Some(remote) {
             // smoltcp rejected the SYN (bad options, say); classify() let it through.
@@ -332,11 +371,103 @@ impl Driver {
         tracing::trace!(client = %remote, port = local.port, %target, "new TCP connection");
         self.tcp.insert(id, conn);
         self.tcp_by_key.insert(key, id);
-        self.connecting += 1;
+        // The connect times out (and resets the client) first; the rest is for the
+        // client's ACK should the connect finish at the last moment.
+        let deadline = clock + CONNECT_TIMEOUT + self.limits.tcp_handshake_timeout;
+        self.half_open.insert(id, remote.addr, clock, deadline);
         self.update_gauges();
     }
 
+    /// Frees a place for a new handshake from `source` if the caps call for it, by
+    /// dropping the oldest unfinished one (the source's own when it is at its cap).
+    /// False when the place cannot be had: every connection is established.
+    fn make_room_for_handshake(&mut self, source: &IpAddress) -> bool {
+        let limits = self.limits;
+        let victim = if self.half_open.count_from(source) >= limits.tcp_half_open_per_source {
+            self.half_open.oldest(Some(source))
+        } else if self.half_open.len() >= limits.tcp_half_open
+            || self.tcp.len() >= limits.tcp_connections
+        {
+            self.half_open.oldest(None)
+        } else {
+            return true;
+        };
+        let Some(victim) = victim else {
+            return false;
+        };
+        tracing::trace!(
+            id = victim,
+            "dropping the oldest unfinished handshake for a new SYN"
+        );
+        Counters::bump(&self.counters().tcp_half_open_dropped);
+        self.remove_tcp(victim);
+        true
+    }
+
+    /// Drops handshakes past their deadline; the client never answered our SYN-ACK
+    /// (a spoofed SYN, most likely), so it gets nothing more from us.
+    fn expire_half_open(&mut self, clock: Instant) {
+        if clock < self.next_half_open_sweep {
+            return;
+        }
+        self.next_half_open_sweep = clock + HALF_OPEN_SWEEP;
+        for id in self.half_open.expired(clock) {
+            if self.established(id) {
+                self.half_open.remove(id);
+            } else {
+                Counters::bump(&self.counters().tcp_half_open_dropped);
+                self.remove_tcp(id);
+            }
+        }
+    }
+
+    fn established(&self, id: u64) -> bool {
+        self.tcp.get(&id).is_some_and(|conn| {
+            let state = self.sockets.get::<tcp::Socket>(conn.handle).state();
+            !matches!(
+                state,
+                State::Listen | State::SynReceived | State::SynSent | State::Closed
+            )
+        })
+    }
+
+    /// Moves the TCP segments smoltcp emitted since the last call into our sequence
+    /// space, learning each connection's offset from its SYN-ACK.
+    fn shift_outbound(&mut self, clock: Instant) {
+        let packets = &mut self.dev.tx.packets;
+        for packet in packets.iter_mut().skip(self.shifted) {
+            let Some(seg) = Segment::find(packet) else {
+                continue;
+            };
+            let Some(conn) = self
+                .tcp_by_key
+                .get(&(seg.src, seg.dst))
+                .and_then(|id| self.tcp.get_mut(id))
+            else {
+                // RSTs for segments of no connection echo the client's own numbers.
+                continue;
+            };
+            let offset = match conn.seq_offset {
+                Some(offset) => offset,
+                None if seg.is_syn_ack(packet) => {
+                    let offset = self
+                        .isn
+                        .isn(seg.src, seg.dst, clock)
+                        .wrapping_sub(seg.seq(packet));
+                    conn.seq_offset = Some(offset);
+                    offset
+                }
+                // Before the SYN-ACK only a RST answering the SYN can go out, and
+                // the client checks its ACK, not its sequence number.
+                None => continue,
+            };
+            seg.shift_seq(packet, offset);
+        }
+        self.shifted = packets.len();
+    }
+
     fn udp_input(&mut self, clock: Instant, key: Key, payload: &[u8]) {
+        // (A flow's first datagram opens it; see `open_udp` for what happens at a cap.)
         let id = match self.udp_by_key.get(&key) {
             Some(&id) => id,
             None => match self.open_udp(clock, key) {
@@ -355,10 +486,22 @@ impl Driver {
     }
 
     fn open_udp(&mut self, clock: Instant, key: Key) -> Option<u64> {
-        if self.udp.len() >= self.limits.udp_flows {
-            return None;
-        }
         let (local, remote) = key;
+        let from_source = self.udp_per_source.get(&remote.addr).copied().unwrap_or(0);
+        let victim = if from_source >= self.limits.udp_flows_per_source {
+            Some(self.least_recent_udp(Some(&remote.addr))?)
+        } else if self.udp.len() >= self.limits.udp_flows {
+            Some(self.least_recent_udp(None)?)
+        } else {
+            None
+        };
+        if let Some(victim) = victim {
+            // Like a NAT table under pressure: the flow that has been quiet longest
+            // goes before its idle time, so a flood of new flows cannot keep a new
+            // client out. A flow still in use just opens again on its next datagram.
+            Counters::bump(&self.counters().udp_flows_reused);
+            self.remove_udp(victim);
+        }
         let target = SocketAddr::new(self.target_for(&local.addr), local.port);
         let id = self.next_flow_id();
         let wake = FlowWake::new(id, self.shared.clone());
@@ -374,6 +517,7 @@ impl Driver {
         tracing::trace!(client = %remote, port = local.port, %target, "new UDP flow");
         self.udp.insert(id, flow);
         self.udp_by_key.insert(key, id);
+        *self.udp_per_source.entry(remote.addr).or_default() += 1;
         Counters::bump(&self.counters().udp_flows_opened);
         self.update_gauges();
         Some(id)
@@ -398,27 +542,49 @@ impl Driver {
         self.ready = ready;
     }
 
+    /// The flow (from `source` only, when given) with the oldest activity. A linear
+    /// scan: it runs only when a cap is reached, and the table is bounded.
+    fn least_recent_udp(&self, source: Option<&IpAddress>) -> Option<u64> {
+        self.udp
+            .iter()
+            .filter(|(_, f)| source.is_none_or(|s| *s == f.key.1.addr))
+            .min_by_key(|(id, f)| (f.last_active, **id))
+            .map(|(id, _)| *id)
+    }
+
+    fn remove_udp(&mut self, id: u64) {
+        if let Some(flow) = self.udp.remove(&id) {
+            self.udp_by_key.remove(&flow.key);
+            forget_source(&mut self.udp_per_source, &flow.key.1.addr);
+            self.update_gauges();
+        }
+    }
+
     fn service_tcp(&mut self, clock: Instant, id: u64) {
         let Some(conn) = self.tcp.get_mut(&id) else {
             return;
         };
         conn.wake.rearm();
-        let was_connecting = conn.is_connecting();
         let mut events = Events::default();
         let verdict = conn.service(
             self.sockets.get_mut::<tcp::Socket>(conn.handle),
             &mut events,
         );
-        if was_connecting && !conn.is_connecting() {
-            self.connecting -= 1;
-        }
         let counters = &self.shared.counters;
         if events.opened {
             Counters::bump(&counters.tcp_opened);
+            self.half_open
+                .extend(id, clock + self.limits.tcp_handshake_timeout);
         }
         if events.refused {
             Counters::bump(&counters.tcp_refused);
         }
+        if self.half_open.contains(id) && self.established(id) {
+            self.half_open.remove(id);
+        }
+        let Some(conn) = self.tcp.get_mut(&id) else {
+            return;
+        };
         match verdict {
             Verdict::Keep => {}
             Verdict::Linger => {
@@ -446,9 +612,7 @@ impl Driver {
         let Some(mut conn) = self.tcp.remove(&id) else {
             return;
         };
-        if conn.is_connecting() {
-            self.connecting -= 1;
-        }
+        self.half_open.remove(id);
         conn.close_upstream();
         self.sockets.remove(conn.handle);
         self.tcp_by_key.remove(&conn.key);
@@ -462,11 +626,13 @@ impl Driver {
         self.next_udp_sweep = clock + UDP_SWEEP;
         let before = self.udp.len();
         let by_key = &mut self.udp_by_key;
+        let per_source = &mut self.udp_per_source;
         let idle = self.limits.udp_idle;
         self.udp.retain(|_, flow| {
             let live = clock.duration_since(flow.last_active) < idle;
             if !live {
                 by_key.remove(&flow.key);
+                forget_source(per_source, &flow.key.1.addr);
             }
             live
         });
@@ -482,6 +648,7 @@ impl Driver {
         let mut output = self.shared.output.lock();
         let was_empty = output.packets.is_empty();
         output.packets.extend(tx.packets.drain(..));
+        self.shifted = 0;
         let mut retry = false;
         self.blocked = false;
         if std::mem::take(&mut tx.exhausted) {
@@ -515,9 +682,10 @@ impl Driver {
         }
         self.tcp_by_key.clear();
         self.time_wait.clear();
+        self.half_open = HalfOpen::default();
         self.udp.clear();
         self.udp_by_key.clear();
-        self.connecting = 0;
+        self.udp_per_source.clear();
         self.update_gauges();
     }
 
@@ -539,6 +707,15 @@ impl Driver {
         match public {
             IpAddress::Ipv4(_) => self.target_for_v4,
             IpAddress::Ipv6(_) => self.target_for_v6,
+        }
+    }
+}
+
+fn forget_source(counts: &mut HashMap<IpAddress, usize>, source: &IpAddress) {
+    if let Some(n) = counts.get_mut(source) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(source);
         }
     }
 }

@@ -13,15 +13,20 @@
 //!
 //! TCP goes through smoltcp, with a listener made for each SYN and its SYN-ACK held
 //! until the container accepted the upstream connection (a refused or timed-out
-//! connect becomes a RST). UDP and echo requests bypass smoltcp: they are parsed and
+//! connect becomes a RST). Initial sequence numbers are our own (RFC 6528), not
+//! smoltcp's; handshakes and UDP flows are bounded so that floods from spoofed
+//! sources cannot crowd real clients out (see [`NetstackLimits`]). UDP and echo requests bypass smoltcp: they are parsed and
 //! answered with `smoltcp::wire`, since a smoltcp UDP socket serves one port only.
 //! Not handled: IP fragments, ICMP errors (no path MTU discovery), UDP replies
 //! larger than the MTU; all are dropped and counted.
 
 mod device;
 mod driver;
+mod half_open;
+mod isn;
 mod link;
 pub mod packet;
+mod seq_offset;
 mod tcp;
 mod udp;
 mod wake;
@@ -59,28 +64,65 @@ pub struct NetstackConfig {
 }
 
 /// How much one stack holds at once, so that a client cannot exhaust the host's memory
-/// or file descriptors. Beyond a cap new connections and flows are dropped (counted in
-/// [`NetstackStats::dropped_limits`]) until existing ones go.
+/// or file descriptors, nor a flood from spoofed sources crowd out real clients.
+/// Established TCP connections beyond their cap are dropped (counted in
+/// [`NetstackStats::dropped_limits`]) until one goes; a new handshake or UDP flow
+/// beyond its cap takes the place of the oldest one instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NetstackLimits {
     /// TCP connections in the stack; the buffers of a busy one cost 512 KiB.
     pub tcp_connections: usize,
-    /// Connections waiting for their upstream connect, so a SYN flood cannot turn
-    /// into an unbounded number of connects to the container.
-    pub tcp_connecting: usize,
+    /// Connections that have not completed their handshake (upstream connect in
+    /// progress, or SYN-ACK sent and no ACK yet). Each holds an upstream socket.
+    pub tcp_half_open: usize,
+    /// The same, per client address, so one source cannot take every place.
+    pub tcp_half_open_per_source: usize,
+    /// How long a client has to answer our SYN-ACK before its connection and the
+    /// upstream one behind it are dropped.
+    pub tcp_handshake_timeout: Duration,
     /// UDP flows, each holding an upstream socket.
     pub udp_flows: usize,
+    /// The same, per client address.
+    pub udp_flows_per_source: usize,
     /// A UDP flow with no datagram either way for this long is forgotten (like a NAT
     /// entry), freeing its place.
     pub udp_idle: Duration,
+}
+
+impl NetstackLimits {
+    /// Caps that fit `descriptors` upstream sockets: one per UDP flow and one per TCP
+    /// connection, split evenly.
+    pub fn for_descriptors(descriptors: usize) -> NetstackLimits {
+        let default = NetstackLimits::default();
+        let half = (descriptors / 2).max(2);
+        let tcp_connections = default.tcp_connections.min(half);
+        let tcp_half_open = default.tcp_half_open.min(tcp_connections / 2).max(1);
+        let udp_flows = default.udp_flows.min(half);
+        NetstackLimits {
+            tcp_connections,
+            tcp_half_open,
+            tcp_half_open_per_source: default.tcp_half_open_per_source.min(tcp_half_open),
+            udp_flows,
+            udp_flows_per_source: default.udp_flows_per_source.min(udp_flows),
+            ..default
+        }
+    }
+
+    /// The most upstream sockets a stack with these caps holds at once.
+    pub fn descriptors(&self) -> usize {
+        self.tcp_connections + self.udp_flows
+    }
 }
 
 impl Default for NetstackLimits {
     fn default() -> Self {
         NetstackLimits {
             tcp_connections: 2048,
-            tcp_connecting: 512,
+            tcp_half_open: 256,
+            tcp_half_open_per_source: 64,
+            tcp_handshake_timeout: Duration::from_secs(3),
             udp_flows: 2048,
+            udp_flows_per_source: 512,
             udp_idle: Duration::from_secs(60),
         }
     }
@@ -95,8 +137,13 @@ pub struct NetstackStats {
     pub tcp_refused: u64,
     /// TCP connections currently in the stack, including ones still connecting.
     pub tcp_active: u64,
+    /// Handshakes dropped unfinished: past their timeout, or their place taken by a
+    /// newer SYN at a half-open cap.
+    pub tcp_half_open_dropped: u64,
     pub udp_flows_opened: u64,
     pub udp_flows_active: u64,
+    /// UDP flows dropped before their idle time to make room for a new one.
+    pub udp_flows_reused: u64,
     /// ICMP and ICMPv6 echo requests answered.
     pub icmp_echoes: u64,
     /// Packets dropped because the input queue was full.
@@ -126,8 +173,10 @@ struct Counters {
     tcp_opened: AtomicU64,
     tcp_refused: AtomicU64,
     tcp_active: AtomicU64,
+    tcp_half_open_dropped: AtomicU64,
     udp_flows_opened: AtomicU64,
     udp_flows_active: AtomicU64,
+    udp_flows_reused: AtomicU64,
     icmp_echoes: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_malformed: AtomicU64,
@@ -146,8 +195,10 @@ impl Counters {
             tcp_opened: get(&self.tcp_opened),
             tcp_refused: get(&self.tcp_refused),
             tcp_active: get(&self.tcp_active),
+            tcp_half_open_dropped: get(&self.tcp_half_open_dropped),
             udp_flows_opened: get(&self.udp_flows_opened),
             udp_flows_active: get(&self.udp_flows_active),
+            udp_flows_reused: get(&self.udp_flows_reused),
             icmp_echoes: get(&self.icmp_echoes),
             dropped_queue_full: get(&self.dropped_queue_full),
             dropped_malformed: get(&self.dropped_malformed),

@@ -17,7 +17,7 @@ use super::wake::FlowWake;
 
 /// How long the upstream connect may take before the client gets its RST. The client
 /// meanwhile sees no SYN-ACK and retransmits its SYN, which the paused socket ignores.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Connect = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
@@ -76,6 +76,8 @@ pub(super) struct TcpConn {
     upstream_done: bool,
     /// In the driver's TIME-WAIT queue.
     pub(super) lingering: bool,
+    /// Our ISN minus smoltcp's, once its SYN-ACK went out (see `seq_offset`).
+    pub(super) seq_offset: Option<u32>,
 }
 
 impl TcpConn {
@@ -95,11 +97,8 @@ impl TcpConn {
             client_done: false,
             upstream_done: false,
             lingering: false,
+            seq_offset: None,
         }
-    }
-
-    pub(super) fn is_connecting(&self) -> bool {
-        matches!(self.upstream, Upstream::Connecting(_))
     }
 
     /// Moves whatever can move without blocking and reports whether the connection

@@ -111,6 +111,62 @@ fn docker_cli() -> &'static str {
     }
 }
 
+/// gVisor's runtime, from Debian's `runsc` package.
+pub const RUNSC: &str = "/usr/bin/runsc";
+
+/// Installs Debian's `runsc` unless it is there. Once per test process, like
+/// [`ensure_docker_installed`].
+pub fn ensure_runsc_installed() {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let mut done = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*done && !Path::new(RUNSC).is_file() {
+        let install = || apt_get(&["install", "-y", "--no-install-recommends", "runsc"]);
+        assert!(
+            install() || (apt_get(&["update"]) && install()),
+            "apt-get install runsc failed (see the output above)"
+        );
+        assert!(
+            Path::new(RUNSC).is_file(),
+            "runsc installed but {RUNSC} missing"
+        );
+    }
+    *done = true;
+}
+
+/// The program registered as the daemon's `runsc` runtime: runsc itself, run in a
+/// private mount namespace where `/proc/sys/net` is hidden.
+///
+/// Debian's runsc (release 20221219) refuses sandbox networking with "cannot run with
+/// network enabled in root network namespace" on kernels that show
+/// `/proc/sys/net/core/rmem_default` in every network namespace (6.x; gVisor issue
+/// 10704, fixed upstream in 2024): that file was its test for the root namespace. The
+/// mount namespace is the runtime's own, so nothing else on the machine sees it.
+fn runsc_runtime() -> PathBuf {
+    static WRAPPER: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut cached = WRAPPER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cached.as_ref() {
+        return p.clone();
+    }
+    let dir = option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    // One file for every test process (its content never changes), written under a
+    // name of our own and renamed, so a daemon starting meanwhile never sees half of it.
+    let path = dir.join("runsc-runtime");
+    let scratch = dir.join(format!("runsc-runtime.{}", std::process::id()));
+    write_executable(
+        &scratch,
+        &format!(
+            r#"#!/bin/sh
+exec unshare --mount --propagation private sh -c 'mount -t tmpfs sidecar-hide /proc/sys/net && exec {RUNSC} "$@"' runsc "$@"
+"#
+        ),
+    );
+    std::fs::rename(&scratch, &path).unwrap_or_else(|e| panic!("rename to {path:?}: {e}"));
+    *cached = Some(path.clone());
+    path
+}
+
 /// A root filesystem holding the static busybox and a symlink for each of its applets
 /// (`sh`, `nc`, `httpd`, `ping`, `ip`, `sleep`, ...), plus `/www/index.html`.
 ///
@@ -262,6 +318,20 @@ impl<'n> Dockerd<'n> {
         d.image = format!("{}:busybox", unique_name("sbx"));
         d.import(&rootfs);
         d
+    }
+
+    /// Like [`Dockerd::new`], with gVisor registered as runtime `runsc` (default
+    /// `--network=sandbox`: the container's network stack runs inside the sandbox).
+    pub fn with_runsc(ns: &'n Netns) -> Self {
+        ensure_runsc_installed();
+        let runtime = runsc_runtime();
+        Self::with_config(
+            ns,
+            &format!(
+                r#"{{"runtimes": {{"runsc": {{"path": "{}"}}}}}}"#,
+                runtime.display()
+            ),
+        )
     }
 
     /// Starts the daemon (again) on the same data root, exec root and socket, and waits
