@@ -2,8 +2,10 @@
 
 pub mod container_net;
 pub mod labels;
+pub mod machine_id;
 pub mod manager;
 pub mod netstack_link;
+pub mod pq;
 pub mod relay_client;
 pub mod resolve;
 pub mod state;

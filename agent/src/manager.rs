@@ -72,6 +72,8 @@ struct Running {
     /// Kept open so the namespace outlives a racing container exit until we notice;
     /// also tells whether the container still lives in it.
     netns: Option<File>,
+    /// Renews the post-quantum preshared key while the tunnel runs.
+    _rotation: Option<crate::pq::Rotation>,
 }
 
 pub async fn run(settings: Settings) -> Result<()> {
@@ -428,7 +430,7 @@ impl Agent {
             container: Some(id.to_string()),
         };
         let mut note = None;
-        let alloc = match self.settings.relay.register(&request).await {
+        let pq_reg = match self.settings.relay.register_pq(&request).await {
             // The relay has no IPv4 to give: serve IPv6 and say why IPv4 is missing.
             Err(e) if request.ipv4 && e.is_ipv4_unavailable() => {
                 tracing::warn!(container = %short(id), error = %e, "no IPv4 from this relay; serving IPv6 only");
@@ -437,7 +439,7 @@ impl Agent {
                     labels::IPV4
                 ));
                 request.ipv4 = false;
-                self.settings.relay.register(&request).await
+                self.settings.relay.register_pq(&request).await
             }
             other => other,
         }
@@ -445,11 +447,22 @@ impl Agent {
             waits_for_room: is_quota_exceeded(&e),
             ..fail(e.is_permanent(), format!("registration failed: {e}"))
         })?;
+        let alloc = pq_reg.allocation;
         let (addrs, relay_key, endpoint) = parse_allocation(&alloc)
             .await
             .map_err(|e| fail(false, e.to_string()))?;
         let device = Arc::new(Device::with_private_key(key));
         let mut peer = PeerConfig::new(relay_key);
+        peer.preshared_key = pq_reg.psk.map(sidecar_proto::pq::Psk::to_key);
+        let rotation = pq_reg.rotate.map(|every| {
+            crate::pq::spawn(
+                self.settings.relay.clone(),
+                device.clone(),
+                request.clone(),
+                relay_key,
+                every,
+            )
+        });
         peer.endpoint = Some(endpoint);
         peer.persistent_keepalive = Some(alloc.keepalive).filter(|k| *k > 0);
         peer.allowed_ips = vec![
@@ -511,6 +524,7 @@ impl Agent {
                 driver,
                 relay_key,
                 netns: Some(netns),
+                _rotation: rotation,
             }),
             retry_at: None,
         }))

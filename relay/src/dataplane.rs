@@ -34,6 +34,8 @@ pub struct PeerEntry {
     pub tenant: Tenant,
     /// Per-direction cap; `None` (or 0) is unshaped.
     pub bandwidth_mbps: Option<u32>,
+    /// The post-quantum preshared key; `None` clears it.
+    pub preshared_key: Option<sidecar_proto::pq::Psk>,
 }
 
 /// Who a peer belongs to, for isolation between tenants.
@@ -56,6 +58,15 @@ impl PeerEntry {
                 isolate_peers: token.isolate_peers,
             },
             bandwidth_mbps: token.bandwidth_mbps,
+            preshared_key: None,
+        }
+    }
+
+    /// The same entry with its preshared key.
+    pub fn with_psk(self, preshared_key: Option<sidecar_proto::pq::Psk>) -> PeerEntry {
+        PeerEntry {
+            preshared_key,
+            ..self
         }
     }
 
@@ -187,6 +198,9 @@ impl RelayDataPlane {
         let mut update = PeerUpdate::new(peer.public_key);
         update.replace_allowed_ips = true;
         update.allowed_ips = addrs.clone();
+        // In the same update as the peer itself, so it never exists without its key.
+        // The zero key clears one a peer no longer registers with.
+        update.preshared_key = Some(peer.preshared_key.map_or(Key([0; 32]), |p| p.to_key()));
         if let Err(e) = self.device().apply(&DeviceUpdate {
             peers: vec![update],
             ..Default::default()
@@ -210,7 +224,7 @@ impl RelayDataPlane {
         for stale in before.into_iter().filter(|p| !addrs.contains(p)) {
             self.unroute(stale);
         }
-        tracing::info!(peer = %peer.public_key, ipv6 = %peer.ipv6, ipv4 = ?peer.ipv4, bandwidth_mbps = ?bandwidth_mbps, "peer on the data plane");
+        tracing::info!(peer = %peer.public_key, ipv6 = %peer.ipv6, ipv4 = ?peer.ipv4, bandwidth_mbps = ?bandwidth_mbps, pq = peer.preshared_key.is_some(), "peer on the data plane");
     }
 
     /// Takes a peer off the data plane: no more traffic, routes and neighbor answers gone.
