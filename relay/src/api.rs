@@ -863,8 +863,10 @@ pub async fn serve_with_limits(
 ) -> io::Result<()> {
     let handle = axum_server::Handle::<SocketAddr>::new();
     // Connections over the limit are closed before their TLS handshake costs anything.
-    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
-        .acceptor(LimitedAcceptor::new(limits.connections.clone()));
+    let acceptor = crate::tls::KeyExchangeLog::new(
+        RustlsAcceptor::new(RustlsConfig::from_config(tls))
+            .acceptor(LimitedAcceptor::new(limits.connections.clone())),
+    );
     let server = axum_server::from_tcp(listener)?
         .acceptor(acceptor)
         .handle(handle.clone())

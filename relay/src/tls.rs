@@ -7,8 +7,10 @@
 //! certificate can be re-issued (new names, new validity) without touching clients
 //! as long as the key file is kept.
 //!
-//! Both sides speak TLS 1.3 only and use the ring provider explicitly, so that the
-//! process-wide default provider never matters.
+//! Both sides speak TLS 1.3 only and use the aws-lc-rs provider explicitly, so that
+//! the process-wide default provider never matters. Its first key exchange group is
+//! the hybrid post-quantum X25519MLKEM768; clients without it get classical X25519.
+//! [`KeyExchangeLog`] logs which one each connection got.
 
 use std::fmt;
 use std::fs;
@@ -17,6 +19,11 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use axum_server::accept::Accept;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
@@ -209,6 +216,63 @@ pub fn server_config(
     // requests; multiplexing buys nothing.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Whether a TLS key exchange group resists a quantum computer (a hybrid or pure
+/// ML-KEM group).
+pub fn is_post_quantum(group: rustls::NamedGroup) -> bool {
+    matches!(
+        group,
+        rustls::NamedGroup::X25519MLKEM768
+            | rustls::NamedGroup::secp256r1MLKEM768
+            | rustls::NamedGroup::MLKEM768
+            | rustls::NamedGroup::MLKEM1024
+    )
+}
+
+/// Wraps a TLS acceptor and logs, per connection, the key exchange group the
+/// client got and whether it is post-quantum.
+#[derive(Clone, Debug)]
+pub struct KeyExchangeLog<A> {
+    inner: A,
+}
+
+impl<A> KeyExchangeLog<A> {
+    pub fn new(inner: A) -> KeyExchangeLog<A> {
+        KeyExchangeLog { inner }
+    }
+}
+
+impl<A, S, I> Accept<tokio::net::TcpStream, S> for KeyExchangeLog<A>
+where
+    A: Accept<tokio::net::TcpStream, S, Stream = tokio_rustls::server::TlsStream<I>>,
+    A::Future: Send + 'static,
+    A::Service: Send + 'static,
+    I: Send + 'static,
+{
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(A::Stream, A::Service)>> + Send>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let peer = stream.peer_addr().ok();
+        let handshake = self.inner.accept(stream, service);
+        Box::pin(async move {
+            let (tls, service) = handshake.await?;
+            log_key_exchange(peer, tls.get_ref().1);
+            Ok((tls, service))
+        })
+    }
+}
+
+fn log_key_exchange(peer: Option<SocketAddr>, conn: &rustls::ServerConnection) {
+    let Some(group) = conn.negotiated_key_exchange_group() else {
+        return;
+    };
+    let name = group.name();
+    let post_quantum = is_post_quantum(name);
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    tracing::info!(%peer, tls_group = ?name, post_quantum, "TLS key exchange");
 }
 
 #[cfg(test)]
