@@ -625,7 +625,8 @@ fn preshared_key_must_match_on_both_sides() {
     let got = handshake(&p);
     assert_eq!(&got[20..], b"hello");
 
-    // A mismatched preshared key fails the handshake.
+    // A mismatched preshared key fails the next handshake; the session in place
+    // keeps carrying traffic until then.
     let mut u = PeerUpdate::new(p.a_key);
     u.preshared_key = Some(Key::generate_private());
     p.b.apply(&DeviceUpdate {
@@ -642,8 +643,18 @@ fn preshared_key_must_match_on_both_sides() {
         ..Default::default()
     })
     .unwrap();
-    let mut sent = tick(&p.a);
-    assert_eq!(sent.len(), 1, "a new preshared key triggers a handshake");
+    let (_, data) = net(send(&p.a, &ipv4("198.51.100.1", "198.51.100.2", b"still")));
+    assert!(
+        matches!(&deliver(&p.b, sa(A_ADDR), &data)[0], Out::Tun(pkt) if &pkt[20..] == b"still")
+    );
+    // Two minutes on, A's next packet asks for a new session.
+    advance(Duration::from_secs(121));
+    net(send(&p.a, &ipv4("198.51.100.1", "198.51.100.2", b"later")));
+    let mut sent: Vec<_> = tick(&p.a)
+        .into_iter()
+        .filter(|(_, d)| d.len() == 148)
+        .collect();
+    assert_eq!(sent.len(), 1, "the rekey sends one initiation");
     let (_, init) = sent.remove(0);
     let outs = deliver(&p.b, sa(A_ADDR), &init);
     // B answers the initiation (the key only enters at the end); A cannot complete it.
@@ -698,7 +709,7 @@ fn private_key_rotation_on_a_live_device() {
     // ... and data on the old session no longer decrypts.
     assert!(matches!(
         deliver(&p.a, sa(B_ADDR), &stale)[0],
-        Out::Dropped(DropReason::Protocol)
+        Out::Dropped(DropReason::UnknownPeer | DropReason::Protocol)
     ));
     // Handshakes made for the old key fail (their mac1 is keyed on it).
     let before = p.a.dropped(DropReason::Unauthenticated);
@@ -1006,20 +1017,25 @@ fn timer_deadlines_follow_what_the_device_holds() {
     assert_eq!(init.len(), 148);
     assert!(p.a.peer(&p.b_key).unwrap().has_noise_state());
     let due = p.a.poll_timeout().expect("a live noise state has timers");
+    // The first deadline is the handshake's retry: REKEY_TIMEOUT plus jitter.
     assert!(
-        due > t0 && due <= t0 + Duration::from_millis(100),
+        due >= t0 + noise::REKEY_TIMEOUT
+            && due <= t0 + noise::REKEY_TIMEOUT + noise::REKEY_TIMEOUT_JITTER,
         "{:?}",
         due - t0
     );
     // Running them before they are due does nothing, and keeps the deadline.
     p.a.handle_timeout(t0 + Duration::from_millis(10));
     assert_eq!(p.a.poll_timeout(), Some(due));
-    // After the deadline the next one is one tick later.
+    assert!(drain(&p.a).is_empty());
+    // At the deadline the initiation is sent again, and the next retry is scheduled.
     NOW.with(|n| n.set(Some(due)));
-    assert!(tick(&p.a).is_empty());
+    let sent = tick(&p.a);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].1.len(), 148);
     let next = p.a.poll_timeout().unwrap();
-    assert_eq!(next, due + Duration::from_millis(100));
-    // A handshake arriving at an idle device schedules the cookie gate's reset.
+    assert!(next >= due + noise::REKEY_TIMEOUT, "{:?}", next - due);
+    // A handshake arriving at an idle device makes a state whose timers are due.
     let before = p.b.poll_timeout();
     assert_eq!(before, None);
     deliver(&p.b, sa(A_ADDR), &init);
