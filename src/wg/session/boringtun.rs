@@ -82,25 +82,31 @@ impl Keys {
         }
     }
 
-    pub(super) fn peer(&self, peer: &Key, psk: Option<Key>, index: u32, now: Instant) -> State {
-        State {
-            tunn: Box::new(Tunn::new(
+    pub(super) fn peer(
+        &self,
+        peer: &Key,
+        psk: Option<Key>,
+        index: u32,
+        now: Instant,
+    ) -> Box<State> {
+        Box::new(State {
+            tunn: Tunn::new(
                 self.secret.clone(),
                 x25519::PublicKey::from(peer.0),
                 psk.map(|k| k.0),
                 None,
                 index,
                 Some(self.per_peer.clone()),
-            )),
+            ),
             next_tick: now + TIMER_TICK,
-        }
+        })
     }
 }
 
-/// One peer's `Tunn` and when its timers are next run.
+/// One peer's `Tunn` and when its timers are next run. Boxed by the seam: `Tunn` is
+/// about 11 KB, and the peer table holds the seam's state inline.
 pub(crate) struct State {
-    // Boxed: `Tunn` is about 11 KB, and the peer table holds this inline.
-    tunn: Box<Tunn>,
+    tunn: Tunn,
     next_tick: Instant,
 }
 

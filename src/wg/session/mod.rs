@@ -186,7 +186,7 @@ impl StaticKeys {
 pub(crate) enum NoiseState {
     // Boxed, both: the peer table holds this inline and an idle peer holds none.
     Sidecar(Box<crate::wg::noise::NoisePeer>),
-    Boringtun(boringtun::State),
+    Boringtun(Box<boringtun::State>),
 }
 
 impl NoiseState {
