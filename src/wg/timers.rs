@@ -45,8 +45,16 @@ impl Device {
             }
             let keepalive_at = peer.keepalive_at();
             let Some(to) = peer.endpoint() else {
-                if let Some(t) = keepalive_at {
-                    earliest(t);
+                // Nowhere to send anything: wait for an endpoint.
+                match keepalive_at {
+                    Some(t) => earliest(t),
+                    None => {
+                        // Under the peer's lock, so a state made meanwhile keeps it on.
+                        let guard = peer.noise.lock();
+                        if guard.is_none() {
+                            self.live.lock().remove(&peer.index);
+                        }
+                    }
                 }
                 continue;
             };
