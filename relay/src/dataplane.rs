@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use sidecar::driver::Driver;
 use sidecar::tun::TunDevice;
 use sidecar::udp::UdpTransport;
-use sidecar::wg::{Device, DeviceControl, DeviceUpdate, PeerUpdate};
+use sidecar::wg::{Device, DeviceConfig, DeviceControl, DeviceUpdate, PeerUpdate};
 use sidecar::{route, IpPrefix, Key};
 
 use crate::config::{PrefixMode, RelayConfig};
@@ -147,7 +147,11 @@ impl RelayDataPlane {
         policy
             .follow_host()
             .context("cannot follow the host's route changes")?;
-        let device = Arc::new(Device::with_private_key(private_key));
+        let mut device_config = DeviceConfig::new(private_key);
+        if let Ok(backend) = std::env::var("SIDECAR_NOISE") {
+            device_config.noise_backend = backend.parse().context("SIDECAR_NOISE")?;
+        }
+        let device = Arc::new(Device::with_config(&device_config));
         device.set_policy(Some(policy.clone()));
         let driver = Driver::start(device, Arc::new(tun), socket);
         for prefix in prefixes {
