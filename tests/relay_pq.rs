@@ -488,6 +488,18 @@ fn rotation_every_two_seconds_loses_no_ping_and_no_byte() {
         agent.stderr_tail(30),
         s.relay.log_tail(30)
     );
+    // The relay accepts a handshake under the previous key for a while, so the
+    // relay's side changing is not enough: the agent must have followed each time.
+    let followed = agent
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("post-quantum preshared key rotated"))
+        .count();
+    assert!(
+        followed >= 4,
+        "the agent put only {followed} new keys on its side in {window:?}:\n{}",
+        agent.stderr_tail(30)
+    );
     let sent = transfer.unwrap_or_else(|e| panic!("the TCP transfer failed during rotation: {e}"));
     assert!(
         sent > 1 << 20,
