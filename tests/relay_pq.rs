@@ -140,7 +140,7 @@ fn connect_with_psk<'s>(
 fn plain_client_gets_the_relays_pq_psk_and_a_plain_registration_is_refused() {
     require();
     let topo = Topology::new();
-    let relay = pq_relay(&topo, 3600);
+    let mut relay = pq_relay(&topo, 3600);
     let site = topo.client_site();
     let dir = TempDir::new();
 
@@ -175,6 +175,15 @@ fn plain_client_gets_the_relays_pq_psk_and_a_plain_registration_is_refused() {
     assert!(
         !relay.log().contains(&psk),
         "the relay logged the preshared key"
+    );
+
+    // Only the ciphertext is stored: a restarted relay derives the same key again.
+    relay.stop(libc::SIGTERM);
+    relay.run();
+    assert_eq!(
+        relay.preshared_key(&client.keys.public).as_deref(),
+        Some(psk.as_str()),
+        "the preshared key after a restart"
     );
 
     let again = relay.call(
