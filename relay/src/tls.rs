@@ -402,6 +402,56 @@ mod tests {
         assert!(other_err.0.downcast_ref::<PinMismatch>().is_some());
     }
 
+    /// Connects with a client offering only `groups`; the group it got.
+    async fn handshake_with_groups(
+        identity: &Identity,
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) -> rustls::NamedGroup {
+        let addr = echo_server(identity).await;
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: groups,
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                PinnedVerifier::new(&identity.pin().unwrap()).unwrap(),
+            ))
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("relay.example").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let group = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .unwrap()
+            .name();
+        tls.write_all(b"ping").await.unwrap();
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"pong");
+        group
+    }
+
+    #[tokio::test]
+    async fn hybrid_post_quantum_where_offered_and_classical_otherwise() {
+        use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+        let identity = Identity::generate(&names()).unwrap();
+        // What our own clients offer: the hybrid group first.
+        let ours = handshake_with_groups(&identity, default_provider().kx_groups).await;
+        assert_eq!(ours, rustls::NamedGroup::X25519MLKEM768);
+        assert!(is_post_quantum(ours));
+        let classical = handshake_with_groups(&identity, vec![kx_group::X25519]).await;
+        assert_eq!(classical, rustls::NamedGroup::X25519);
+        assert!(!is_post_quantum(classical));
+    }
+
     /// A ClientHello that offers only TLS 1.2 (no supported_versions extension).
     /// rustls is built without TLS 1.2 here, so it cannot produce one itself.
     fn tls12_client_hello() -> Vec<u8> {
