@@ -438,6 +438,26 @@ fn an_agents_container_gets_a_pq_psk_on_both_sides() {
         !agent.stderr().contains(psk.as_deref().unwrap()),
         "the agent logged the key"
     );
+
+    // On demand: SIGUSR1 makes the agent encapsulate again at once.
+    let before = psk.unwrap();
+    agent.signal(libc::SIGUSR1);
+    let rotated = wait_until(Duration::from_secs(10), || {
+        s.relay
+            .preshared_key(&pubkey)
+            .is_some_and(|k| k != before && k != "(none)")
+    });
+    assert!(
+        rotated,
+        "SIGUSR1 did not rotate:\n{}",
+        agent.stderr_tail(20)
+    );
+    let p = ping_with(&s.topo.remote, v6, "-c 3 -i 0.2 -w 10");
+    assert!(
+        p.received >= 1,
+        "no traffic after the rotation:\n{}",
+        p.output
+    );
 }
 
 #[test]

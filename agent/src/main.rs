@@ -122,6 +122,7 @@ fn main() -> std::process::ExitCode {
                 mode,
             } => {
                 let client = sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
+                sidecar_agent::pq::watch_rotation_signal();
                 sidecar_agent::manager::run(sidecar_agent::manager::Settings {
                     relay_url: client.url().to_string(),
                     relay: client,

@@ -33,6 +33,12 @@ pub fn rotate_all_now() {
     ROTATE_NOW.notify_waiters();
 }
 
+/// Makes SIGUSR1 rotate every preshared key at once (instead of ending the process,
+/// its default). Idempotent; must run inside the tokio runtime.
+pub fn watch_rotation_signal() {
+    SIGNAL.call_once(listen_for_sigusr1);
+}
+
 /// Sets the preshared key a device uses with its relay peer.
 pub fn set_psk(device: &Device, relay: Key, psk: Option<Psk>) {
     let mut update = PeerUpdate::new(relay);
@@ -64,7 +70,7 @@ pub fn spawn(
     relay_key: Key,
     every: Duration,
 ) -> Rotation {
-    SIGNAL.call_once(listen_for_sigusr1);
+    watch_rotation_signal();
     let label = request.container.clone().unwrap_or_default();
     Rotation(tokio::spawn(async move {
         let mut every = every;
