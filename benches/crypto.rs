@@ -1,6 +1,7 @@
 //! Per-core cost of the engine's hot path: encapsulating and decapsulating 1420-byte
 //! packets through the peer table, beside the bare ChaCha20-Poly1305 ceiling of
-//! this machine (ring, the same implementation boringtun uses).
+//! this machine (ring, the same implementation boringtun uses). The summary runs
+//! both noise backends: ours (the default) and boringtun's `Tunn`.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -9,7 +10,7 @@ use sidecar::wg::Output;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-use sidecar::wg::{Device, PeerConfig};
+use sidecar::wg::{Device, DeviceConfig, NoiseBackend, PeerConfig};
 use sidecar::Key;
 
 const SIZE: usize = 1420;
@@ -18,10 +19,16 @@ fn endpoint(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// Two devices with an established session, A -> B.
-fn established() -> (Device, Device) {
+/// Two devices on `backend` with an established session, A -> B.
+fn established(backend: NoiseBackend) -> (Device, Device) {
     let (ka, kb) = (Key::generate_private(), Key::generate_private());
-    let (a, b) = (Device::with_private_key(ka), Device::with_private_key(kb));
+    let device = |key| {
+        Device::with_config(&DeviceConfig {
+            noise_backend: backend,
+            ..DeviceConfig::new(key)
+        })
+    };
+    let (a, b) = (device(ka), device(kb));
     let mut to_b = PeerConfig::new(kb.public_key());
     to_b.endpoint = Some(endpoint("192.0.2.2:51820"));
     to_b.allowed_ips = vec!["198.51.100.2/32".parse().unwrap()];
@@ -77,7 +84,7 @@ fn rate(mut op: impl FnMut()) -> f64 {
 }
 
 fn bench(c: &mut Criterion) {
-    let (a, b) = established();
+    let (a, b) = established(NoiseBackend::Sidecar);
     // One `now` per batch, as the driver feeds it: a fixed one here.
     let now = Instant::now();
     let pkt = packet();
@@ -144,42 +151,49 @@ fn bench(c: &mut Criterion) {
             &mut raw,
         );
     });
-    let encap = rate(|| {
-        let _ = a.handle_packet(now, &pkt, &mut out);
-    });
-    let mut datagrams: Vec<Vec<u8>> = Vec::new();
-    let mut o = vec![0u8; 2048];
-    let decap = {
-        // Time the decapsulations alone on a fresh set.
-        let mut total = 0.0;
-        let mut n = 0usize;
-        while total < 0.5 {
-            datagrams.clear();
-            for _ in 0..1000 {
-                if let Output::Transmit { datagram, .. } = a.handle_packet(now, &pkt, &mut out) {
-                    datagrams.push(datagram.to_vec());
-                }
-            }
-            let t = Instant::now();
-            for d in &datagrams {
-                let _ = b.handle_datagram(now, endpoint("192.0.2.1:51820"), d, &mut o);
-            }
-            total += t.elapsed().as_secs_f64();
-            n += datagrams.len();
-        }
-        gbps(n * SIZE, total)
-    };
     println!();
     println!("one core, 1420-byte packets:");
     println!("  chacha20-poly1305 ceiling {ceiling:6.2} Gbit/s");
-    println!(
-        "  encapsulate               {encap:6.2} Gbit/s  ({:.0}% of ceiling)",
-        encap / ceiling * 100.0
-    );
-    println!(
-        "  decapsulate               {decap:6.2} Gbit/s  ({:.0}% of ceiling)",
-        decap / ceiling * 100.0
-    );
+    for backend in [NoiseBackend::Sidecar, NoiseBackend::Boringtun] {
+        let (a, b) = established(backend);
+        let (encap, decap) = rates(&a, &b, now, &pkt);
+        println!(
+            "  {backend:?} encapsulate   {encap:6.2} Gbit/s  ({:.0}% of ceiling)",
+            encap / ceiling * 100.0
+        );
+        println!(
+            "  {backend:?} decapsulate   {decap:6.2} Gbit/s  ({:.0}% of ceiling)",
+            decap / ceiling * 100.0
+        );
+    }
+}
+
+/// Encapsulate and decapsulate rates A -> B on one core, Gbit/s.
+fn rates(a: &Device, b: &Device, now: Instant, pkt: &[u8]) -> (f64, f64) {
+    let mut out = vec![0u8; 2048];
+    let encap = rate(|| {
+        let _ = a.handle_packet(now, pkt, &mut out);
+    });
+    let mut datagrams: Vec<Vec<u8>> = Vec::new();
+    let mut o = vec![0u8; 2048];
+    // Time the decapsulations alone on a fresh set.
+    let mut total = 0.0;
+    let mut n = 0usize;
+    while total < 0.5 {
+        datagrams.clear();
+        for _ in 0..1000 {
+            if let Output::Transmit { datagram, .. } = a.handle_packet(now, pkt, &mut out) {
+                datagrams.push(datagram.to_vec());
+            }
+        }
+        let t = Instant::now();
+        for d in &datagrams {
+            let _ = b.handle_datagram(now, endpoint("192.0.2.1:51820"), d, &mut o);
+        }
+        total += t.elapsed().as_secs_f64();
+        n += datagrams.len();
+    }
+    (encap, gbps(n * SIZE, total))
 }
 
 criterion_group!(benches, bench);

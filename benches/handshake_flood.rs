@@ -53,6 +53,7 @@ fn client<'s>(site: &'s ClientSite, keys: &KeyPair, alloc: &Allocation) -> Agent
             listen_port: Some(CLIENT_PORT),
             mtu: Some(alloc.mtu),
             peers: vec![peer],
+            noise_backend: None,
         },
     );
     site.ns

@@ -121,6 +121,7 @@ fn policy(relay_key: Key) -> Arc<TenantPolicy> {
                 isolate_peers: false,
             },
             bandwidth_mbps: None,
+            preshared_key: None,
         });
     }
     Arc::new(p)

@@ -124,6 +124,44 @@ fn ping_both_ways(outer: Family) {
     }
 }
 
+/// The boringtun backend behind the same seam: handshakes both ways, pings and a TCP
+/// stream against wireguard-go.
+#[test]
+fn boringtun_backend_handshakes_and_carries_traffic() {
+    require();
+    let pair = Pair::new();
+    let t = Tunnel::with_config(&pair, Family::V4, Endpoints::Both, |c| {
+        c.noise_backend = Some("boringtun".into());
+    });
+    assert!(
+        t.agent.log_tail(200).contains("Boringtun"),
+        "the agent does not report the boringtun backend:\n{}",
+        t.agent.log_tail(40)
+    );
+    assert!(ping_until_reply(
+        &pair.a,
+        inner(Family::V4, 2),
+        HANDSHAKE_TIMEOUT
+    ));
+    for f in Family::BOTH {
+        let p = ping(&pair.a, inner(f, 2));
+        assert!(p.all_received(), "A -> B over inner {f:?}:\n{}", p.output);
+        let p = ping(&pair.b, inner(f, 1));
+        assert!(p.all_received(), "B -> A over inner {f:?}:\n{}", p.output);
+    }
+    let handshakes = t.wggo.wg("show {} latest-handshakes");
+    let stamp: u64 = handshakes
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{}\t", t.agent_keys.public)))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("our peer missing from latest-handshakes: {handshakes}"));
+    assert!(stamp > 0, "wireguard-go records no handshake: {handshakes}");
+    for args in ["-t 2", "-t 2 -R"] {
+        let run = iperf3(&pair.a, &pair.b, inner(Family::V4, 1), args);
+        run.assert_tcp_delivered(TCP_FLOOR_BYTES, &format!("iperf3 {args} (boringtun)"));
+    }
+}
+
 #[test]
 fn ping_both_ways_outer_v4() {
     ping_both_ways(Family::V4);

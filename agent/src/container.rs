@@ -114,6 +114,8 @@ struct Running {
     /// also tells whether the container still lives in it.
     netns: Option<File>,
     since: Instant,
+    /// Renews the post-quantum preshared key while the tunnel runs.
+    _rotation: Option<crate::pq::Rotation>,
 }
 
 impl Task {
@@ -353,7 +355,7 @@ impl Task {
             container: Some(id.clone()),
         };
         let mut note = None;
-        let alloc = match shared.relay.register(&request).await {
+        let registration = match shared.relay.register_pq(&request).await {
             // The relay has no IPv4 to give: serve IPv6 and say why IPv4 is missing.
             Err(e) if request.ipv4 && e.is_ipv4_unavailable() => {
                 tracing::warn!(container = %short(&id), error = %e, "no IPv4 from this relay; serving IPv6 only");
@@ -362,7 +364,7 @@ impl Task {
                     labels::IPV4
                 ));
                 request.ipv4 = false;
-                shared.relay.register(&request).await
+                shared.relay.register_pq(&request).await
             }
             other => other,
         }
@@ -371,12 +373,23 @@ impl Task {
             ..fail(e.is_permanent(), format!("registration failed: {e}"))
         })?;
         Counters::bump(&shared.counters.registrations);
+        let alloc = registration.allocation;
         let (addrs, endpoint) = parse_allocation(&alloc)
             .await
             .map_err(|e| fail(false, e.to_string()))?;
         let device = Arc::new(Device::with_private_key(key));
-        let peer = peer_config(&alloc, endpoint);
+        let mut peer = peer_config(&alloc, endpoint);
+        peer.preshared_key = registration.psk.map(sidecar_proto::pq::Psk::to_key);
         device.set_peer(&peer);
+        let rotation = registration.rotate.map(|every| {
+            crate::pq::spawn(
+                shared.relay.clone(),
+                device.clone(),
+                request.clone(),
+                alloc.relay_public_key,
+                every,
+            )
+        });
         if let Some(mbps) = labels.bandwidth_mbps {
             device.set_peer_rate(&alloc.relay_public_key, Some(mbps));
         }
@@ -446,6 +459,7 @@ impl Task {
                 bandwidth_mbps: labels.bandwidth_mbps,
                 netns: Some(netns),
                 since: Instant::now(),
+                _rotation: rotation,
             },
             row,
         )))
@@ -527,10 +541,13 @@ impl Task {
         let Some(r) = &self.running else { return };
         let result = {
             let _permit = self.shared.in_flight.acquire().await;
-            self.shared.relay.register(&r.request).await
+            self.shared.relay.register_pq(&r.request).await
         };
-        let alloc = match result {
-            Ok(alloc) => alloc,
+        let (alloc, psk) = match result {
+            Ok(registration) => (
+                registration.allocation,
+                registration.psk.map(sidecar_proto::pq::Psk::to_key),
+            ),
             Err(e) => {
                 Counters::bump(&self.shared.counters.errors);
                 tracing::warn!(container = %short(&self.id), error = %e, "cannot register again yet");
@@ -566,14 +583,16 @@ impl Task {
             && alloc.mtu == r.alloc.mtu;
         if same {
             // The relay knows the key again but not our session: drop ours, so the
-            // next packet (the keepalive sent right away) starts a handshake.
-            let device = r.driver.device();
-            device.remove_peer(&r.peer.public_key);
-            device.set_peer(&r.peer);
-            if let Some(mbps) = r.bandwidth_mbps {
-                device.set_peer_rate(&r.peer.public_key, Some(mbps));
-            }
+            // next packet (the keepalive sent right away) starts a handshake, under
+            // the preshared key of this registration.
             if let Some(r) = &mut self.running {
+                r.peer.preshared_key = psk;
+                let device = r.driver.device();
+                device.remove_peer(&r.peer.public_key);
+                device.set_peer(&r.peer);
+                if let Some(mbps) = r.bandwidth_mbps {
+                    device.set_peer_rate(&r.peer.public_key, Some(mbps));
+                }
                 r.since = Instant::now();
             }
             tracing::info!(container = %short(&self.id), name = %self.name, ipv6 = %alloc.ipv6, "registered again; tunnel rebuilt");

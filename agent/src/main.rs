@@ -103,6 +103,33 @@ enum Command {
         #[arg(long, short = 'i', value_name = "NAME")]
         interface: Option<String>,
     },
+    /// Register a plain WireGuard client's public key with a post-quantum preshared
+    /// key: writes the key to --psk-file (0600) and prints the `wg set` line that
+    /// uses it. Run it again to rotate the key.
+    Psk {
+        #[arg(long, env = "SIDECAR_RELAY", value_name = "URL")]
+        relay: String,
+        #[arg(
+            long,
+            env = "SIDECAR_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
+        token: String,
+        #[arg(long, env = "SIDECAR_PIN", value_name = "PIN")]
+        pin: String,
+        /// The client's WireGuard public key (base64, as `wg pubkey` prints it).
+        #[arg(long, value_name = "KEY")]
+        pubkey: String,
+        /// Also ask for a public IPv4 /32.
+        #[arg(long)]
+        ipv4: bool,
+        /// Label shown in the relay's listings.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_name = "FILE", default_value = "relay.psk")]
+        psk_file: PathBuf,
+    },
     /// Print a running interface's counters in Prometheus text format.
     Metrics {
         /// Interface name, as given to `up`.
@@ -165,6 +192,7 @@ fn main() -> std::process::ExitCode {
                 if let Some(path) = token_file {
                     client = client.with_token_file(path);
                 }
+                sidecar_agent::pq::watch_rotation_signal();
                 sidecar_agent::manager::run(sidecar_agent::manager::Settings {
                     relay_url: client.url().to_string(),
                     relay: client,
@@ -180,6 +208,26 @@ fn main() -> std::process::ExitCode {
             Command::Health { listen } => sidecar_agent::health::probe(listen).await,
             Command::Status { state_dir } => sidecar_agent::manager::print_status(&state_dir),
             Command::Metrics { interface } => metrics(&interface).await,
+            Command::Psk {
+                relay,
+                token,
+                pin,
+                pubkey,
+                ipv4,
+                name,
+                psk_file,
+            } => {
+                let client = sidecar_agent::relay_client::RelayClient::new(&relay, &token, &pin)?;
+                let request = sidecar_proto::RegisterPeer {
+                    pubkey: sidecar::Key::from_base64(&pubkey)?,
+                    ipv4,
+                    name,
+                    container: None,
+                };
+                let text = sidecar_agent::pq::register_plain(&client, &request, &psk_file).await?;
+                print!("{text}");
+                Ok(())
+            }
         }
     })
 }

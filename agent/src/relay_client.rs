@@ -12,9 +12,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sidecar::Key;
 use sidecar_proto::pin::{client_config, PinMismatch};
+use sidecar_proto::pq::{Psk, PskContext};
 use sidecar_proto::{
-    Allocation, ApiError, ContainerPeer, DeletePeer, RegisterPeer, Status, TOKEN_PREFIX,
+    Allocation, ApiError, ContainerPeer, DeletePeer, MachineKey, PqInfo, RegisterPeer,
+    RegisterRequest, Registered, Status, TOKEN_PREFIX,
 };
+
+use crate::machine_id::{self, IdentitySource};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -84,6 +88,35 @@ pub struct RelayClient {
     /// was revoked and replaced, or the relay's store was rebuilt).
     token_file: Option<std::path::PathBuf>,
     connector: TlsConnector,
+    /// What every registration needs from the relay, fetched once.
+    context: Arc<tokio::sync::Mutex<Option<Arc<RegisterContext>>>>,
+    identity: IdentitySource,
+}
+
+/// The relay's X-Wing key (if it has one) and this host's fingerprint for the token.
+#[derive(Debug)]
+struct RegisterContext {
+    pq: Option<RelayPq>,
+    machine: Option<String>,
+}
+
+#[derive(Debug)]
+struct RelayPq {
+    xwing: Vec<u8>,
+    relay_key: Key,
+}
+
+/// A registration's outcome with the preshared key it established.
+#[derive(Debug, Clone)]
+pub struct PqRegistration {
+    pub allocation: Allocation,
+    /// The post-quantum preshared key both sides now use; `None` when the relay
+    /// offers none (a relay from before post-quantum keys).
+    pub psk: Option<Psk>,
+    /// How often to encapsulate again, as the relay asks.
+    pub rotate: Option<Duration>,
+    /// The rotation counter of `psk`.
+    pub counter: Option<u64>,
 }
 
 impl std::fmt::Debug for RelayClient {
@@ -122,6 +155,8 @@ impl RelayClient {
             token: Arc::new(parking_lot::RwLock::new(token.to_string())),
             token_file: None,
             connector: TlsConnector::from(Arc::new(config)),
+            context: Arc::default(),
+            identity: IdentitySource::from_env(),
         })
     }
 
@@ -151,6 +186,107 @@ impl RelayClient {
         *token = fresh;
         tracing::info!(path = %path.display(), "the relay refused the token; using the new one from the token file");
         true
+    }
+
+    /// Registers with a fresh X-Wing encapsulation (when the relay has a key) and
+    /// this host's machine fingerprint, and derives the preshared key the relay
+    /// now holds for the peer. Every call is a new encapsulation: calling it again
+    /// for the same key rotates the preshared key.
+    pub async fn register_pq(&self, req: &RegisterPeer) -> Result<PqRegistration, ClientError> {
+        let context = self.register_context().await?;
+        let encapsulated = match &context.pq {
+            Some(pq) => Some(sidecar_proto::pq::encapsulate(&pq.xwing).map_err(|e| {
+                ClientError::Malformed {
+                    status: 200,
+                    reason: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
+        let body = RegisterRequest {
+            peer: req.clone(),
+            pq_ciphertext: encapsulated.as_ref().map(|(ct, _)| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(ct)
+            }),
+            machine: context.machine.clone(),
+        };
+        let registered: Registered = self.call(Method::POST, "/v1/peers", Some(&body)).await?;
+        let psk = match (&encapsulated, registered.pq, &context.pq) {
+            (Some((_, secret)), Some(grant), Some(pq)) => {
+                if pq.relay_key != registered.allocation.relay_public_key {
+                    return Err(ClientError::Malformed {
+                        status: 200,
+                        reason: "the relay's WireGuard key differs from the one its /v1/pq names"
+                            .into(),
+                    });
+                }
+                Some(sidecar_proto::pq::derive_psk(
+                    secret,
+                    &PskContext {
+                        peer: &req.pubkey,
+                        relay: &pq.relay_key,
+                        relay_xwing: &pq.xwing,
+                        counter: grant.counter,
+                    },
+                ))
+            }
+            _ => None,
+        };
+        Ok(PqRegistration {
+            allocation: registered.allocation,
+            psk,
+            rotate: registered
+                .pq
+                .map(|g| Duration::from_secs(g.rotate_secs.max(1))),
+            counter: registered.pq.map(|g| g.counter),
+        })
+    }
+
+    async fn register_context(&self) -> Result<Arc<RegisterContext>, ClientError> {
+        let mut cached = self.context.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
+        let pq = match self.call::<(), PqInfo>(Method::GET, "/v1/pq", None).await {
+            Ok(info) => Some(RelayPq {
+                xwing: sidecar_proto::pq::decode_public_key(&info.xwing_public_key).map_err(
+                    |e| ClientError::Malformed {
+                        status: 200,
+                        reason: e.to_string(),
+                    },
+                )?,
+                relay_key: info.relay_public_key,
+            }),
+            // A relay from before post-quantum keys.
+            Err(ClientError::Api { status: 404, .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let machine = match self
+            .call::<(), MachineKey>(Method::GET, "/v1/machine", None)
+            .await
+        {
+            Ok(key) => match self.identity.read() {
+                Ok(identity) => Some(
+                    machine_id::fingerprint(&key.machine_key, &identity).map_err(|e| {
+                        ClientError::Malformed {
+                            status: 200,
+                            reason: format!("machine_key: {e}"),
+                        }
+                    })?,
+                ),
+                Err(e) => {
+                    // A bound token then gets machine_required, which names the fix.
+                    tracing::warn!(error = %e, "cannot read this host's identity; registering without a machine fingerprint");
+                    None
+                }
+            },
+            Err(ClientError::Api { status: 404, .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let context = Arc::new(RegisterContext { pq, machine });
+        *cached = Some(context.clone());
+        Ok(context)
     }
 
     pub fn url(&self) -> &str {

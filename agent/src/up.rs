@@ -9,7 +9,7 @@ use sidecar::route;
 use sidecar::tun::TunDevice;
 use sidecar::uapi::{validate_interface_name, UapiServer};
 use sidecar::udp::UdpTransport;
-use sidecar::wg::Device;
+use sidecar::wg::{Device, DeviceConfig};
 use sidecar::wgquick;
 use sidecar::Endpoint;
 use sidecar::IpPrefix;
@@ -36,7 +36,12 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
     };
     validate_interface_name(&name).with_context(|| format!("interface name {name:?}"))?;
 
-    let device = Arc::new(Device::with_private_key(config.interface.private_key));
+    let mut device_config = DeviceConfig::new(config.interface.private_key);
+    if let Ok(backend) = std::env::var("SIDECAR_NOISE") {
+        device_config.noise_backend = backend.parse().context("SIDECAR_NOISE")?;
+    }
+    tracing::info!(noise = ?device_config.noise_backend, "noise backend");
+    let device = Arc::new(Device::with_config(&device_config));
     let needs_lookup = config
         .peers
         .iter()

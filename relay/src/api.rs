@@ -32,14 +32,18 @@ use serde_json::value::RawValue;
 use sidecar::{Endpoint, Key};
 use sidecar_proto::{
     codes, Allocation, ApiError, ContainerPeer, CreateToken, CreatedToken, DeletePeer, Health,
-    Limits, PeerList, PeerView, RegisterPeer, RevokeToken, Status, Usage, TOKEN_PREFIX,
+    Limits, PeerList, PeerView, RegisterRequest, Registered, RevokeToken, Status, Usage,
+    TOKEN_PREFIX,
 };
+
+mod pq_routes;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::limits::{self, ApiLimits, LimitedAcceptor};
+use crate::machine::MachineKeys;
 use crate::service::PeerService;
 use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord, TokenSpec};
 
@@ -71,6 +75,7 @@ pub struct ApiState {
     draining: AtomicBool,
     /// The relay's own echo probe through the data path, for by-container.
     prober: Option<Arc<crate::probe::Prober>>,
+    machine_keys: Option<Arc<MachineKeys>>,
 }
 
 /// `up` in by-container: a handshake within this long.
@@ -84,6 +89,7 @@ impl ApiState {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             prober: None,
+            machine_keys: None,
         }
     }
 
@@ -91,6 +97,18 @@ impl ApiState {
     pub fn with_prober(mut self, prober: Option<Arc<crate::probe::Prober>>) -> ApiState {
         self.prober = prober;
         self
+    }
+
+    /// Hands out per-token machine keys from `keys` (`GET /v1/machine`).
+    pub fn with_machine_keys(self, keys: Arc<MachineKeys>) -> ApiState {
+        ApiState {
+            machine_keys: Some(keys),
+            ..self
+        }
+    }
+
+    pub fn machine_keys(&self) -> Option<&Arc<MachineKeys>> {
+        self.machine_keys.as_ref()
     }
 
     /// From now on, refuse new registrations (503 `draining`) and report
@@ -511,13 +529,13 @@ async fn status(
     post, path = "/v1/peers", tag = "peers",
     summary = "Register a WireGuard public key (idempotent)",
     security(("bearer" = [])),
-    request_body = RegisterPeer,
+    request_body = RegisterRequest,
     responses(
-        (status = 201, description = "Registered; addresses allocated", body = Allocation),
-        (status = 200, description = "Already registered; the existing allocation", body = Allocation),
+        (status = 201, description = "Registered; addresses allocated", body = Registered),
+        (status = 200, description = "Already registered; the existing allocation", body = Registered),
         (status = 400, description = "Malformed JSON or public key", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "quota_exceeded: max_peers or max_ipv4 reached", body = ApiError),
+        (status = 403, description = "quota_exceeded: max_peers or max_ipv4 reached; pq_required: no X-Wing ciphertext on a relay that requires one; machine_mismatch / machine_required: the token is bound to another machine", body = ApiError),
         (status = 409, description = "The key or container belongs to another registration", body = ApiError),
         (status = 413, description = "Body too large", body = ApiError),
         (status = 415, description = "Body is not application/json", body = ApiError),
@@ -528,8 +546,8 @@ async fn status(
 async fn register_peer(
     State(state): State<Arc<ApiState>>,
     Caller(token): Caller,
-    ApiJson(req): ApiJson<RegisterPeer>,
-) -> Result<(StatusCode, Json<Allocation>), ErrorResponse> {
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, Json<Registered>), ErrorResponse> {
     if state.is_draining() {
         return Err(ErrorResponse::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -537,19 +555,32 @@ async fn register_peer(
             "this relay is shutting down and accepts no new peers",
         ));
     }
+    let extras = pq_routes::extras(&state, &req)?;
+    let req = req.peer;
     let registration = Registration {
         public_key: check_pubkey(req.pubkey, &state.info)?,
         ipv4: req.ipv4,
         name: req.name,
         container: req.container,
     };
-    let (peer, created) = state.service.register(&token, registration).await?;
+    let (peer, created) = state
+        .service
+        .register_with(&token, registration, extras)
+        .await
+        .map_err(|e| pq_routes::machine_error(&e, &token.id).unwrap_or_else(|| e.into()))?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(allocation(&peer, &state.info, created))))
+    let pq = pq_routes::grant(&state, &peer);
+    Ok((
+        status,
+        Json(Registered {
+            allocation: allocation(&peer, &state.info, created),
+            pq,
+        }),
+    ))
 }
 
 #[utoipa::path(
@@ -643,7 +674,11 @@ async fn create_token(
     Admin(_admin): Admin,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ErrorResponse> {
-    let (record, token) = state.store().create_token(TokenSpec::from(req)).await?;
+    let bind_machine = req.bind_machine;
+    let (record, token) = state
+        .store()
+        .create_token_with(TokenSpec::from(req), bind_machine)
+        .await?;
     tracing::info!(token_id = %record.id, name = %record.name, "token created");
     Ok((
         StatusCode::CREATED,
@@ -764,6 +799,9 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(register_peer, list_peers, delete_peer))
         .routes(routes!(peer_by_container))
         .routes(routes!(create_token, revoke_token))
+        .routes(routes!(pq_routes::pq_info))
+        .routes(routes!(pq_routes::machine_key))
+        .routes(routes!(pq_routes::unbind_machine))
         .routes(routes!(openapi_json))
 }
 
@@ -873,8 +911,10 @@ pub async fn serve_with_limits(
 ) -> io::Result<()> {
     let handle = axum_server::Handle::<SocketAddr>::new();
     // Connections over the limit are closed before their TLS handshake costs anything.
-    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
-        .acceptor(LimitedAcceptor::new(limits.connections.clone()));
+    let acceptor = crate::tls::KeyExchangeLog::new(
+        RustlsAcceptor::new(RustlsConfig::from_config(tls))
+            .acceptor(LimitedAcceptor::new(limits.connections.clone())),
+    );
     let server = axum_server::from_tcp(listener)?
         .acceptor(acceptor)
         .handle(handle.clone())

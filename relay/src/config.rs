@@ -28,6 +28,55 @@ pub struct RelayConfig {
     /// Bounds on what one caller of the API may cost; every field has a default.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Post-quantum preshared keys. A file without this section (a relay from
+    /// before it existed) does not require them, so its agents keep working.
+    #[serde(default)]
+    pub pq: PqSection,
+}
+
+/// `[pq]`: post-quantum preshared keys from an X-Wing encapsulation per peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PqSection {
+    /// Refuse peers that register without an X-Wing ciphertext. `init` and the
+    /// embedded defaults write true.
+    pub require_pq: bool,
+    /// Seconds between the re-encapsulations peers are asked for.
+    pub rotate_secs: u64,
+}
+
+impl Default for PqSection {
+    fn default() -> PqSection {
+        PqSection {
+            require_pq: false,
+            rotate_secs: crate::pq::DEFAULT_ROTATE.as_secs(),
+        }
+    }
+}
+
+impl PqSection {
+    /// What a new relay gets: post-quantum keys required.
+    pub fn for_new_relay() -> PqSection {
+        PqSection {
+            require_pq: true,
+            ..PqSection::default()
+        }
+    }
+
+    pub fn rotate(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.rotate_secs)
+    }
+
+    fn write_commented(&self, s: &mut String) {
+        s.push_str("[pq]\n");
+        s.push_str("# Refuse peers that register without a post-quantum (X-Wing) preshared key.\n");
+        s.push_str("# Plain WireGuard clients get one with `sidecar-agent psk`.\n");
+        s.push_str(&format!("require_pq = {}\n", self.require_pq));
+        s.push_str(
+            "# Seconds between the new encapsulations (new preshared keys) peers are asked for.\n",
+        );
+        s.push_str(&format!("rotate_secs = {}\n", self.rotate_secs));
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -264,6 +313,11 @@ impl RelayConfig {
             )));
         }
         self.limits.validate()?;
+        if self.pq.rotate_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "pq.rotate_secs must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -329,6 +383,8 @@ impl RelayConfig {
         s.push_str("# HTTPS control API (TLS 1.3 only).\n");
         s.push_str(&format!("listen = \"{}\"\n\n", self.api.listen));
         self.limits.write_commented(&mut s);
+        s.push('\n');
+        self.pq.write_commented(&mut s);
         s
     }
 
@@ -343,6 +399,14 @@ impl RelayConfig {
     }
     pub fn tls_cert_path(&self) -> PathBuf {
         self.data_dir.join("tls.crt")
+    }
+    /// The relay's X-Wing secret (the seed of its key pair).
+    pub fn xwing_key_path(&self) -> PathBuf {
+        self.data_dir.join("xwing.key")
+    }
+    /// The secret behind every token's machine key.
+    pub fn machine_key_path(&self) -> PathBuf {
+        self.data_dir.join("machine.key")
     }
 }
 
@@ -376,7 +440,29 @@ mod tests {
                 token_rate: 7,
                 ..LimitsSection::default()
             },
+            pq: PqSection {
+                require_pq: true,
+                rotate_secs: 90,
+            },
         }
+    }
+
+    #[test]
+    fn a_file_without_a_pq_section_does_not_require_pq() {
+        let text = sample().to_commented_toml();
+        let cut = text.find("[pq]").expect("init writes a [pq] section");
+        let c: RelayConfig = toml::from_str(&text[..cut]).unwrap();
+        assert_eq!(c.pq, PqSection::default());
+        assert!(!c.pq.require_pq);
+        assert_eq!(c.pq.rotate_secs, 3600);
+        assert!(PqSection::for_new_relay().require_pq);
+        let mut zero = sample();
+        zero.pq.rotate_secs = 0;
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("rotate_secs"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use sidecar::driver::Driver;
 use sidecar::tun::TunDevice;
 use sidecar::udp::UdpTransport;
-use sidecar::wg::{Device, DeviceControl, DeviceUpdate, PeerUpdate};
+use sidecar::wg::{Device, DeviceConfig, DeviceControl, DeviceUpdate, PeerUpdate};
 use sidecar::{route, IpPrefix, Key};
 
 use crate::config::{PrefixMode, RelayConfig};
@@ -35,6 +35,8 @@ pub struct PeerEntry {
     pub tenant: Tenant,
     /// Per-direction cap; `None` (or 0) is unshaped.
     pub bandwidth_mbps: Option<u32>,
+    /// The post-quantum preshared key; `None` clears it.
+    pub preshared_key: Option<sidecar_proto::pq::Psk>,
 }
 
 /// Who a peer belongs to, for isolation between tenants.
@@ -57,6 +59,15 @@ impl PeerEntry {
                 isolate_peers: token.isolate_peers,
             },
             bandwidth_mbps: token.bandwidth_mbps,
+            preshared_key: None,
+        }
+    }
+
+    /// The same entry with its preshared key.
+    pub fn with_psk(self, preshared_key: Option<sidecar_proto::pq::Psk>) -> PeerEntry {
+        PeerEntry {
+            preshared_key,
+            ..self
         }
     }
 
@@ -139,7 +150,11 @@ impl RelayDataPlane {
         policy
             .follow_host()
             .context("cannot follow the host's route changes")?;
-        let device = Arc::new(Device::with_private_key(private_key));
+        let mut device_config = DeviceConfig::new(private_key);
+        if let Ok(backend) = std::env::var("SIDECAR_NOISE") {
+            device_config.noise_backend = backend.parse().context("SIDECAR_NOISE")?;
+        }
+        let device = Arc::new(Device::with_config(&device_config));
         device.set_policy(Some(policy.clone()));
         let prober = match Prober::new(n.ipv6_prefix) {
             Ok(p) => Some(p),
@@ -206,6 +221,9 @@ impl RelayDataPlane {
         let mut update = PeerUpdate::new(peer.public_key);
         update.replace_allowed_ips = true;
         update.allowed_ips = addrs.clone();
+        // In the same update as the peer itself, so it never exists without its key.
+        // The zero key clears one a peer no longer registers with.
+        update.preshared_key = Some(peer.preshared_key.map_or(Key([0; 32]), |p| p.to_key()));
         if let Err(e) = self.device().apply(&DeviceUpdate {
             peers: vec![update],
             ..Default::default()
@@ -229,7 +247,7 @@ impl RelayDataPlane {
         for stale in before.into_iter().filter(|p| !addrs.contains(p)) {
             self.unroute(stale);
         }
-        tracing::info!(peer = %peer.public_key, ipv6 = %peer.ipv6, ipv4 = ?peer.ipv4, bandwidth_mbps = ?bandwidth_mbps, "peer on the data plane");
+        tracing::info!(peer = %peer.public_key, ipv6 = %peer.ipv6, ipv4 = ?peer.ipv4, bandwidth_mbps = ?bandwidth_mbps, pq = peer.preshared_key.is_some(), "peer on the data plane");
     }
 
     /// Takes a peer off the data plane: no more traffic, routes and neighbor answers gone.

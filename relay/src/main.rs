@@ -11,11 +11,13 @@ use clap::{Args, Parser, Subcommand};
 use sidecar::{Endpoint, IpPrefix, Key};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::{
-    default_address_hold_hours, ApiSection, NetworkSection, PrefixMode, RelayConfig,
+    default_address_hold_hours, ApiSection, NetworkSection, PqSection, PrefixMode, RelayConfig,
     WireguardSection,
 };
 use sidecar_relay::dataplane::RelayDataPlane;
+use sidecar_relay::machine::MachineKeys;
 use sidecar_relay::neighbor::NeighborResponder;
+use sidecar_relay::pq::PqKeys;
 use sidecar_relay::service::{PeerService, ServiceOptions};
 use sidecar_relay::store::{AddressPlan, Store, TokenSpec};
 use sidecar_relay::tls::Identity;
@@ -92,6 +94,15 @@ struct InitArgs {
     /// Name of the relay's TUN interface (also names its `wg show` socket).
     #[arg(long, value_name = "NAME", default_value = "sidecar0")]
     interface: String,
+    /// Refuse peers that register without a post-quantum preshared key.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    require_pq: bool,
+    /// Seconds between the new encapsulations (preshared keys) peers are asked for.
+    #[arg(long, value_name = "SECS", default_value_t = sidecar_relay::pq::DEFAULT_ROTATE.as_secs())]
+    pq_rotate_secs: u64,
+    /// Bind the "default" agent token to the machine of its first registration.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    bind_default_token: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -147,6 +158,10 @@ async fn init(args: InitArgs) -> Result<()> {
             listen: args.api_listen,
         },
         limits: Default::default(),
+        pq: PqSection {
+            require_pq: args.require_pq,
+            rotate_secs: args.pq_rotate_secs,
+        },
     };
     config.validate()?;
     let path = args.dir.join("relay.toml");
@@ -157,7 +172,7 @@ async fn init(args: InitArgs) -> Result<()> {
             path.display()
         );
     }
-    let setup = prepare(&config).await?;
+    let setup = prepare(&config, args.bind_default_token).await?;
     std::fs::write(&path, config.to_commented_toml())
         .with_context(|| format!("cannot write {}", path.display()))?;
     println!("wrote {}", path.display());
@@ -174,6 +189,8 @@ struct Setup {
     private_key: Key,
     identity: Identity,
     store: Store,
+    pq: Arc<PqKeys>,
+    machine: Arc<MachineKeys>,
     /// Set when the store had no admin token and this start made one.
     new_tokens: Option<NewTokens>,
 }
@@ -183,12 +200,23 @@ struct NewTokens {
     agent: String,
 }
 
-async fn prepare(config: &RelayConfig) -> Result<Setup> {
+async fn prepare(config: &RelayConfig, bind_default_token: bool) -> Result<Setup> {
     create_private_dir(&config.data_dir)?;
     refuse_if_readable(&config.data_dir)?;
     refuse_if_readable(&config.wireguard_key_path())?;
     refuse_if_readable(&config.tls_key_path())?;
     let private_key = load_or_create_key(&config.wireguard_key_path())?;
+    let (pq, fresh_pq) = PqKeys::load_or_create(
+        &config.xwing_key_path(),
+        private_key.public_key(),
+        config.pq.require_pq,
+        config.pq.rotate(),
+    )
+    .context("X-Wing key")?;
+    if fresh_pq {
+        tracing::info!(path = %config.xwing_key_path().display(), "generated the relay's X-Wing key");
+    }
+    let machine = MachineKeys::load_or_create(&config.machine_key_path()).context("machine key")?;
     let host = endpoint_host(&config.wireguard.endpoint);
     let (identity, fresh_cert) = Identity::load_or_generate(
         &config.tls_cert_path(),
@@ -216,7 +244,7 @@ async fn prepare(config: &RelayConfig) -> Result<Setup> {
             .await
             .context("cannot create the admin token")?;
         let (_, agent) = store
-            .create_token(TokenSpec::tenant("default", 100, 10))
+            .create_token_with(TokenSpec::tenant("default", 100, 10), bind_default_token)
             .await
             .context("cannot create the default agent token")?;
         Some(NewTokens { admin, agent })
@@ -225,6 +253,8 @@ async fn prepare(config: &RelayConfig) -> Result<Setup> {
         private_key,
         identity,
         store,
+        pq: Arc::new(pq),
+        machine: Arc::new(machine),
         new_tokens,
     })
 }
@@ -252,6 +282,16 @@ fn print_credentials(config: &RelayConfig, setup: &Setup, first: bool) {
         println!("ipv4 pool: {pool} ({:?})", config.network.ipv4_mode);
     }
     println!("certificate pin: {pin}");
+    println!(
+        "post-quantum preshared keys: {} (rotated every {} s)",
+        if config.pq.require_pq {
+            "required"
+        } else {
+            "offered"
+        },
+        config.pq.rotate_secs
+    );
+    println!("relay X-Wing public key: {}", setup.pq.public_key_base64());
     let api = api_url(config);
     match &setup.new_tokens {
         Some(tokens) => {
@@ -295,19 +335,20 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         Some(path) => RelayConfig::load(path)?,
         None => default_config(data_dir)?,
     };
-    let setup = prepare(&config).await?;
+    let setup = prepare(&config, true).await?;
     if config_path.is_none() || setup.new_tokens.is_some() {
         print_credentials(&config, &setup, false);
     }
 
     let dataplane = Arc::new(RelayDataPlane::start(&config, setup.private_key)?);
     let store = setup.store.clone();
-    let service = PeerService::new(
+    let service = PeerService::with_pq(
         store.clone(),
         dataplane.clone(),
         ServiceOptions {
             address_hold: config.network.address_hold(),
         },
+        Some(setup.pq.clone()),
     );
     let restored = service.restore().await?;
     tracing::info!(
@@ -332,7 +373,8 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
                 version: env!("CARGO_PKG_VERSION"),
             },
         )
-        .with_prober(dataplane.prober()),
+        .with_prober(dataplane.prober())
+        .with_machine_keys(setup.machine.clone()),
     );
     let listener = std::net::TcpListener::bind(config.api.listen)
         .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;
@@ -443,6 +485,7 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
             listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8443),
         },
         limits: Default::default(),
+        pq: PqSection::for_new_relay(),
     };
     config.validate()?;
     create_private_dir(data_dir)?;

@@ -345,6 +345,7 @@ mod tests {
                 isolate_peers: isolate,
             },
             bandwidth_mbps: None,
+            preshared_key: None,
         }
     }
 

@@ -39,7 +39,8 @@ use sidecar::Key;
 use tokio::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::dataplane::{PeerEntry, RelayDataPlane};
-use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord};
+use crate::pq::PqKeys;
+use crate::store::{PeerRecord, RegisterExtras, Registration, Store, StoreError, TokenRecord};
 
 /// Live counters of a peer: (last handshake in unix seconds, rx bytes, tx bytes).
 pub type PeerStats = (Option<u64>, u64, u64);
@@ -132,18 +133,38 @@ struct Inner {
     dataplane: Arc<dyn DataPlane>,
     locks: Locks,
     options: ServiceOptions,
+    /// Derives each peer's post-quantum preshared key; `None` on a relay without
+    /// an X-Wing key (tests of other parts), where no peer gets one.
+    pq: Option<Arc<PqKeys>>,
 }
 
 impl PeerService {
     pub fn new(store: Store, dataplane: Arc<dyn DataPlane>, options: ServiceOptions) -> Self {
+        PeerService::with_pq(store, dataplane, options, None)
+    }
+
+    /// A service whose peers get the preshared keys their X-Wing ciphertexts give
+    /// with `pq`'s key pair.
+    pub fn with_pq(
+        store: Store,
+        dataplane: Arc<dyn DataPlane>,
+        options: ServiceOptions,
+        pq: Option<Arc<PqKeys>>,
+    ) -> Self {
         PeerService {
             inner: Arc::new(Inner {
                 store,
                 dataplane,
                 locks: Locks::new(),
                 options,
+                pq,
             }),
         }
+    }
+
+    /// The post-quantum keys and policy, if this relay has them.
+    pub fn pq(&self) -> Option<&Arc<PqKeys>> {
+        self.inner.pq.as_ref()
     }
 
     /// The store, for reads (authentication, listings). Changes to peers must go
@@ -169,6 +190,18 @@ impl PeerService {
         token: &TokenRecord,
         reg: Registration,
     ) -> Result<(PeerRecord, bool), StoreError> {
+        self.register_with(token, reg, RegisterExtras::default())
+            .await
+    }
+
+    /// [`PeerService::register`] with the X-Wing ciphertext and machine fingerprint
+    /// the client sent (see [`Store::register_with`]).
+    pub async fn register_with(
+        &self,
+        token: &TokenRecord,
+        reg: Registration,
+        extras: RegisterExtras,
+    ) -> Result<(PeerRecord, bool), StoreError> {
         let this = self.clone();
         let token = token.clone();
         detach(async move {
@@ -176,9 +209,9 @@ impl PeerService {
             let _token = inner.locks.token(&token.id).read().await;
             let _key = inner.locks.key(&reg.public_key).lock().await;
             let key = reg.public_key;
-            match inner.store.register(&token, reg).await {
+            match inner.store.register_with(&token, reg, extras).await {
                 Ok((peer, created)) => {
-                    inner.dataplane.add_peer(&PeerEntry::new(&peer, &token));
+                    inner.dataplane.add_peer(&inner.entry(&peer, &token));
                     Ok((peer, created))
                 }
                 Err(e) => {
@@ -274,7 +307,7 @@ impl PeerService {
             let Some(token) = inner.store.token(&peer.token_id)? else {
                 continue;
             };
-            inner.dataplane.add_peer(&PeerEntry::new(&peer, &token));
+            inner.dataplane.add_peer(&inner.entry(&peer, &token));
             if let Some(endpoint) = peer.endpoint {
                 inner.dataplane.restore_endpoint(&peer.public_key, endpoint);
             }
@@ -346,6 +379,12 @@ impl PeerService {
 }
 
 impl Inner {
+    /// The data plane's view of a stored peer, preshared key included.
+    fn entry(&self, peer: &PeerRecord, token: &TokenRecord) -> PeerEntry {
+        let psk = self.pq.as_ref().and_then(|pq| pq.psk_for(peer));
+        PeerEntry::new(peer, token).with_psk(psk)
+    }
+
     /// After a failed store call: if the failure says nothing changed, nothing
     /// to do; otherwise make the data plane match what the store now holds.
     fn settle_after(&self, err: &StoreError, key: &Key) {
@@ -365,7 +404,7 @@ impl Inner {
             None => Ok(None),
         });
         match current {
-            Ok(Some((peer, token))) => self.dataplane.add_peer(&PeerEntry::new(&peer, &token)),
+            Ok(Some((peer, token))) => self.dataplane.add_peer(&self.entry(&peer, &token)),
             Ok(None) => self.dataplane.remove_peer(key),
             Err(e) => {
                 // Cannot read the store either: forwarding for a peer the store may

@@ -146,6 +146,13 @@ pub struct TokenRecord {
     pub admin: bool,
     /// Unix seconds.
     pub created: u64,
+    /// Registrations must all come from the machine of the first one. Tokens stored
+    /// before machine binding existed read as unbound, so their agents keep working.
+    #[serde(default)]
+    pub bind_machine: bool,
+    /// The fingerprint of the machine the token is bound to, once bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 /// What a new token may do; see [`Store::create_token`].
@@ -208,6 +215,15 @@ pub struct PeerRecord {
     /// peer behind NAT at once instead of waiting for the peer to handshake again.
     #[serde(default)]
     pub endpoint: Option<SocketAddr>,
+    /// Base64 X-Wing ciphertext of the latest registration that carried one; the
+    /// preshared key is derived from it (with the relay's X-Wing secret) and never
+    /// stored itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pq_ciphertext: Option<String>,
+    /// Encapsulations this peer has registered, bound into its preshared key; never
+    /// goes back while the peer exists.
+    #[serde(default)]
+    pub pq_counter: u64,
 }
 
 /// A request to register (or re-register) a peer.
@@ -218,6 +234,16 @@ pub struct Registration {
     pub ipv4: bool,
     pub name: Option<String>,
     pub container: Option<String>,
+}
+
+/// What a registration carries besides the peer itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegisterExtras {
+    /// Base64 X-Wing ciphertext (already checked to decode). `None` clears the
+    /// peer's preshared key: the client registering has none.
+    pub pq_ciphertext: Option<String>,
+    /// The machine fingerprint the client sent.
+    pub machine: Option<String>,
 }
 
 /// How much of its limits a token uses.
@@ -252,6 +278,12 @@ pub enum StoreError {
     UnknownToken,
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The token is bound to another machine than the one registering.
+    #[error("this token is bound to another machine")]
+    MachineMismatch,
+    /// The token is bound to a machine and the registration sent no fingerprint.
+    #[error("this token is bound to a machine and the registration named none")]
+    MachineRequired,
     #[error("relay store is corrupt: {0}; restore it from a backup or remove it")]
     Corrupt(String),
     #[error("relay store {0} is in use by another process")]
@@ -477,6 +509,16 @@ impl Store {
     /// Creates a token and returns it with its secret. The secret is shown only
     /// here: the store keeps its SHA-256 alone.
     pub async fn create_token(&self, spec: TokenSpec) -> Result<(TokenRecord, String), StoreError> {
+        self.create_token_with(spec, false).await
+    }
+
+    /// [`Store::create_token`], bound to the machine of its first registration when
+    /// `bind_machine` is set.
+    pub async fn create_token_with(
+        &self,
+        spec: TokenSpec,
+        bind_machine: bool,
+    ) -> Result<(TokenRecord, String), StoreError> {
         validate_label("token name", &spec.name)?;
         let this = self.clone();
         blocking(move || {
@@ -497,6 +539,8 @@ impl Store {
                     isolate_peers: spec.isolate_peers,
                     admin: spec.admin,
                     created: now_secs(),
+                    bind_machine,
+                    machine: None,
                 };
                 let value = encode(&StoredToken {
                     token: record.clone(),
@@ -619,6 +663,27 @@ impl Store {
         Ok(removed)
     }
 
+    /// Forgets the machine a token is bound to; the next registration binds it
+    /// again. [`StoreError::NotFound`] if there is no such token.
+    pub async fn unbind_machine(&self, id: &str) -> Result<TokenRecord, StoreError> {
+        let this = self.clone();
+        let id = id.to_owned();
+        blocking(move || {
+            let record = this.txn(|tx| {
+                let Some(v) = tx.tokens.get(id.as_bytes())? else {
+                    return Err(abort(StoreError::NotFound));
+                };
+                let mut stored: StoredToken = decode("token", &v).abort()?;
+                stored.token.machine = None;
+                tx.tokens.insert(id.as_bytes(), encode(&stored).abort()?)?;
+                Ok(stored.token)
+            })?;
+            this.inner.db.flush()?;
+            Ok(record)
+        })
+        .await
+    }
+
     /// Current peer and IPv4 counts of a token (O(1): kept as counters).
     pub fn usage(&self, token_id: &str) -> Result<TokenUsage, StoreError> {
         if !self.inner.trees.tokens.contains_key(token_id.as_bytes())? {
@@ -643,6 +708,20 @@ impl Store {
         token: &TokenRecord,
         reg: Registration,
     ) -> Result<(PeerRecord, bool), StoreError> {
+        self.register_with(token, reg, RegisterExtras::default())
+            .await
+    }
+
+    /// [`Store::register`] with what the client sent besides the peer: the X-Wing
+    /// ciphertext (stored, with the counter moved on) and the machine fingerprint
+    /// (checked against the token's binding, or binding it, in the same
+    /// transaction, so two first registrations cannot bind two machines).
+    pub async fn register_with(
+        &self,
+        token: &TokenRecord,
+        reg: Registration,
+        extras: RegisterExtras,
+    ) -> Result<(PeerRecord, bool), StoreError> {
         if reg.public_key.is_zero() {
             return Err(StoreError::Invalid("the all-zero public key".into()));
         }
@@ -657,7 +736,7 @@ impl Store {
         blocking(move || {
             let now = now_secs();
             let plan = &this.inner.plan;
-            let outcome = this.txn(|tx| register_tx(tx, plan, &token_id, &reg, now))?;
+            let outcome = this.txn(|tx| register_tx(tx, plan, &token_id, &reg, &extras, now))?;
             // Flush even for an existing peer: its registration may be another
             // caller's that has not been flushed yet, and we are about to confirm it.
             this.inner.db.flush()?;
@@ -1077,13 +1156,29 @@ fn register_tx(
     plan: &Plan,
     token_id: &str,
     reg: &Registration,
+    extras: &RegisterExtras,
     now: u64,
 ) -> TxResult<Result<(PeerRecord, bool), StoreError>> {
     let key = &reg.public_key;
     let Some(token) = tx.tokens.get(token_id.as_bytes())? else {
         return Err(abort(StoreError::UnknownToken));
     };
-    let limits = decode::<StoredToken>("token", &token).abort()?.token;
+    let mut stored_token = decode::<StoredToken>("token", &token).abort()?;
+    if stored_token.token.bind_machine {
+        match (&stored_token.token.machine, &extras.machine) {
+            (_, None) => return Err(abort(StoreError::MachineRequired)),
+            (Some(bound), Some(given)) if bound != given => {
+                return Err(abort(StoreError::MachineMismatch))
+            }
+            (Some(_), Some(_)) => {}
+            (None, Some(given)) => {
+                stored_token.token.machine = Some(given.clone());
+                tx.tokens
+                    .insert(token_id.as_bytes(), encode(&stored_token).abort()?)?;
+            }
+        }
+    }
+    let limits = stored_token.token;
     let mut usage = read_usage(tx, token_id)?;
     let lease = match tx.leases.get(key.0)? {
         None => None,
@@ -1154,6 +1249,10 @@ fn register_tx(
         if reg.name.is_some() && reg.name != rec.name {
             rec.name.clone_from(&reg.name);
         }
+        if extras.pq_ciphertext.is_some() {
+            rec.pq_counter += 1;
+        }
+        rec.pq_ciphertext.clone_from(&extras.pq_ciphertext);
         if reg.container.is_some() && reg.container != rec.container {
             if let Some(old) = &rec.container {
                 tx.containers.remove(container_key(token_id, old, key))?;
@@ -1223,6 +1322,8 @@ fn register_tx(
         rx_bytes: 0,
         tx_bytes: 0,
         endpoint: None,
+        pq_ciphertext: extras.pq_ciphertext.clone(),
+        pq_counter: u64::from(extras.pq_ciphertext.is_some()),
     };
     tx.peers.insert(&key.0[..], encode(&rec).abort()?)?;
     tx.token_peers

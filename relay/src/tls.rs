@@ -7,8 +7,10 @@
 //! certificate can be re-issued (new names, new validity) without touching clients
 //! as long as the key file is kept.
 //!
-//! Both sides speak TLS 1.3 only and use the ring provider explicitly, so that the
-//! process-wide default provider never matters.
+//! Both sides speak TLS 1.3 only and use the aws-lc-rs provider explicitly, so that
+//! the process-wide default provider never matters. Its first key exchange group is
+//! the hybrid post-quantum X25519MLKEM768; clients without it get classical X25519.
+//! [`KeyExchangeLog`] logs which one each connection got.
 
 use std::fmt;
 use std::fs;
@@ -17,6 +19,11 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use axum_server::accept::Accept;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
@@ -211,6 +218,63 @@ pub fn server_config(
     Ok(config)
 }
 
+/// Whether a TLS key exchange group resists a quantum computer (a hybrid or pure
+/// ML-KEM group).
+pub fn is_post_quantum(group: rustls::NamedGroup) -> bool {
+    matches!(
+        group,
+        rustls::NamedGroup::X25519MLKEM768
+            | rustls::NamedGroup::secp256r1MLKEM768
+            | rustls::NamedGroup::MLKEM768
+            | rustls::NamedGroup::MLKEM1024
+    )
+}
+
+/// Wraps a TLS acceptor and logs, per connection, the key exchange group the
+/// client got and whether it is post-quantum.
+#[derive(Clone, Debug)]
+pub struct KeyExchangeLog<A> {
+    inner: A,
+}
+
+impl<A> KeyExchangeLog<A> {
+    pub fn new(inner: A) -> KeyExchangeLog<A> {
+        KeyExchangeLog { inner }
+    }
+}
+
+impl<A, S, I> Accept<tokio::net::TcpStream, S> for KeyExchangeLog<A>
+where
+    A: Accept<tokio::net::TcpStream, S, Stream = tokio_rustls::server::TlsStream<I>>,
+    A::Future: Send + 'static,
+    A::Service: Send + 'static,
+    I: Send + 'static,
+{
+    type Stream = A::Stream;
+    type Service = A::Service;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(A::Stream, A::Service)>> + Send>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let peer = stream.peer_addr().ok();
+        let handshake = self.inner.accept(stream, service);
+        Box::pin(async move {
+            let (tls, service) = handshake.await?;
+            log_key_exchange(peer, tls.get_ref().1);
+            Ok((tls, service))
+        })
+    }
+}
+
+fn log_key_exchange(peer: Option<SocketAddr>, conn: &rustls::ServerConnection) {
+    let Some(group) = conn.negotiated_key_exchange_group() else {
+        return;
+    };
+    let name = group.name();
+    let post_quantum = is_post_quantum(name);
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    tracing::info!(%peer, tls_group = ?name, post_quantum, "TLS key exchange");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +400,56 @@ mod tests {
             panic!("unexpected error {err:?}");
         };
         assert!(other_err.0.downcast_ref::<PinMismatch>().is_some());
+    }
+
+    /// Connects with a client offering only `groups`; the group it got.
+    async fn handshake_with_groups(
+        identity: &Identity,
+        groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+    ) -> rustls::NamedGroup {
+        let addr = echo_server(identity).await;
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: groups,
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                PinnedVerifier::new(&identity.pin().unwrap()).unwrap(),
+            ))
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("relay.example").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let group = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .unwrap()
+            .name();
+        tls.write_all(b"ping").await.unwrap();
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"pong");
+        group
+    }
+
+    #[tokio::test]
+    async fn hybrid_post_quantum_where_offered_and_classical_otherwise() {
+        use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+        let identity = Identity::generate(&names()).unwrap();
+        // What our own clients offer: the hybrid group first.
+        let ours = handshake_with_groups(&identity, default_provider().kx_groups).await;
+        assert_eq!(ours, rustls::NamedGroup::X25519MLKEM768);
+        assert!(is_post_quantum(ours));
+        let classical = handshake_with_groups(&identity, vec![kx_group::X25519]).await;
+        assert_eq!(classical, rustls::NamedGroup::X25519);
+        assert!(!is_post_quantum(classical));
     }
 
     /// A ClientHello that offers only TLS 1.2 (no supported_versions extension).

@@ -779,7 +779,8 @@ async fn admin_creates_and_revokes_tokens() {
     let relay = Relay::start().await;
     let client = relay.client();
     let (user_record, user) = relay.token(5, 5, None).await;
-    let create = json!({"name": "team-a", "max_peers": 4, "max_ipv4": 1, "bandwidth_mbps": 100});
+    // Unbound: these registrations carry no machine fingerprint.
+    let create = json!({"name": "team-a", "max_peers": 4, "max_ipv4": 1, "bandwidth_mbps": 100, "bind_machine": false});
 
     let err = client
         .post("/v1/admin/tokens", Some(&user), create.clone())
@@ -1026,6 +1027,9 @@ async fn openapi_document_is_generated_for_every_route() {
         ("/v1/peers", &["get", "post", "delete"]),
         ("/v1/peers/by-container/{id}", &["get"]),
         ("/v1/admin/tokens", &["post", "delete"]),
+        ("/v1/admin/tokens/unbind-machine", &["post"]),
+        ("/v1/pq", &["get"]),
+        ("/v1/machine", &["get"]),
         ("/api/openapi.json", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -1040,7 +1044,7 @@ async fn openapi_document_is_generated_for_every_route() {
             let op = &paths[*path][*method];
             assert!(op.is_object(), "{method} {path} missing");
             let security = &op["security"];
-            if *path == "/v1/health" || *path == "/api/openapi.json" {
+            if *path == "/v1/health" || *path == "/api/openapi.json" || *path == "/v1/pq" {
                 assert_eq!(security, &json!([{}]), "{method} {path}");
             } else {
                 assert_eq!(security, &json!([{"bearer": []}]), "{method} {path}");
@@ -1064,13 +1068,17 @@ async fn openapi_document_is_generated_for_every_route() {
         "Health",
         "Status",
         "ApiError",
+        "RegisterRequest",
+        "Registered",
+        "PqInfo",
+        "MachineKey",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
     assert_eq!(
         paths["/v1/peers"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
             ["$ref"],
-        "#/components/schemas/Allocation"
+        "#/components/schemas/Registered"
     );
 }
 

@@ -35,6 +35,11 @@ impl FedClock {
         u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// The latest time fed, in nanoseconds since the epoch.
+    pub fn latest(&self) -> u64 {
+        self.0.latest.load(Ordering::Relaxed)
+    }
+
     /// The instant `ns` nanoseconds after the epoch, once there is one.
     pub fn instant(&self, ns: u64) -> Option<Instant> {
         self.0
@@ -75,7 +80,11 @@ impl Deadline {
 
     /// Moves it earlier to `ns` (never later).
     pub(crate) fn lower(&self, ns: u64) {
-        self.0.fetch_min(ns, Ordering::AcqRel);
+        // A load first: on the data path the deadline is nearly always earlier
+        // already, and a plain load does not bounce the cache line between cores.
+        if ns < self.0.load(Ordering::Acquire) {
+            self.0.fetch_min(ns, Ordering::AcqRel);
+        }
     }
 
     pub(crate) fn set(&self, ns: Option<u64>) {

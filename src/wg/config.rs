@@ -2,10 +2,59 @@
 //! surface (the userspace API socket, a config file) reads and changes.
 
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use crate::key::Key;
 use crate::prefix::IpPrefix;
+
+/// Which implementation of the Noise protocol a device runs: every peer of the
+/// device uses the same one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NoiseBackend {
+    /// Our own sans-IO implementation ([`crate::wg::noise`]).
+    #[default]
+    Sidecar,
+    /// boringtun's `Tunn`.
+    Boringtun,
+}
+
+impl std::str::FromStr for NoiseBackend {
+    type Err = UpdateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sidecar" | "" => Ok(NoiseBackend::Sidecar),
+            "boringtun" => Ok(NoiseBackend::Boringtun),
+            other => Err(UpdateError::Invalid(format!(
+                "noise backend {other:?} (expected sidecar or boringtun)"
+            ))),
+        }
+    }
+}
+
+/// How a device is made.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceConfig {
+    pub private_key: Option<Key>,
+    pub noise_backend: NoiseBackend,
+    /// One moment on the wall clock and on the monotonic clock, read once by the
+    /// caller: handshake timestamps (TAI64N) count on from it with the `now` the
+    /// device is fed, so they keep growing across restarts.
+    pub wall: SystemTime,
+    pub anchor: Instant,
+}
+
+impl DeviceConfig {
+    /// Our backend, `private_key`, and the clocks as read now (at the caller's edge).
+    pub fn new(private_key: Key) -> DeviceConfig {
+        DeviceConfig {
+            private_key: Some(private_key),
+            noise_backend: NoiseBackend::default(),
+            wall: SystemTime::now(),
+            anchor: Instant::now(),
+        }
+    }
+}
 
 /// A peer's complete configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]

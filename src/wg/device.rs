@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -24,11 +24,13 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::allowed_ips::AllowedIps;
 use super::clock::{Deadline, FedClock};
-use super::config::{DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError};
+use super::config::{
+    DeviceConfig, DeviceUpdate, NoiseBackend, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
+};
 use super::metrics::{Counters, DropReason};
 use super::outbox::Outbox;
 use super::peer::{Peer, PeerRef};
@@ -95,6 +97,17 @@ pub struct Device {
     pub(crate) timers_due: Deadline,
     /// Destination unreachable answers, shared by all peers.
     pub(crate) unreachable_limit: FedLimiter,
+    pub(crate) noise_backend: NoiseBackend,
+    /// One moment on the wall and the monotonic clock, for the handshake timestamps
+    /// of every private key this device is given.
+    wall: SystemTime,
+    anchor: Instant,
+    /// Counts private key changes: a noise state made from keys read before a change
+    /// must not be installed after it (see [`Device::install_noise`]).
+    pub(crate) key_epoch: AtomicU64,
+    /// The peers the timers must visit: those with a noise state, a persistent
+    /// keepalive or a kick, by index. Changed only under the peer's noise lock.
+    pub(crate) live: Mutex<HashMap<u32, PeerRef>>,
 }
 
 impl Default for Device {
@@ -104,9 +117,19 @@ impl Default for Device {
 }
 
 impl Device {
+    /// A device without a private key, running our noise backend. Reads the wall and
+    /// the monotonic clock once (see [`DeviceConfig::wall`]); [`Device::with_config`]
+    /// takes them from the caller instead.
     pub fn new() -> Device {
+        Device::with_config(&DeviceConfig {
+            private_key: None,
+            ..DeviceConfig::new(Key([0; 32]))
+        })
+    }
+
+    pub fn with_config(config: &DeviceConfig) -> Device {
         let clock = FedClock::default();
-        Device {
+        let device = Device {
             state: RwLock::new(State::default()),
             unreachable_limit: RateLimiter::direct_with_clock(
                 Quota::per_second(UNREACHABLE_PER_SECOND).allow_burst(UNREACHABLE_BURST),
@@ -118,13 +141,29 @@ impl Device {
             egress: ShapeQueue::default(),
             ingress: ShapeQueue::default(),
             timers_due: Deadline::default(),
+            noise_backend: config.noise_backend,
+            wall: config.wall,
+            anchor: config.anchor,
+            key_epoch: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+        };
+        if let Some(key) = config.private_key.filter(|k| !k.is_zero()) {
+            device.state.write().keys = Some(Arc::new(device.static_keys(key)));
         }
+        device
     }
 
+    /// A device with `private` and our noise backend (see [`Device::new`] on clocks).
     pub fn with_private_key(private: Key) -> Device {
-        let d = Device::new();
-        d.state.write().keys = Some(Arc::new(StaticKeys::new(private)));
-        d
+        Device::with_config(&DeviceConfig::new(private))
+    }
+
+    pub fn noise_backend(&self) -> NoiseBackend {
+        self.noise_backend
+    }
+
+    fn static_keys(&self, private: Key) -> StaticKeys {
+        StaticKeys::new(private, self.noise_backend, self.wall, self.anchor)
     }
 
     pub fn private_key(&self) -> Option<Key> {
@@ -164,7 +203,7 @@ impl Device {
     }
 
     pub fn remove_peer(&self, key: &Key) -> bool {
-        Self::remove_peer_locked(&mut self.state.write(), key)
+        self.remove_peer_locked(&mut self.state.write(), key)
     }
 
     /// Applies a change with the semantics of the WireGuard userspace API. The listen
@@ -172,7 +211,7 @@ impl Device {
     pub fn apply(&self, update: &DeviceUpdate) -> Result<(), UpdateError> {
         let mut state = self.state.write();
         if let Some(key) = update.private_key {
-            Self::set_private_key_locked(&mut state, key);
+            self.set_private_key_locked(&mut state, key);
         }
         if let Some(mark) = update.fwmark {
             state.fwmark = mark;
@@ -181,6 +220,7 @@ impl Device {
             state.peers.clear();
             state.by_index.clear();
             state.routes.clear();
+            self.live.lock().clear();
         }
         for peer in &update.peers {
             self.apply_peer(&mut state, peer);
@@ -188,30 +228,34 @@ impl Device {
         Ok(())
     }
 
-    fn set_private_key_locked(state: &mut State, key: Key) {
+    fn set_private_key_locked(&self, state: &mut State, key: Key) {
         if key.is_zero() {
             state.keys = None;
         } else if state.keys.as_ref().map(|k| k.private()) == Some(key) {
             return;
         } else {
-            let keys = StaticKeys::new(key);
+            let keys = self.static_keys(key);
             // A peer with our own public key makes no sense; the reference
             // implementations drop it.
             let own = keys.public();
-            if Self::remove_peer_locked(state, &own) {
+            if self.remove_peer_locked(state, &own) {
                 tracing::warn!(peer = %own, "removed the peer whose public key is the device's own");
             }
             state.keys = Some(Arc::new(keys));
         }
         // Every session belonged to the old key; new states are made at first need.
+        // The epoch moves first, so a state made from the old keys on another thread
+        // and installed after this loop passed its peer is refused.
+        self.key_epoch.fetch_add(1, Ordering::AcqRel);
         for peer in state.peers.values() {
             *peer.noise.lock() = None;
         }
     }
 
-    fn remove_peer_locked(state: &mut State, key: &Key) -> bool {
+    fn remove_peer_locked(&self, state: &mut State, key: &Key) -> bool {
         match state.peers.remove(key) {
             Some(peer) => {
+                self.live.lock().remove(&peer.index);
                 state.by_index.remove(&peer.index);
                 state.routes.remove_value(&peer);
                 true
@@ -223,7 +267,7 @@ impl Device {
     fn apply_peer(&self, state: &mut State, update: &PeerUpdate) {
         let key = update.public_key;
         if update.remove {
-            Self::remove_peer_locked(state, &key);
+            self.remove_peer_locked(state, &key);
             return;
         }
         if state.keys.as_ref().map(|k| k.public()) == Some(key) {
@@ -247,11 +291,21 @@ impl Device {
             let mut current = peer.preshared_key.write();
             if *current != psk {
                 *current = psk;
-                // The noise state has no way to change the key: drop it, and kick so
-                // the next timer run handshakes at once instead of after the rekey
-                // timeout.
-                *peer.noise.lock() = None;
-                self.kick(&peer);
+                drop(current);
+                // Ours keeps its sessions and uses the new key from the next handshake
+                // on. boringtun's cannot change it: drop the state, and kick so the
+                // next timer run handshakes at once instead of after the rekey timeout.
+                let now = self
+                    .clock
+                    .instant(self.clock.latest())
+                    .unwrap_or(self.anchor);
+                let mut noise = peer.noise.lock();
+                let kept = noise.as_mut().is_none_or(|n| n.set_preshared_key(now, psk));
+                if !kept {
+                    *noise = None;
+                    drop(noise);
+                    self.kick(&peer);
+                }
             }
         }
         if let Some(ep) = update.endpoint {
@@ -274,8 +328,9 @@ impl Device {
 
     /// Has the next [`Device::handle_timeout`] send `peer` a keepalive (a handshake
     /// first if it has no session), and makes that run due at once.
-    fn kick(&self, peer: &Peer) {
+    fn kick(&self, peer: &PeerRef) {
         peer.kick.store(true, Ordering::Relaxed);
+        self.live.lock().insert(peer.index, peer.clone());
         self.timers_due.lower(0);
     }
 

@@ -4,7 +4,8 @@
 //! One concern per file: `device` (the table and its configuration), `send` and
 //! `receive` (the two directions of the data path), `timers`, `outbox` (what the
 //! polls drain), `shaping` (the device's shaping queues), `peer`, `allowed_ips`,
-//! `metrics`, `clock` (time as fed), and `session`, the seam to the noise protocol.
+//! `metrics`, `clock` (time as fed), `states` (making and installing peers' noise
+//! states), `session`, the seam to the noise protocols, and `noise`, our own.
 
 mod allowed_ips;
 mod clock;
@@ -19,12 +20,14 @@ mod receive;
 mod send;
 mod session;
 mod shaping;
+mod states;
 mod timers;
 
 pub use allowed_ips::AllowedIps;
 pub use clock::FedClock;
 pub use config::{
-    DeviceControl, DeviceInfo, DeviceUpdate, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
+    DeviceConfig, DeviceControl, DeviceInfo, DeviceUpdate, NoiseBackend, PeerConfig, PeerInfo,
+    PeerUpdate, UpdateError,
 };
 pub use device::{Device, Output, Transmit, DATA_OVERHEAD, MIN_OUT_BUF};
 pub use metrics::DropReason;

@@ -147,11 +147,11 @@ impl Device {
         let mut q = self.outbox.releasing.lock();
         while let Some(peer) = q.front() {
             if let Some(to) = peer.endpoint() {
-                let sent = peer
-                    .noise
-                    .lock()
-                    .as_mut()
-                    .and_then(|n| n.poll_queued(now, out));
+                let sent = peer.noise.lock().as_mut().and_then(|n| {
+                    let sent = n.poll_queued(now, out);
+                    self.schedule(n);
+                    sent
+                });
                 if let Some(len) = sent {
                     peer.note_sent(len, now_ns);
                     return Some(Transmit { to, len });

@@ -62,6 +62,10 @@ pub struct Peer {
     pub(crate) tx_bytes: AtomicU64,
     pub(crate) rx_dropped_source: AtomicU64,
     pub(crate) preshared_key: RwLock<Option<Key>>,
+    /// The TAI64N timestamp of the latest initiation accepted from the peer. Kept
+    /// here, not only in the noise state, so that once the state is dropped a
+    /// replayed initiation is still refused, before a state or a response is made.
+    pub(crate) last_initiation: Mutex<[u8; 12]>,
     /// Rate limit for both directions, when the peer has one.
     pub(crate) shaper: RwLock<Option<Arc<Shaper>>>,
 }
@@ -82,6 +86,7 @@ impl Peer {
             tx_bytes: AtomicU64::new(0),
             rx_dropped_source: AtomicU64::new(0),
             preshared_key: RwLock::new(None),
+            last_initiation: Mutex::new([0; 12]),
             shaper: RwLock::new(None),
         }
     }
@@ -117,6 +122,19 @@ impl Peer {
     pub(crate) fn note_handshake(&self, now_ns: u64) {
         self.last_handshake_ns
             .store(now_ns.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Whether an initiation stamped `stamp` is newer than the latest one accepted
+    /// (TAI64N is big endian, so byte order is time order).
+    pub(crate) fn initiation_is_newer(&self, stamp: &[u8; 12]) -> bool {
+        *stamp > *self.last_initiation.lock()
+    }
+
+    pub(crate) fn note_initiation(&self, stamp: [u8; 12]) {
+        let mut last = self.last_initiation.lock();
+        if stamp > *last {
+            *last = stamp;
+        }
     }
 
     pub(crate) fn note_sent(&self, bytes: usize, now_ns: u64) {

@@ -11,7 +11,7 @@ use super::device::{Device, Output, MIN_OUT_BUF};
 use super::metrics::DropReason;
 use super::peer::PeerRef;
 use super::policy::{PacketInfo, Verdict};
-use super::session::{Gate, NoiseState, Opened};
+use super::session::{Gate, Opened};
 use crate::shape::Admit;
 
 /// The cookie gate counts handshakes per second; its count must be reset within a
@@ -72,14 +72,17 @@ impl Device {
             return self.dropped_now(DropReason::NoKey);
         };
         let by_index = |receiver: u32| state.by_index.get(&(receiver >> 8));
+        let mut initiation = None;
         let peer = match message {
             Message::Data { receiver } | Message::CookieReply { receiver } => by_index(receiver),
             Message::Initiation | Message::Response { .. } => {
-                self.timers_due
-                    .lower(now_ns.saturating_add(nanos(GATE_PERIOD)));
+                if keys.needs_gate_reset() {
+                    self.timers_due
+                        .lower(now_ns.saturating_add(nanos(GATE_PERIOD)));
+                }
                 // Handshakes pass the gate first: under load it answers with a cookie
                 // reply instead of spending a Diffie-Hellman on an unproven source.
-                match keys.check_handshake(now, from.ip(), datagram, out) {
+                match keys.check_handshake(now, from, datagram, out) {
                     Gate::Pass => {}
                     Gate::CookieReply(n) => {
                         self.counters.cookie_replies.fetch_add(1, Ordering::Relaxed);
@@ -92,8 +95,12 @@ impl Device {
                 }
                 match message {
                     Message::Response { receiver } => by_index(receiver),
-                    _ => match keys.initiator(datagram) {
-                        Ok(key) => state.peers.get(&key),
+                    _ => match keys.open_initiation(datagram) {
+                        Ok(opened) => {
+                            let peer = state.peers.get(&opened.peer());
+                            initiation = Some(opened);
+                            peer
+                        }
                         Err(reason) => return self.dropped_now(reason),
                     },
                 }
@@ -102,28 +109,37 @@ impl Device {
         let Some(peer) = peer.cloned() else {
             return self.dropped_now(DropReason::UnknownPeer);
         };
+        let stamp = initiation.as_ref().and_then(|i| i.timestamp());
+        if stamp.is_some_and(|t| !peer.initiation_is_newer(&t)) {
+            // A replay, even after the peer's state was dropped: refused before any
+            // state is made or any response computed.
+            return self.dropped_now(DropReason::Unauthenticated);
+        }
         // Only an initiation may start a noise state; anything else needs a session.
-        let fresh = (message == Message::Initiation && !peer.has_noise_state()).then(|| {
-            let psk = *peer.preshared_key.read();
-            NoiseState::new(keys, &peer.public_key, psk, peer.index, now)
-        });
+        let fresh = match &initiation {
+            Some(_) if !peer.has_noise_state() => self.fresh_noise(&state, &peer, now),
+            _ => None,
+        };
         drop(state);
 
         let mut guard = peer.noise.lock();
         if guard.is_none() {
-            match fresh {
-                Some(f) => {
-                    *guard = Some(f);
-                    self.timers_due
-                        .lower(now_ns.saturating_add(nanos(super::session::TIMER_TICK)));
-                }
-                None => return self.dropped_now(DropReason::Protocol),
+            let installed = fresh.is_some_and(|f| self.install_noise(&peer, &mut guard, f));
+            if !installed {
+                return self.dropped_now(DropReason::Protocol);
             }
         }
         let Some(noise) = guard.as_mut() else {
             return self.dropped_now(DropReason::Protocol);
         };
-        let result = noise.decapsulate(now, from.ip(), datagram, out);
+        let result = match &initiation {
+            Some(i) => noise.accept_initiation(now, from.ip(), i, datagram, out),
+            None => noise.decapsulate(now, from.ip(), datagram, out),
+        };
+        self.schedule(noise);
+        if let (Ok(_), Some(t)) = (&result, stamp) {
+            peer.note_initiation(t);
+        }
         drop(guard);
         let opened = match result {
             Ok(o) => o,

@@ -1,16 +1,15 @@
 //! Outbound: a packet from the link is routed to the peer whose allowed IPs hold its
 //! destination, checked by the policy, shaped, and encrypted.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
 use super::device::{Device, Output, DATA_OVERHEAD, MIN_OUT_BUF};
 use super::metrics::DropReason;
-use super::peer::{Peer, PeerRef};
+use super::peer::PeerRef;
 use super::policy::{PacketInfo, Verdict};
-use super::session::{NoiseState, Sealed, StaticKeys, TIMER_TICK};
+use super::session::{NoiseState, Sealed};
 use crate::shape::Admit;
 
 impl Device {
@@ -95,15 +94,17 @@ impl Device {
         let Some(to) = peer.endpoint() else {
             return self.dropped_now(DropReason::NoEndpoint);
         };
-        let Some(mut noise) = self.noise_for(peer, now, now_ns) else {
+        let Some(mut noise) = self.noise_for(peer, now) else {
             return self.dropped_now(DropReason::NoKey);
         };
         let Some(state) = noise.as_mut() else {
             return self.dropped_now(DropReason::NoKey);
         };
-        match state.encapsulate(now, packet, out) {
+        let result = state.encapsulate(now, packet, out);
+        self.schedule(state);
+        drop(noise);
+        match result {
             Ok(Sealed::Datagram(n)) => {
-                drop(noise);
                 peer.note_sent(n, now_ns);
                 Output::Transmit {
                     to,
@@ -118,28 +119,26 @@ impl Device {
     /// `peer`'s noise state, made now if it has none (`None` without a private key).
     pub(crate) fn noise_for<'p>(
         &self,
-        peer: &'p Peer,
+        peer: &'p PeerRef,
         now: Instant,
-        now_ns: u64,
     ) -> Option<MutexGuard<'p, Option<NoiseState>>> {
-        {
-            let guard = peer.noise.lock();
-            if guard.is_some() {
+        // Twice at most: a private key change between making and installing means
+        // making it again from the new keys.
+        for _ in 0..2 {
+            {
+                let guard = peer.noise.lock();
+                if guard.is_some() {
+                    return Some(guard);
+                }
+            }
+            // Made without the peer's lock: configuration changes take the table's
+            // lock and then the peer's, so the table's lock must never be taken under it.
+            let fresh = self.fresh_noise(&self.state.read(), peer, now)?;
+            let mut guard = peer.noise.lock();
+            if guard.is_some() || self.install_noise(peer, &mut guard, fresh) {
                 return Some(guard);
             }
         }
-        // Made without the peer's lock: configuration changes take the table's lock
-        // and then the peer's, so the table's lock must never be taken under it.
-        let keys: Arc<StaticKeys> = self.state.read().keys.clone()?;
-        let psk = *peer.preshared_key.read();
-        let fresh = NoiseState::new(&keys, &peer.public_key, psk, peer.index, now);
-        let mut guard = peer.noise.lock();
-        if guard.is_none() {
-            *guard = Some(fresh);
-            // A live state needs its timers run.
-            self.timers_due
-                .lower(now_ns.saturating_add(super::clock::nanos(TIMER_TICK)));
-        }
-        Some(guard)
+        None
     }
 }

@@ -449,6 +449,7 @@ pub fn sample_relay_config() -> sidecar_relay::config::RelayConfig {
             listen: "[::]:8443".parse().unwrap(),
         },
         limits: LimitsSection::default(),
+        pq: PqSection::for_new_relay(),
     }
 }
 

@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub listen_port: Option<u16>,
     pub mtu: Option<u16>,
     pub peers: Vec<Peer>,
+    /// `SIDECAR_NOISE` for the agent (the noise backend), when set.
+    pub noise_backend: Option<String>,
 }
 
 impl AgentConfig {
@@ -128,6 +130,9 @@ impl<'ns> Agent<'ns> {
         cmd.args(["up", "--config"])
             .arg(&conf)
             .args(["--interface", &iface]);
+        if let Some(backend) = &config.noise_backend {
+            cmd.env("SIDECAR_NOISE", backend);
+        }
         let mut child = ChildGuard::spawn(&format!("sidecar-agent {iface}"), cmd);
 
         let socket = wg::uapi_socket(&iface);
@@ -147,6 +152,11 @@ impl<'ns> Agent<'ns> {
             child,
             _dir: dir,
         }
+    }
+
+    /// The last `lines` lines of the agent's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.child.stderr_tail(lines)
     }
 
     /// `wg ARGS` with `{}` in `args` replaced by the interface name.

@@ -434,7 +434,27 @@ impl<'t> Relay<'t> {
         Self::init_with(topo, opts, false)
     }
 
+    /// Like [`Relay::start`] with extra `init` arguments, replacing the defaults the
+    /// fixture passes (post-quantum keys not required, default token unbound), e.g.
+    /// `["--require-pq", "true", "--pq-rotate-secs", "2"]`.
+    pub fn start_with_init_args(topo: &'t Topology, opts: &RelayOptions, args: &[&str]) -> Self {
+        let mut relay = Self::init_full(topo, opts, false, args);
+        relay.run();
+        relay
+    }
+
     fn init_with(topo: &'t Topology, opts: &RelayOptions, routed: bool) -> Self {
+        // Most tests register plain wireguard-go clients with curl: neither a
+        // post-quantum key nor a machine fingerprint, which new relays ask for.
+        Self::init_full(
+            topo,
+            opts,
+            routed,
+            &["--require-pq", "false", "--bind-default-token", "false"],
+        )
+    }
+
+    fn init_full(topo: &'t Topology, opts: &RelayOptions, routed: bool, extra: &[&str]) -> Self {
         let ns = &topo.relay;
         let dir = TempDir::new();
         let data = dir.join("relay");
@@ -460,6 +480,7 @@ impl<'t> Relay<'t> {
         if opts.ipv4_pool {
             cmd.args(["--ipv4-pool", pool, "--ipv4-mode", mode]);
         }
+        cmd.args(extra);
         let out = process::run_ok(cmd);
         let after = |prefix: &str| {
             out.lines()
@@ -693,7 +714,8 @@ impl<'t> Relay<'t> {
         max_ipv4: u32,
         bandwidth_mbps: Option<u32>,
     ) -> (String, String) {
-        let mut body = json!({"name": name, "max_peers": max_peers, "max_ipv4": max_ipv4});
+        // Unbound: curl registrations carry no machine fingerprint.
+        let mut body = json!({"name": name, "max_peers": max_peers, "max_ipv4": max_ipv4, "bind_machine": false});
         if let Some(mbps) = bandwidth_mbps {
             body["bandwidth_mbps"] = json!(mbps);
         }
@@ -707,6 +729,42 @@ impl<'t> Relay<'t> {
         assert_eq!(r.status, 201, "token creation failed: {r:?}");
         let field = |k: &str| r.json[k].as_str().expect("token field").to_owned();
         (field("id"), field("token"))
+    }
+
+    /// `POST /v1/admin/tokens` for a token bound to the machine of its first
+    /// registration (the API's default); returns (id, secret).
+    pub fn create_bound_token(&self, name: &str, max_peers: u32) -> (String, String) {
+        let body = json!({"name": name, "max_peers": max_peers, "max_ipv4": 0});
+        let r = self.call(
+            self.ns,
+            "POST",
+            "/v1/admin/tokens",
+            &self.creds.admin_token,
+            Some(&body),
+        );
+        assert_eq!(r.status, 201, "token creation failed: {r:?}");
+        let field = |k: &str| r.json[k].as_str().expect("token field").to_owned();
+        (field("id"), field("token"))
+    }
+
+    /// `wg show IFACE preshared-keys` on the relay: (peer public key, preshared key
+    /// or `(none)`).
+    pub fn preshared_keys(&self) -> Vec<(String, String)> {
+        self.ns
+            .exec(&format!("wg show {} preshared-keys", self.iface))
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.to_owned()))
+            })
+            .collect()
+    }
+
+    /// The preshared key `wg show` reports for `pubkey`, if the relay has the peer.
+    pub fn preshared_key(&self, pubkey: &str) -> Option<String> {
+        self.preshared_keys()
+            .into_iter()
+            .find_map(|(k, psk)| (k == pubkey).then_some(psk))
     }
 
     /// `GET /v1/peers` with `token`: the listed public keys and their IPv6 addresses.

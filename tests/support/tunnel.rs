@@ -59,6 +59,7 @@ impl<'p> Tunnel<'p> {
             listen_port: Some(AGENT_PORT),
             mtu: Some(MTU),
             peers: vec![wggo_as_peer],
+            noise_backend: None,
         };
         adjust(&mut config);
         let agent = Agent::start(&pair.a, &config);

@@ -21,6 +21,7 @@ use sidecar::{Endpoint, Key};
 
 mod host;
 pub mod pin;
+pub mod pq;
 
 /// Every API token starts with this, so that a leaked token is recognisable
 /// (secret scanners key on it) and a wrong kind of credential is rejected early.
@@ -64,6 +65,13 @@ pub mod codes {
     pub const OVERLOADED: &str = "overloaded";
     /// 500: an internal failure; details are in the relay's log only.
     pub const INTERNAL: &str = "internal";
+    /// 403: this relay requires a post-quantum preshared key and the registration
+    /// carried no X-Wing ciphertext.
+    pub const PQ_REQUIRED: &str = "pq_required";
+    /// 403: the token is bound to another machine.
+    pub const MACHINE_MISMATCH: &str = "machine_mismatch";
+    /// 403: the token is bound to a machine and the registration named none.
+    pub const MACHINE_REQUIRED: &str = "machine_required";
 }
 
 /// `POST /v1/peers`: register a WireGuard public key and get addresses for it.
@@ -82,6 +90,92 @@ pub struct RegisterPeer {
     /// Container id this peer serves, for lookup after an agent restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+}
+
+/// `POST /v1/peers` as agents send it: the registration, the X-Wing ciphertext for a
+/// post-quantum preshared key, and the machine fingerprint. A relay that predates
+/// these fields ignores them; a [`RegisterPeer`] alone is still a valid body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegisterRequest {
+    #[serde(flatten)]
+    pub peer: RegisterPeer,
+    /// Base64 X-Wing ciphertext encapsulated to the relay's key (`GET /v1/pq`); the
+    /// preshared key is derived from it on both sides (see [`pq`]) and never sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pq_ciphertext: Option<String>,
+    /// Machine fingerprint: base64 HMAC-SHA256 of the host's identity under the
+    /// token's machine key (`GET /v1/machine`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+}
+
+/// `POST /v1/peers` response: the allocation, and the post-quantum grant when the
+/// registration carried a ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Registered {
+    #[serde(flatten)]
+    pub allocation: Allocation,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pq: Option<PqGrant>,
+}
+
+/// The preshared key the relay now uses for the peer is the one derived with this
+/// counter; encapsulate again within `rotate_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PqGrant {
+    /// Rotation counter bound into the preshared key (1 at the first encapsulation).
+    pub counter: u64,
+    /// How often the relay asks peers to encapsulate again, seconds.
+    pub rotate_secs: u64,
+}
+
+/// `GET /v1/pq` response (no authentication): what a client needs to encapsulate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PqInfo {
+    /// The relay's X-Wing public key, base64 (1216 bytes).
+    pub xwing_public_key: String,
+    /// The relay's WireGuard public key, base64 (bound into the preshared key).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    pub relay_public_key: Key,
+    /// Registrations without a ciphertext are refused.
+    pub required: bool,
+    /// How often peers should encapsulate again, seconds.
+    pub rotate_secs: u64,
+}
+
+/// `GET /v1/machine` response: the calling token's machine key and binding.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MachineKey {
+    /// Base64 key (32 bytes) to HMAC the host's identity with; differs per token
+    /// and per relay, so a fingerprint says nothing about the host.
+    pub machine_key: String,
+    /// Registrations must come from one machine.
+    pub bind_machine: bool,
+    /// A machine is bound already.
+    pub bound: bool,
+}
+
+/// Keeps the key out of `{:?}` logs.
+impl fmt::Debug for MachineKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MachineKey")
+            .field("bind_machine", &self.bind_machine)
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/admin/tokens/unbind-machine` request: forget the machine a token is
+/// bound to, so the next registration binds it anew.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UnbindMachine {
+    pub id: String,
 }
 
 /// What a registration grants: everything the agent needs to configure its side.
@@ -227,6 +321,14 @@ pub struct CreateToken {
     /// Peers of this token cannot reach each other through the relay.
     #[serde(default)]
     pub isolate_peers: bool,
+    /// The first registration binds the token to its machine (the default); false
+    /// for CI runners and other hosts that are new machines each time.
+    #[serde(default = "yes")]
+    pub bind_machine: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /v1/admin/tokens` response. The secret is shown only this once.
@@ -407,6 +509,51 @@ mod tests {
     }
 
     #[test]
+    fn pq_and_machine_fields_are_optional_both_ways() {
+        // An old agent's body is a valid request without the new fields.
+        let old: RegisterRequest =
+            serde_json::from_value(json!({"pubkey": K_B64, "ipv4": true})).unwrap();
+        assert_eq!((old.pq_ciphertext, old.machine), (None, None));
+        assert!(old.peer.ipv4);
+        let new = RegisterRequest {
+            peer: RegisterPeer {
+                pubkey: K,
+                ipv4: false,
+                name: None,
+                container: None,
+            },
+            pq_ciphertext: Some("Y3Q=".into()),
+            machine: Some("bQ==".into()),
+        };
+        let v = to_value(&new);
+        assert_eq!(
+            v,
+            json!({"pubkey": K_B64, "ipv4": false, "pq_ciphertext": "Y3Q=", "machine": "bQ=="})
+        );
+        // An old relay reads the same body as a plain registration.
+        assert_eq!(serde_json::from_value::<RegisterPeer>(v).unwrap(), new.peer);
+
+        let granted = Registered {
+            allocation: allocation(),
+            pq: Some(PqGrant {
+                counter: 3,
+                rotate_secs: 60,
+            }),
+        };
+        let v = to_value(&granted);
+        assert_eq!(v["pq"], json!({"counter": 3, "rotate_secs": 60}));
+        assert_eq!(v["mtu"], 1420);
+        // An old agent reads the allocation and ignores the grant.
+        assert_eq!(
+            serde_json::from_value::<Allocation>(v.clone()).unwrap(),
+            allocation()
+        );
+        assert_eq!(serde_json::from_value::<Registered>(v).unwrap(), granted);
+        let plain: Registered = serde_json::from_value(to_value(&allocation())).unwrap();
+        assert_eq!(plain.pq, None);
+    }
+
+    #[test]
     fn a_body_with_a_bad_key_does_not_decode() {
         for bad in [json!(""), json!("AAAA"), json!("not base64!"), json!(5)] {
             let err = serde_json::from_value::<RegisterPeer>(json!({ "pubkey": bad }))
@@ -516,13 +663,17 @@ mod tests {
             serde_json::from_str(r#"{"name":"n","max_peers":5,"max_ipv4":1}"#).unwrap();
         assert_eq!(create.bandwidth_mbps, None);
         assert!(!create.isolate_peers);
+        assert!(
+            create.bind_machine,
+            "tokens are bound to a machine unless asked"
+        );
         assert_eq!(
             to_value(&CreateToken {
                 bandwidth_mbps: Some(100),
                 isolate_peers: true,
                 ..create
             }),
-            json!({"name": "n", "max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": 100, "isolate_peers": true})
+            json!({"name": "n", "max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": 100, "isolate_peers": true, "bind_machine": true})
         );
         let created = CreatedToken {
             id: "i".into(),

@@ -25,10 +25,12 @@ pub enum PinError {
     Config(#[from] rustls::Error),
 }
 
-/// The ring provider, passed explicitly everywhere: with more than one provider
-/// compiled in, rustls' implicit default would panic at runtime.
+/// The aws-lc-rs provider, passed explicitly everywhere so the process-wide default
+/// never matters. It is the one whose key exchange groups include the hybrid
+/// post-quantum X25519MLKEM768, offered first (classical X25519 and the NIST
+/// curves stay as fallbacks for peers without it).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The pin of a DER SubjectPublicKeyInfo: `sha256//` and the base64 of its SHA-256.

@@ -1030,3 +1030,110 @@ async fn ten_thousand_registrations() {
     );
     store.verify().unwrap();
 }
+
+fn extras(pq: Option<&str>, machine: Option<&str>) -> RegisterExtras {
+    RegisterExtras {
+        pq_ciphertext: pq.map(str::to_owned),
+        machine: machine.map(str::to_owned),
+    }
+}
+
+#[tokio::test]
+async fn a_bound_token_works_only_from_its_first_machine_until_unbound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), plan()).unwrap();
+    let (tok, _) = store
+        .create_token_with(TokenSpec::tenant("bound", 10, 0), true)
+        .await
+        .unwrap();
+    assert!(tok.bind_machine && tok.machine.is_none());
+    let err = store
+        .register_with(&tok, reg(key(1), false), extras(None, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MachineRequired), "{err}");
+    store
+        .register_with(&tok, reg(key(1), false), extras(None, Some("m-a")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.token(&tok.id).unwrap().unwrap().machine.as_deref(),
+        Some("m-a")
+    );
+    let err = store
+        .register_with(&tok, reg(key(2), false), extras(None, Some("m-b")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MachineMismatch), "{err}");
+    assert!(
+        store.peer(&key(2)).unwrap().is_none(),
+        "a refused registration leaves nothing"
+    );
+    store
+        .register_with(&tok, reg(key(2), false), extras(None, Some("m-a")))
+        .await
+        .unwrap();
+
+    store.unbind_machine(&tok.id).await.unwrap();
+    store
+        .register_with(&tok, reg(key(3), false), extras(None, Some("m-b")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.token(&tok.id).unwrap().unwrap().machine.as_deref(),
+        Some("m-b")
+    );
+    assert!(matches!(
+        store.unbind_machine("tok_none").await.unwrap_err(),
+        StoreError::NotFound
+    ));
+
+    // Unbound tokens (and every token stored before binding existed) take any machine.
+    let free = token(&store, 10, 0).await;
+    for (i, m) in [(10, Some("m-a")), (11, Some("m-b")), (12, None)] {
+        store
+            .register_with(&free, reg(key(i), false), extras(None, m))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.token(&free.id).unwrap().unwrap().machine, None);
+}
+
+#[tokio::test]
+async fn the_pq_counter_moves_on_with_each_ciphertext_and_none_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), plan()).unwrap();
+    let tok = token(&store, 10, 0).await;
+    let (rec, created) = store
+        .register_with(&tok, reg(key(1), false), extras(Some("ct1"), None))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(
+        (rec.pq_ciphertext.as_deref(), rec.pq_counter),
+        (Some("ct1"), 1)
+    );
+    let (rec, created) = store
+        .register_with(&tok, reg(key(1), false), extras(Some("ct2"), None))
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(
+        (rec.pq_ciphertext.as_deref(), rec.pq_counter),
+        (Some("ct2"), 2)
+    );
+    let (rec, _) = store.register(&tok, reg(key(1), false)).await.unwrap();
+    assert_eq!((rec.pq_ciphertext, rec.pq_counter), (None, 2));
+    let (rec, _) = store
+        .register_with(&tok, reg(key(1), false), extras(Some("ct3"), None))
+        .await
+        .unwrap();
+    assert_eq!(rec.pq_counter, 3, "the counter never goes back");
+    drop(store);
+    let store = Store::open(dir.path(), plan()).unwrap();
+    let rec = store.peer(&key(1)).unwrap().unwrap();
+    assert_eq!(
+        (rec.pq_ciphertext.as_deref(), rec.pq_counter),
+        (Some("ct3"), 3)
+    );
+}

@@ -164,13 +164,16 @@ pub(crate) fn create_response(
     })
 }
 
-/// Reads a response to our initiation `hs` and derives the keys.
+/// Reads a response to our initiation `hs` and derives the keys. The preshared key is
+/// mixed in last, so each of `psks` is tried on the same Diffie-Hellman results (a
+/// change of preshared key that the peer has not seen yet costs hashes, not DHs);
+/// returns the keys and which of `psks` the response was made with.
 pub(crate) fn consume_response(
     identity: &Identity,
     hs: &InitiatorHandshake,
-    psk: &[u8; 32],
+    psks: &[&[u8; 32]],
     msg: &[u8; RESPONSE_LEN],
-) -> Result<SessionKeys, NoiseError> {
+) -> Result<(SessionKeys, usize), NoiseError> {
     if u32_at(msg, 8) != hs.local_index {
         return Err(NoiseError::UnknownIndex);
     }
@@ -180,16 +183,21 @@ pub(crate) fn consume_response(
     let h = hash(&[&hs.h, &e_r]);
     let ck = kdf1(&ck, &dh(&hs.ephemeral, &e_r)?);
     let ck = kdf1(&ck, &dh(&identity.secret, &e_r)?);
-    let (ck, tau, k) = kdf3(&ck, psk);
-    let h = hash(&[&h, &tau]);
-    let mut field = [0u8; TAG_LEN];
-    field.copy_from_slice(&msg[offset::RESP_EMPTY..offset::RESP_MAC1]);
-    open(&k, &h, &mut field)?;
-
-    let (send, recv) = kdf2(&ck, &[]);
-    Ok(SessionKeys {
-        send,
-        recv,
-        remote_index: u32_at(msg, 4),
-    })
+    for (which, psk) in psks.iter().enumerate() {
+        let (ck, tau, k) = kdf3(&ck, *psk);
+        let h = hash(&[&h, &tau]);
+        let mut field = [0u8; TAG_LEN];
+        field.copy_from_slice(&msg[offset::RESP_EMPTY..offset::RESP_MAC1]);
+        if open(&k, &h, &mut field).is_err() {
+            continue;
+        }
+        let (send, recv) = kdf2(&ck, &[]);
+        let keys = SessionKeys {
+            send,
+            recv,
+            remote_index: u32_at(msg, 4),
+        };
+        return Ok((keys, which));
+    }
+    Err(NoiseError::DecryptFailed)
 }

@@ -57,6 +57,10 @@ pub const MIN_OUT_BUF: usize = INITIATION_LEN;
 pub const INITIATION_MIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Data plaintext is padded to 16 bytes but not past this, unless [`NoisePeer::set_mtu`].
 pub const DEFAULT_MTU: u16 = 1420;
+/// After a change of preshared key, responses made with the previous one are still
+/// accepted for this long, or until a handshake under the new one completes: the peer
+/// may learn of the change a little later than we do.
+pub const PSK_GRACE: Duration = REJECT_AFTER_TIME;
 
 /// What an input produced, written into the caller's `out`.
 #[derive(Debug, PartialEq, Eq)]
@@ -78,6 +82,8 @@ pub struct NoisePeer {
     identity: Arc<Identity>,
     peer_public: [u8; 32],
     psk: [u8; 32],
+    /// The preshared key before the latest change, and until when it is still tried.
+    previous_psk: Option<Box<([u8; 32], Instant)>>,
     index: u32,
     session_counter: u8,
     persistent_keepalive: Option<u16>,
@@ -111,6 +117,7 @@ impl NoisePeer {
             identity,
             peer_public,
             psk: psk.unwrap_or_default(),
+            previous_psk: None,
             index: index & 0x00ff_ffff,
             session_counter: 0,
             persistent_keepalive: None,
@@ -142,9 +149,15 @@ impl NoisePeer {
     }
 
     /// Used by every handshake message processed from now on; the sessions already
-    /// established keep their keys until the next handshake replaces them.
-    pub fn set_preshared_key(&mut self, psk: Option<[u8; 32]>) {
-        self.psk = psk.unwrap_or_default();
+    /// established keep their keys until the next handshake replaces them. Until a
+    /// handshake under the new key completes (at most [`PSK_GRACE`]), a response made
+    /// with the previous key is accepted too.
+    pub fn set_preshared_key(&mut self, now: Instant, psk: Option<[u8; 32]>) {
+        let psk = psk.unwrap_or_default();
+        if psk != self.psk {
+            let old = std::mem::replace(&mut self.psk, psk);
+            self.previous_psk = Some(Box::new((old, now + PSK_GRACE)));
+        }
     }
 
     /// Starts (with a keepalive at once) or stops persistent keepalives.
@@ -421,7 +434,6 @@ impl NoisePeer {
         Ok(n)
     }
 
-    /// Returns the length of the keepalive (or initiation) written into `out`.
     /// The current session asks for a successor: too many messages, or (initiator only)
     /// too old.
     fn current_wants_rekey(&self, now: Instant) -> bool {
@@ -431,7 +443,9 @@ impl NoisePeer {
         })
     }
 
-    fn send_keepalive(
+    /// A keepalive on the current session, or a handshake initiation if there is none
+    /// (and none is on its way); the length written into `out`.
+    pub fn send_keepalive(
         &mut self,
         now: Instant,
         out: &mut [u8],
@@ -517,7 +531,24 @@ impl NoisePeer {
         if !cookie::mac1_valid(&self.identity.hashes.mac1_key, bytes, offset::RESP_MAC1) {
             return Err(NoiseError::InvalidMac);
         }
-        let keys = consume_response(&self.identity, hs, &self.psk, bytes)?;
+        let previous = self
+            .previous_psk
+            .as_deref()
+            .filter(|(_, until)| now < *until)
+            .map(|(k, _)| k);
+        let (keys, which) = match previous {
+            Some(old) => consume_response(&self.identity, hs, &[&self.psk, old], bytes)?,
+            None => consume_response(&self.identity, hs, &[&self.psk], bytes)?,
+        };
+        if which == 0 {
+            // The peer has the new key: the old one is no longer needed.
+            self.previous_psk = None;
+        } else {
+            tracing::debug!(
+                index = self.index,
+                "handshake response under the previous preshared key"
+            );
+        }
         self.handshake = None;
         self.keypairs
             .install_initiator(Keypair::new(&keys, receiver, true, now));

@@ -661,8 +661,8 @@ fn preshared_key_changes_at_the_next_handshake_without_dropping_sessions() {
     let mut s = Sim::new(Some(psk1));
     s.handshake(s.t0);
     let psk2 = key();
-    s.a.set_preshared_key(Some(psk2));
-    s.b.set_preshared_key(Some(psk2));
+    s.a.set_preshared_key(s.t0, Some(psk2));
+    s.b.set_preshared_key(s.t0, Some(psk2));
     let now = s.at(1.0);
     s.send(now, true, 100);
     s.send(now, false, 100);
@@ -681,14 +681,57 @@ fn preshared_key_changes_at_the_next_handshake_without_dropping_sessions() {
     );
     s.send(now, false, 100);
     assert_eq!(s.delivered_to_a.len(), 2);
-    // One side alone changing: the handshake fails but the session stays usable.
-    s.a.set_preshared_key(Some(key()));
+    // The responder alone changing: its response is made with a key the initiator
+    // never had, so the handshake fails but the session stays usable.
+    s.b.set_preshared_key(s.at(7.0), Some(key()));
     let now = s.at(7.0);
     let init = s.a.force_handshake(now, &mut out).unwrap().to_vec();
     s.wire(now, true, init);
     assert_eq!(s.a.last_handshake(now), Some(Duration::from_secs(6)));
     s.send(now, true, 100);
     assert_eq!(s.delivered_to_b.len(), 3);
+}
+
+#[test]
+fn initiator_accepts_a_response_under_its_previous_preshared_key_for_a_grace_period() {
+    let psk1 = key();
+    let mut s = Sim::new(Some(psk1));
+    s.handshake(s.t0);
+    let mut out = vec![0u8; 2048];
+    // A learns the new key first; B still answers with the old one.
+    let psk2 = key();
+    s.a.set_preshared_key(s.at(1.0), Some(psk2));
+    let now = s.at(10.0);
+    let init = s.a.force_handshake(now, &mut out).unwrap().to_vec();
+    s.wire(now, true, init);
+    assert_eq!(
+        s.a.last_handshake(now),
+        Some(Duration::ZERO),
+        "a response under the previous key completes within the grace period"
+    );
+    let before = (s.delivered_to_b.len(), s.delivered_to_a.len());
+    s.send(now, true, 100);
+    s.send(now, false, 100);
+    assert_eq!(
+        (s.delivered_to_b.len(), s.delivered_to_a.len()),
+        (before.0 + 1, before.1 + 1),
+        "the session made under the previous key carries data both ways"
+    );
+    // Past the grace period the previous key is no longer tried.
+    let late = s.at(1.0 + PSK_GRACE.as_secs_f64() + 1.0);
+    let init = s.a.force_handshake(late, &mut out).unwrap().to_vec();
+    s.wire(late, true, init);
+    assert_eq!(
+        s.a.last_handshake(late),
+        Some(late - now),
+        "no handshake under the old key after the grace period"
+    );
+    // B catches up: a handshake under the new key completes, and ends the grace.
+    s.b.set_preshared_key(late, Some(psk2));
+    let t = late + Duration::from_secs(1);
+    let init = s.a.force_handshake(t, &mut out).unwrap().to_vec();
+    s.wire(t, true, init);
+    assert_eq!(s.a.last_handshake(t), Some(Duration::ZERO));
 }
 
 #[test]
