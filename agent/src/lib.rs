@@ -1,6 +1,8 @@
 //! Sidecar agent library: what the `sidecar-agent` binary is made of.
 
 pub mod container_net;
+pub mod daemon;
+pub mod interface;
 pub mod labels;
 pub mod manager;
 pub mod netstack_link;

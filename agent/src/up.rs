@@ -13,8 +13,8 @@ use sidecar::wg::Device;
 use sidecar::wgquick;
 use sidecar::Endpoint;
 use sidecar::IpPrefix;
+use sidecar_agent::interface::{self, StopSignals};
 use sidecar_agent::resolve::{resolve_endpoint_with, system_resolver};
-use tokio::signal::unix::{signal, SignalKind};
 
 /// wg-quick's default for an Ethernet uplink: 1500 less the largest (IPv6) overhead.
 const DEFAULT_MTU: u16 = 1420;
@@ -89,6 +89,7 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
     };
 
     let driver = Driver::start(device, Arc::new(tun), socket);
+    let signals = StopSignals::install().context("cannot watch SIGTERM and SIGINT")?;
     let uapi = UapiServer::bind(&name, driver.control())
         .await
         .with_context(|| format!("cannot serve the userspace API for {name}"))?;
@@ -100,15 +101,7 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
         "interface is up; `wg show {name}` shows it",
     );
 
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let stop = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    };
-    uapi.run(stop).await;
+    interface::serve(&driver, uapi, signals).await;
 
     for prefix in routes {
         if let Err(e) = route::delete_route(prefix, ifindex) {

@@ -48,6 +48,8 @@ struct Shared<L: Link> {
     epoch: Instant,
     /// Wakes the timer task when a feed made the device's deadline earlier.
     wake: Notify,
+    /// Set once the link reports it is gone (the interface was deleted).
+    closed: watch::Sender<bool>,
 }
 
 /// The listen port of the tasks' shared state, whatever the link.
@@ -60,6 +62,7 @@ pub struct Driver {
     device: Arc<Device>,
     control: Arc<dyn DeviceControl>,
     port: Arc<dyn ListenPort>,
+    closed: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -77,6 +80,7 @@ impl Driver {
             "tunnel up"
         );
         let shared = Shared::new(device.clone(), link, socket);
+        let closed = shared.closed.subscribe();
         let tasks = vec![
             tokio::spawn(outbound::run(shared.clone())),
             tokio::spawn(inbound::run(shared.clone())),
@@ -86,6 +90,7 @@ impl Driver {
             device,
             control: shared.clone(),
             port: shared,
+            closed,
             tasks,
         }
     }
@@ -101,6 +106,14 @@ impl Driver {
     /// The control surface (for the userspace API socket).
     pub fn control(&self) -> Arc<dyn DeviceControl> {
         self.control.clone()
+    }
+
+    /// Completes once the link is gone (for a TUN device: the interface was deleted,
+    /// so reads fail with `EBADFD`). The data path has stopped reading by then.
+    pub async fn link_closed(&self) {
+        let mut closed = self.closed.clone();
+        // An error means the tasks are gone, which also ends the link's use.
+        let _ = closed.wait_for(|c| *c).await;
     }
 
     /// Stops the tasks; the link goes away with the last reference to it.
@@ -139,6 +152,7 @@ impl<L: Link> Shared<L> {
             armed: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             wake: Notify::new(),
+            closed: watch::channel(false).0,
         })
     }
 

@@ -18,7 +18,8 @@ pub(super) async fn run<L: Link>(shared: Arc<Shared<L>>) {
         let n = match shared.link.read(&mut reader).await {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                tracing::debug!(error = %e, "link closed");
+                tracing::info!(link = shared.link.name(), error = %e, "link gone");
+                shared.closed.send_replace(true);
                 return;
             }
             Err(e) => {
