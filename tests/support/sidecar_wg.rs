@@ -56,9 +56,14 @@ impl<'ns> SidecarWg<'ns> {
     /// `sidecar-wg IFNAME` in `ns` with a fresh name; panics unless it exits 0 with the
     /// interface and its socket in place and the daemon running.
     pub fn start(ns: &'ns Netns) -> Self {
+        Self::start_with_env(ns, &[])
+    }
+
+    /// As [`SidecarWg::start`], with extra environment variables for the daemon.
+    pub fn start_with_env(ns: &'ns Netns, env: &[(&str, &str)]) -> Self {
         let iface = unique_name("sw");
         let log_dir = TempDir::new();
-        let out = run_detached(ns, &iface, &log_dir.join("log"));
+        let out = run_detached_with_env(ns, &iface, &log_dir.join("log"), env);
         let log = std::fs::read_to_string(log_dir.join("log")).unwrap_or_default();
         assert!(
             out.status.success(),
@@ -142,7 +147,17 @@ impl Drop for SidecarWg<'_> {
 /// Runs `sidecar-wg --log-file LOG IFACE` in `ns` with a debug log and returns how the
 /// detaching command ended.
 pub fn run_detached(ns: &Netns, iface: &str, log: &std::path::Path) -> Output {
+    run_detached_with_env(ns, iface, log, &[])
+}
+
+fn run_detached_with_env(
+    ns: &Netns,
+    iface: &str,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Output {
     let mut cmd: Command = ns.program(sidecar_wg_bin());
+    cmd.envs(env.iter().copied());
     cmd.arg("--log-file")
         .arg(log)
         .arg(iface)

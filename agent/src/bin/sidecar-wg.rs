@@ -44,8 +44,9 @@ struct Args {
     /// Stay in the foreground instead of detaching.
     #[arg(short = 'f', long, env = "WG_PROCESS_FOREGROUND")]
     foreground: bool,
-    /// Append the log to FILE.
-    #[arg(long, value_name = "FILE")]
+    /// Append the log to FILE (SIDECAR_WG_LOG_FILE, for callers such as wg-quick that
+    /// pass only the interface name).
+    #[arg(long, value_name = "FILE", env = "SIDECAR_WG_LOG_FILE")]
     log_file: Option<PathBuf>,
     /// The interface to create (at most 15 characters).
     #[arg(value_name = "IFNAME")]
