@@ -286,11 +286,13 @@ async fn send_from_source<L: Link>(
     }
 }
 
-/// Whether `e` says our source address is not usable. A GSO send's EINVAL may mean
-/// the segment size instead; [`send`] retries those one by one, which comes back here.
+/// Whether `e` says our source address is not usable: IPv4 routing answers a source
+/// that is no longer local with ENETUNREACH, IPv6 with EINVAL. A GSO send's EINVAL
+/// may mean the segment size instead; [`send`] retries those one by one, which comes
+/// back here.
 fn source_refused(e: &io::Error, seg: Option<usize>) -> bool {
     match e.raw_os_error() {
-        Some(libc::EADDRNOTAVAIL) => true,
+        Some(libc::EADDRNOTAVAIL) | Some(libc::ENETUNREACH) => true,
         Some(libc::EINVAL) => seg.is_none(),
         _ => false,
     }
