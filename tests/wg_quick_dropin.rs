@@ -10,8 +10,8 @@ use support::sidecar_wg::{daemons_in, run_detached, sidecar_wg_bin, SidecarWg};
 use support::traffic::ping_until_reply;
 use support::wg::{uapi_socket, MTU};
 use support::{
-    cidr, endpoint, inner, iperf3, ping, require_tools, roaming, underlay, wait_until, Family,
-    KeyPair, Netns, Pair, Peer, TempDir, WireguardGo, BASE_TOOLS,
+    cidr, endpoint, inner, iperf3, ping, require_tools, roaming, underlay, wait_until, Agent,
+    AgentConfig, Family, KeyPair, Netns, Pair, Peer, TempDir, WireguardGo, BASE_TOOLS,
 };
 
 fn require() {
@@ -305,15 +305,15 @@ fn rules(ns: &Netns) -> String {
     format!("{}{}", ns.ip("-4 rule show"), ns.ip("-6 rule show"))
 }
 
-#[test]
-fn wg_quick_full_tunnel_through_a_forwarding_wireguard_go_peer() {
-    require();
-    require_tools(&["wg-quick", "nft", "sysctl"]);
-    let pair = Pair::new();
-    let beyond = Netns::new();
-    // B forwards between the tunnel and C, a host beyond it on 203.0.113.0/24 and
-    // 2001:db8:3::/64, which routes the tunnel's addresses back through B.
-    support::netns::veth(&pair.b, "vc", &beyond, "vc");
+/// wireguard-go in `pair.b` as the peer of `ours_keys`, forwarding between the tunnel
+/// and `beyond`, a host on 203.0.113.0/24 and 2001:db8:3::/64 that routes the
+/// tunnel's addresses back through it.
+fn forwarding_peer<'p>(
+    pair: &'p Pair,
+    beyond: &Netns,
+    ours_keys: &KeyPair,
+) -> (WireguardGo<'p>, KeyPair) {
+    support::netns::veth(&pair.b, "vc", beyond, "vc");
     for f in Family::BOTH {
         pair.b.add_addr("vc", &cidr(roaming(f, 1), f.prefix_len()));
         beyond.add_addr("vc", &cidr(roaming(f, 2), f.prefix_len()));
@@ -325,8 +325,6 @@ fn wg_quick_full_tunnel_through_a_forwarding_wireguard_go_peer() {
     }
     pair.b.exec("sysctl -q -w net.ipv4.ip_forward=1");
     pair.b.exec("sysctl -q -w net.ipv6.conf.all.forwarding=1");
-
-    let ours_keys = KeyPair::generate();
     let theirs_keys = KeyPair::generate();
     let theirs = WireguardGo::start(&pair.b, &theirs_keys, WGGO_PORT);
     for f in Family::BOTH {
@@ -337,7 +335,101 @@ fn wg_quick_full_tunnel_through_a_forwarding_wireguard_go_peer() {
             .allow(cidr(inner(Family::V4, 1), 32))
             .allow(cidr(inner(Family::V6, 1), 128)),
     );
+    (theirs, theirs_keys)
+}
 
+/// What a full tunnel must give `ns`: the default route of both families through
+/// `iface`, the host beyond the peer reached over both, and the tunnel's own packets
+/// on the underlay (wireguard-go sees us at our underlay address).
+fn assert_full_tunnel(
+    ns: &Netns,
+    iface: &str,
+    theirs: &WireguardGo,
+    ours_public: &str,
+    log: impl Fn() -> String,
+) {
+    let fwmark = ns.exec(&format!("wg show {iface} fwmark"));
+    assert_ne!(fwmark.trim(), "off", "no fwmark on {iface}");
+    for f in Family::BOTH {
+        let route = ns.ip(&format!("route get {}", roaming(f, 2)));
+        assert!(
+            route.contains(&format!("dev {iface}")),
+            "{f:?} default route not through {iface}: {route}"
+        );
+        let p = ping(ns, roaming(f, 2));
+        assert!(
+            p.all_received(),
+            "host beyond the peer over {f:?}:\n{}\n--- log ---\n{}",
+            p.output,
+            log()
+        );
+    }
+    let seen = theirs.peer(ours_public).and_then(|p| p.endpoint);
+    assert!(
+        seen.as_deref()
+            .is_some_and(|e| e.starts_with(&format!("{}:", underlay(Family::V4, 1)))),
+        "wireguard-go sees us at {seen:?}"
+    );
+}
+
+/// Nothing of a full tunnel on `iface` left in `ns`: rules, routes, nft tables.
+fn assert_no_full_tunnel_left(ns: &Netns, iface: &str) {
+    let rules = rules(ns);
+    assert!(
+        !rules.contains("suppress_prefixlength") && !rules.contains("not from all fwmark"),
+        "rules left behind:\n{rules}"
+    );
+    let routes = format!(
+        "{}{}",
+        ns.ip("-4 route show table all"),
+        ns.ip("-6 route show table all")
+    );
+    assert!(!routes.contains(iface), "routes left behind:\n{routes}");
+    let links = ns.ip("link show");
+    assert!(!links.contains(iface), "interface left behind: {links}");
+    assert!(!uapi_socket(iface).exists(), "socket left behind");
+}
+
+#[test]
+fn up_with_a_full_tunnel_file_routes_everything_and_cleans_up() {
+    require();
+    let pair = Pair::new();
+    let beyond = Netns::new();
+    let ours_keys = KeyPair::generate();
+    let (theirs, theirs_keys) = forwarding_peer(&pair, &beyond, &ours_keys);
+    let config = AgentConfig {
+        private_key: ours_keys.private.clone(),
+        addresses: vec![
+            cidr(inner(Family::V4, 1), 24),
+            cidr(inner(Family::V6, 1), 64),
+        ],
+        listen_port: None,
+        mtu: None,
+        peers: vec![Peer::new(&theirs_keys.public)
+            .allow("0.0.0.0/0")
+            .allow("::/0")
+            .endpoint(endpoint(underlay(Family::V4, 2), WGGO_PORT))],
+    };
+    let mut agent = Agent::start(&pair.a, &config);
+    let iface = agent.iface.clone();
+    assert_full_tunnel(&pair.a, &iface, &theirs, &ours_keys.public, || agent.log());
+    let status = agent.stop();
+    assert!(
+        status.success(),
+        "up exited with {status}:\n{}",
+        agent.log()
+    );
+    assert_no_full_tunnel_left(&pair.a, &iface);
+}
+
+#[test]
+fn wg_quick_full_tunnel_through_a_forwarding_wireguard_go_peer() {
+    require();
+    require_tools(&["wg-quick", "nft", "sysctl"]);
+    let pair = Pair::new();
+    let beyond = Netns::new();
+    let ours_keys = KeyPair::generate();
+    let (theirs, theirs_keys) = forwarding_peer(&pair, &beyond, &ours_keys);
     let iface = support::unique_name("sq");
     let dir = TempDir::new();
     let file = dir.join(&format!("{iface}.conf"));
@@ -377,52 +469,16 @@ fn wg_quick_full_tunnel_through_a_forwarding_wireguard_go_peer() {
     let daemons = daemons_in(&pair.a);
     assert_eq!(daemons.len(), 1, "one sidecar-wg after wg-quick up");
 
-    // The namespace's default route goes through the tunnel, and the tunnel's own UDP
-    // (marked with wg-quick's fwmark) does not.
-    let fwmark = pair.a.exec(&format!("wg show {iface} fwmark"));
-    assert_ne!(fwmark.trim(), "off", "wg-quick set no fwmark");
-    for f in Family::BOTH {
-        let route = pair.a.ip(&format!("route get {}", roaming(f, 2)));
-        assert!(
-            route.contains(&format!("dev {iface}")),
-            "{f:?} default route not through {iface}: {route}"
-        );
-        let p = ping(&pair.a, roaming(f, 2));
-        assert!(
-            p.all_received(),
-            "host beyond the peer over {f:?}:\n{}\n--- sidecar-wg log ---\n{}",
-            p.output,
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-    // wireguard-go sees us at our underlay address: the encrypted packets took veth0,
-    // not the tunnel.
-    let seen = theirs.peer(&ours_keys.public).and_then(|p| p.endpoint);
-    assert!(
-        seen.as_deref()
-            .is_some_and(|e| e.starts_with(&format!("{}:", underlay(Family::V4, 1)))),
-        "wireguard-go sees us at {seen:?}"
-    );
+    assert_full_tunnel(&pair.a, &iface, &theirs, &ours_keys.public, || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+    });
 
     wg_quick("down");
     assert!(
         wait_until(Duration::from_secs(3), || daemons_in(&pair.a).is_empty()),
         "sidecar-wg still running after wg-quick down"
     );
-    assert!(!uapi_socket(&iface).exists(), "socket left behind");
-    let links = pair.a.ip("link show");
-    assert!(!links.contains(&iface), "interface left behind: {links}");
-    let rules = rules(&pair.a);
-    assert!(
-        !rules.contains("suppress_prefixlength") && !rules.contains("not from all fwmark"),
-        "rules left behind:\n{rules}"
-    );
-    let routes = format!(
-        "{}{}",
-        pair.a.ip("-4 route show table all"),
-        pair.a.ip("-6 route show table all")
-    );
-    assert!(!routes.contains(&iface), "routes left behind:\n{routes}");
+    assert_no_full_tunnel_left(&pair.a, &iface);
     let nft = pair.a.exec("nft list tables");
     assert!(!nft.contains(&iface), "nft table left behind: {nft}");
 }

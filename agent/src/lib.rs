@@ -2,6 +2,7 @@
 
 pub mod container_net;
 pub mod daemon;
+pub mod full_tunnel;
 pub mod interface;
 pub mod labels;
 pub mod manager;
