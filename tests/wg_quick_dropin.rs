@@ -629,3 +629,25 @@ fn peer_key(n: u32) -> String {
     bytes[..4].copy_from_slice(&n.to_be_bytes());
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+#[test]
+fn up_exits_when_its_interface_is_deleted() {
+    require();
+    let ns = Netns::new();
+    let keys = KeyPair::generate();
+    let mut agent = Agent::start(
+        &ns,
+        &AgentConfig {
+            private_key: keys.private.clone(),
+            addresses: vec![cidr(inner(Family::V4, 1), 24)],
+            ..AgentConfig::default()
+        },
+    );
+    ns.ip(&format!("link del {}", agent.iface));
+    assert!(
+        wait_until(Duration::from_secs(1), || !agent.is_running()),
+        "up still running 1 s after ip link del:\n{}",
+        agent.log()
+    );
+    assert!(!uapi_socket(&agent.iface).exists(), "socket left behind");
+}
