@@ -12,8 +12,9 @@ use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_
 
 use crate::prefix::IpPrefix;
 
-/// Largest IP packet (and so largest superpacket) the device hands over.
-const MAX_PACKET: usize = 65_535;
+/// Largest IP packet (and so largest superpacket) the device hands over, and the
+/// largest MTU the kernel lets `ip link set mtu` give it.
+pub const MAX_PACKET: usize = 65_535;
 
 /// Environment variable that, set to `off`, keeps offloads off on the TUN device
 /// (no virtio-net headers) and the UDP socket (no GSO, no GRO): the one packet per
@@ -121,11 +122,13 @@ pub struct TunReader {
 }
 
 impl TunReader {
-    pub fn new(mtu: u16) -> TunReader {
-        let slot = usize::from(mtu).max(1500);
+    /// Every buffer holds the largest packet, not the MTU at start: `ip link set mtu`
+    /// may raise it at any time, and a read into a smaller buffer would fail. Pages
+    /// a read never reaches are never touched.
+    pub fn new() -> TunReader {
         TunReader {
             raw: vec![0; VIRTIO_NET_HDR_LEN + MAX_PACKET],
-            bufs: vec![vec![0; slot]; IDEAL_BATCH_SIZE],
+            bufs: vec![vec![0; MAX_PACKET]; IDEAL_BATCH_SIZE],
             sizes: vec![0; IDEAL_BATCH_SIZE],
         }
     }
@@ -208,6 +211,12 @@ impl TunWriter {
             .send_multiple(&mut self.gro, &mut self.bufs[..n], Self::OFFSET)
             .await
             .map(|_| ())
+    }
+}
+
+impl Default for TunReader {
+    fn default() -> Self {
+        TunReader::new()
     }
 }
 

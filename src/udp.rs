@@ -35,6 +35,11 @@ pub struct UdpTransport {
     dual_stack: bool,
     /// GSO and GRO are in use (see [`crate::tun::OFFLOAD_ENV`]).
     offload: bool,
+    /// quinn-udp's GSO segment count as found at bind. Kept here because quinn-udp
+    /// turns GSO off for good after any EINVAL, and the driver also gets EINVAL for
+    /// causes of its own (a source address that went away, a segment larger than the
+    /// path's MTU), which it handles without giving GSO up.
+    gso_segments: usize,
 }
 
 impl UdpTransport {
@@ -65,6 +70,7 @@ impl UdpTransport {
         let _ = sock.set_recv_buffer_size(RECV_BUFFER);
         let _ = sock.set_send_buffer_size(SEND_BUFFER);
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        allow_fragmentation(&sock, dual_stack)?;
         let offload = crate::tun::offloads_allowed();
         if !offload {
             // quinn-udp turned GRO on where the kernel has it; receive one datagram
@@ -72,11 +78,13 @@ impl UdpTransport {
             set_int_option(&sock, libc::SOL_UDP, libc::UDP_GRO, 0)?;
         }
         let socket = UdpSocket::from_std(sock.into())?;
+        let gso_segments = state.max_gso_segments();
         Ok(UdpTransport {
             socket,
             state,
             dual_stack,
             offload,
+            gso_segments,
         })
     }
 
@@ -98,7 +106,7 @@ impl UdpTransport {
     /// How many datagrams one send may carry as a GSO batch (1 without GSO).
     pub fn max_gso_segments(&self) -> usize {
         if self.offload {
-            self.state.max_gso_segments()
+            self.gso_segments
         } else {
             1
         }
@@ -114,7 +122,7 @@ impl UdpTransport {
     }
 
     /// Receives a batch. Each `meta[i]` describes `bufs[i]`: `len` bytes that are
-    /// `stride`-sized datagrams back to back (GRO), all from `addr`.
+    /// `stride`-sized datagrams back to back (GRO), all from `addr` to our `dst_ip`.
     pub async fn recv(
         &self,
         bufs: &mut [IoSliceMut<'_>],
@@ -133,12 +141,16 @@ impl UdpTransport {
     }
 
     /// Sends `contents` to `to`: one datagram, or with `segment_size` several of that
-    /// size back to back (the last may be shorter), in one system call.
+    /// size back to back (the last may be shorter), in one system call. `src` is the
+    /// local address to send from (`IP_PKTINFO`/`IPV6_PKTINFO`), in the form
+    /// [`UdpTransport::recv`] reported it; `None` lets the kernel choose. A source
+    /// that is no longer ours fails with `EINVAL` or `EADDRNOTAVAIL`.
     pub async fn send(
         &self,
         to: SocketAddr,
         contents: &[u8],
         segment_size: Option<usize>,
+        src: Option<IpAddr>,
     ) -> io::Result<()> {
         let destination = self.map(to);
         let transmit = Transmit {
@@ -146,7 +158,7 @@ impl UdpTransport {
             ecn: None,
             contents,
             segment_size,
-            src_ip: None,
+            src_ip: src,
         };
         loop {
             self.socket.writable().await?;
@@ -169,6 +181,29 @@ impl UdpTransport {
             other => other,
         }
     }
+}
+
+/// Undoes quinn-udp's ban on fragmentation (it sets `IP_PMTUDISC_PROBE` and
+/// `IPV6_DONTFRAG`, which QUIC wants): a WireGuard interface may have a larger MTU
+/// than the path, and its datagrams must then leave in fragments as they do from
+/// kernel WireGuard and wireguard-go, not fail with `EMSGSIZE`.
+fn allow_fragmentation(sock: &socket2::Socket, ipv6: bool) -> io::Result<()> {
+    set_int_option(
+        sock,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    )?;
+    if ipv6 {
+        set_int_option(
+            sock,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )?;
+        set_int_option(sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)?;
+    }
+    Ok(())
 }
 
 fn is_no_ipv6(e: &io::Error) -> bool {

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for tool in wireguard-go:wireguard-go wg:wireguard-tools iperf3:iperf3 nft:nftables \
+for tool in wireguard-go:wireguard-go wg:wireguard-tools wg-quick:wireguard-tools iperf3:iperf3 nft:nftables \
             ip:iproute2 ping:iputils-ping curl:curl dockerd:docker.io nsenter:util-linux \
             setpriv:util-linux sysctl:procps ss:iproute2 timeout:coreutils \
             unshare:util-linux runsc:runsc; do

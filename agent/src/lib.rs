@@ -2,8 +2,11 @@
 
 pub mod container;
 pub mod container_net;
+pub mod daemon;
 pub mod fd_budget;
+pub mod full_tunnel;
 pub mod health;
+pub mod interface;
 pub mod labels;
 pub mod machine_id;
 pub mod manager;

@@ -9,12 +9,13 @@ use sidecar::route;
 use sidecar::tun::TunDevice;
 use sidecar::uapi::{validate_interface_name, UapiServer};
 use sidecar::udp::UdpTransport;
-use sidecar::wg::{Device, DeviceConfig};
+use sidecar::wg::{Device, DeviceConfig, DeviceUpdate};
 use sidecar::wgquick;
 use sidecar::Endpoint;
 use sidecar::IpPrefix;
+use sidecar_agent::full_tunnel::{self, Families, FullTunnel};
+use sidecar_agent::interface::{self, StopSignals};
 use sidecar_agent::resolve::{resolve_endpoint_with, system_resolver};
-use tokio::signal::unix::{signal, SignalKind};
 
 /// wg-quick's default for an Ethernet uplink: 1500 less the largest (IPv6) overhead.
 const DEFAULT_MTU: u16 = 1420;
@@ -37,11 +38,21 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
     validate_interface_name(&name).with_context(|| format!("interface name {name:?}"))?;
 
     let mut device_config = DeviceConfig::new(config.interface.private_key);
-    if let Ok(backend) = std::env::var("SIDECAR_NOISE") {
-        device_config.noise_backend = backend.parse().context("SIDECAR_NOISE")?;
-    }
-    tracing::info!(noise = ?device_config.noise_backend, "noise backend");
+    device_config.noise_backend = interface::noise_backend_from_env()?;
     let device = Arc::new(Device::with_config(&device_config));
+    let defaults = default_routes(&config);
+    // The mark goes on the socket before any packet leaves, so the tunnel's own
+    // packets never take the default route through it.
+    let full_table = if defaults.any() {
+        let table = full_tunnel::free_table(defaults)?;
+        device.apply(&DeviceUpdate {
+            fwmark: Some(table),
+            ..DeviceUpdate::default()
+        })?;
+        Some(table)
+    } else {
+        None
+    };
     let needs_lookup = config
         .peers
         .iter()
@@ -92,8 +103,19 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
     } else {
         add_routes(&config, ifindex)?
     };
+    let full = match full_table {
+        Some(table) => match FullTunnel::install(&name, defaults, table) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                remove_routes(&routes, ifindex);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
 
     let driver = Driver::start(device, Arc::new(tun), socket);
+    let signals = StopSignals::install().context("cannot watch SIGTERM and SIGINT")?;
     let uapi = UapiServer::bind(&name, driver.control())
         .await
         .with_context(|| format!("cannot serve the userspace API for {name}"))?;
@@ -105,27 +127,43 @@ pub async fn run(config_path: &Path, interface: Option<&str>) -> Result<()> {
         "interface is up; `wg show {name}` shows it",
     );
 
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let stop = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    };
-    uapi.run(stop).await;
+    interface::serve(&driver, uapi, signals).await;
 
-    for prefix in routes {
-        if let Err(e) = route::delete_route(prefix, ifindex) {
-            tracing::debug!(%prefix, error = %e, "route already gone");
-        }
+    if let Some(full) = full {
+        full.remove();
     }
+    remove_routes(&routes, ifindex);
     driver.stop();
     tracing::info!(interface = %name, "interface removed");
     Ok(())
 }
 
-/// Routes every peer's allowed IPs to the interface; returns the routes it added.
+/// Which families have a /0 in some peer's allowed IPs (and routes are wanted).
+fn default_routes(config: &wgquick::WgQuickConfig) -> Families {
+    let mut families = Families::default();
+    if config.interface.table_off {
+        return families;
+    }
+    for prefix in config.peers.iter().flat_map(|p| &p.allowed_ips) {
+        if prefix.len() == 0 {
+            match prefix.addr() {
+                std::net::IpAddr::V4(_) => families.v4 = true,
+                std::net::IpAddr::V6(_) => families.v6 = true,
+            }
+        }
+    }
+    families
+}
+
+fn remove_routes(routes: &[IpPrefix], ifindex: u32) {
+    for prefix in routes {
+        if let Err(e) = route::delete_route(*prefix, ifindex) {
+            tracing::debug!(%prefix, error = %e, "route already gone");
+        }
+    }
+}
+
+/// Routes every peer's allowed IPs but /0 to the interface; returns the routes it added.
 fn add_routes(config: &wgquick::WgQuickConfig, ifindex: u32) -> Result<Vec<IpPrefix>> {
     let mut added: Vec<IpPrefix> = Vec::new();
     for prefix in config.peers.iter().flat_map(|p| &p.allowed_ips) {
@@ -134,13 +172,7 @@ fn add_routes(config: &wgquick::WgQuickConfig, ifindex: u32) -> Result<Vec<IpPre
             continue;
         }
         if prefix.len() == 0 {
-            // A default route through the tunnel would also capture the tunnel's own
-            // UDP packets; wg-quick avoids that with fwmark policy routing, which this
-            // command does not set up.
-            tracing::warn!(
-                %prefix,
-                "not installing a default route through the tunnel; add a narrower route yourself or use more specific AllowedIPs"
-            );
+            // Policy routing for these: see [`FullTunnel`].
             continue;
         }
         match route::add_route(prefix, ifindex, None) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::support::agent::agent_bin;
 use crate::support::process::{self, ChildGuard, TempDir};
+use crate::support::sidecar_wg::sidecar_wg_bin;
 use crate::support::wg::{uapi_socket, MTU};
 use crate::support::{unique_name, wait_until, KeyPair, Netns, Peer};
 
@@ -17,6 +18,8 @@ use crate::support::{unique_name, wait_until, KeyPair, Netns, Peer};
 pub enum Userspace {
     /// `sidecar-agent up`.
     Sidecar,
+    /// `sidecar-wg IFNAME`: the same engine behind wireguard-go's command line.
+    SidecarWg,
     /// Mullvad's GotaTun (`gotatun-cli` on crates.io, binary `gotatun`).
     GotaTun,
     /// Cloudflare's boringtun-cli.
@@ -27,7 +30,8 @@ pub enum Userspace {
 
 impl Userspace {
     /// The peers ours is compared with, in table order.
-    pub const PEERS: [Userspace; 3] = [
+    pub const PEERS: [Userspace; 4] = [
+        Userspace::SidecarWg,
         Userspace::GotaTun,
         Userspace::Boringtun,
         Userspace::WireguardGo,
@@ -37,6 +41,7 @@ impl Userspace {
     pub fn name(self) -> &'static str {
         match self {
             Userspace::Sidecar => "ours",
+            Userspace::SidecarWg => "sidecar-wg",
             Userspace::GotaTun => "gotatun",
             Userspace::Boringtun => "boringtun",
             Userspace::WireguardGo => "wireguard-go",
@@ -51,6 +56,7 @@ impl Userspace {
     fn binary(self) -> (&'static str, Option<&'static str>) {
         match self {
             Userspace::Sidecar => ("sidecar-agent", None),
+            Userspace::SidecarWg => ("sidecar-wg", None),
             Userspace::GotaTun => ("gotatun", Some("gotatun-cli")),
             Userspace::Boringtun => ("boringtun-cli", Some("boringtun-cli")),
             Userspace::WireguardGo => ("wireguard-go", None),
@@ -71,6 +77,7 @@ pub struct Installed {
 pub fn install(kind: Userspace) -> Installed {
     let path = match kind.binary() {
         (_, None) if kind == Userspace::Sidecar => agent_bin(),
+        (_, None) if kind == Userspace::SidecarWg => sidecar_wg_bin(),
         (bin, None) => find_binary(bin).unwrap_or_else(|| {
             panic!("`{bin}` is not in PATH; install Debian's wireguard-go package")
         }),
@@ -90,8 +97,8 @@ pub fn install(kind: Userspace) -> Installed {
         }),
     };
     let version = match kind {
-        // The agent has no --version; the build is the worktree's own.
-        Userspace::Sidecar => "this tree, release build".to_owned(),
+        // The build is the worktree's own.
+        Userspace::Sidecar | Userspace::SidecarWg => "this tree, release build".to_owned(),
         _ => {
             let mut cmd = Command::new(&path);
             cmd.arg("--version");
@@ -160,7 +167,7 @@ impl<'ns> Daemon<'ns> {
         let iface = unique_name("sb");
         let mut dir = None;
         let mut cmd = match launch.cpus.as_deref() {
-            Some(cpus) if imp.kind == Userspace::Sidecar => {
+            Some(cpus) if matches!(imp.kind, Userspace::Sidecar | Userspace::SidecarWg) => {
                 let mut c = ns.program("taskset");
                 c.args(["-c", cpus]).arg(&imp.path);
                 c
@@ -196,6 +203,13 @@ impl<'ns> Daemon<'ns> {
             Userspace::Boringtun => {
                 cmd.args(["--foreground", "--disable-drop-privileges", &iface]);
                 cmd.env("WG_LOG_LEVEL", "error");
+            }
+            Userspace::SidecarWg => {
+                cmd.args(["--foreground", &iface]);
+                cmd.env("LOG_LEVEL", "error");
+                for (k, v) in &launch.env {
+                    cmd.env(k, v);
+                }
             }
             Userspace::WireguardGo => {
                 cmd.arg(&iface);

@@ -3,7 +3,8 @@
 //!
 //! * the tunnel: each implementation on both ends of two namespaces joined by a veth
 //!   (MTU 1420 in the tunnel), configured only with `wg` and `ip`: ours
-//!   (`sidecar-agent up`), Mullvad's GotaTun (`gotatun`, from `gotatun-cli`),
+//!   (`sidecar-agent up`), the same engine as `sidecar-wg` (wireguard-go's command
+//!   line: nothing but `wg` and `ip` configures it), Mullvad's GotaTun (`gotatun`, from `gotatun-cli`),
 //!   boringtun-cli and Debian's wireguard-go; and the bare veth as the baseline;
 //! * the relay path (remote host → router → relay → NAT → client): `sidecar-relay run`
 //!   against each peer as the relay hop with kernel forwarding and proxy NDP, the
@@ -17,7 +18,7 @@
 //! A peer that cannot be installed or started fails the run.
 //!
 //! Knobs (environment):
-//! * `SIDE_BY_SIDE_PEERS=gotatun,boringtun,wireguard-go` picks peers (default: all;
+//! * `SIDE_BY_SIDE_PEERS=sidecar-wg,gotatun,boringtun,wireguard-go` picks peers (default: all;
 //!   `none` for ours and the baseline only);
 //! * `SIDE_BY_SIDE_PATHS=tunnel,relay` picks sections (default: both);
 //! * `SIDE_BY_SIDE_SECS` (default 10) is each iperf3 run, after one omitted second;
@@ -25,7 +26,7 @@
 //! * `SIDE_BY_SIDE_PROBE=1` samples kernel queue depths on both ends during the loaded
 //!   pings of the tunnel section and prints them per round;
 //! * `SIDE_BY_SIDE_OURS_ENV="K=V K=V"` and `SIDE_BY_SIDE_OURS_CPUS=0` (a `taskset -c`
-//!   list) start ours differently, for finding where its time goes.
+//!   list) start ours and sidecar-wg differently, for finding where its time goes.
 //!
 //! Run with `cargo bench --bench side_by_side`. The agent and relay binaries are rebuilt
 //! (release) first; missing peers are installed with `cargo install --locked`.

@@ -74,7 +74,7 @@ pub fn measure(side: &Side, launch: &Launch, s: Settings) -> Vec<f64> {
         Side::Veth => underlay(Family::V4, 1),
         Side::Tunnel(imp) => {
             let imp_launch = match imp.kind {
-                Userspace::Sidecar => launch.clone(),
+                Userspace::Sidecar | Userspace::SidecarWg => launch.clone(),
                 _ => Launch::default(),
             };
             ends.push(start_end(imp, &imp_launch, &pair, 1, &keys.0, &keys.1));

@@ -42,6 +42,7 @@ impl<L: Link> DeviceControl for Shared<L> {
                     socket.set_fwmark(mark).map_err(mark_error)?;
                 }
                 tracing::info!(listen_port = socket.local_port(), "listen port changed");
+                self.sources.clear();
                 self.socket.send_replace(Arc::new(socket));
             }
         }

@@ -2,9 +2,11 @@
 //! out in a single GSO system call.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::{send, Link, Shared};
+use crate::tun::MAX_PACKET;
 use crate::udp::{UdpTransport, MAX_GSO_BYTES};
 use crate::wg::{Output, DATA_OVERHEAD, MIN_OUT_BUF};
 
@@ -87,8 +89,10 @@ pub(super) struct SealBuffer {
 }
 
 impl SealBuffer {
-    pub(super) fn new(mtu: u16) -> SealBuffer {
-        let slot = (usize::from(mtu).max(1500) + DATA_OVERHEAD).max(MIN_OUT_BUF);
+    /// Sized for the largest packet, whatever the start MTU: the link's MTU may be
+    /// raised later. Only the bytes a batch fills are touched.
+    pub(super) fn new() -> SealBuffer {
+        let slot = (MAX_PACKET + DATA_OVERHEAD).max(MIN_OUT_BUF);
         SealBuffer {
             out: vec![0u8; slot * tun_rs::IDEAL_BATCH_SIZE + MIN_OUT_BUF],
             slot,
@@ -105,6 +109,7 @@ impl SealBuffer {
         packets: impl Iterator<Item = &'p [u8]>,
     ) {
         let max_segments = socket.max_gso_segments();
+        let refused = shared.gso_refused.load(Ordering::Relaxed);
         let mut batch = GsoBatch::new();
         let mut end = 0;
         for packet in packets {
@@ -113,6 +118,7 @@ impl SealBuffer {
                 Output::Transmit { to, datagram } => (to, datagram.len()),
                 _ => continue,
             };
+            let max_segments = if len >= refused { 1 } else { max_segments };
             if !batch.accepts(to, len, end, max_segments) {
                 // Flush everything before this datagram, then start a new batch with it.
                 batch.flush(shared, socket, &self.out, end).await;
@@ -234,10 +240,8 @@ mod tests {
 
     #[test]
     fn seal_buffer_holds_a_full_batch_of_largest_datagrams() {
-        for mtu in [1280, 1420, 1500, 9000] {
-            let seal = SealBuffer::new(mtu);
-            assert!(seal.slot >= usize::from(mtu) + DATA_OVERHEAD);
-            assert!(seal.out.len() >= seal.slot * tun_rs::IDEAL_BATCH_SIZE);
-        }
+        let seal = SealBuffer::new();
+        assert!(seal.slot >= 65_535 + DATA_OVERHEAD);
+        assert!(seal.out.len() >= seal.slot * tun_rs::IDEAL_BATCH_SIZE);
     }
 }

@@ -55,10 +55,19 @@ pub(super) async fn run<L: Link>(shared: Arc<Shared<L>>) {
         let now = Instant::now();
         for (m, buf) in meta.iter().zip(&storage).take(n) {
             let stride = m.stride.max(1);
+            // One GRO batch has one source and destination: learning our address
+            // from its first authenticated datagram covers the rest.
+            let mut learn = m.dst_ip;
             for datagram in buf[..m.len].chunks(stride) {
                 let slot = L::slot(&mut writer, datagram.len().max(MIN_OUT_BUF));
                 let base = slot.as_ptr() as usize;
-                match shared.device.handle_datagram(now, m.addr, datagram, slot) {
+                let out = shared.device.handle_datagram(now, m.addr, datagram, slot);
+                if !matches!(out, Output::Dropped(_)) {
+                    if let Some(local) = learn.take() {
+                        shared.sources.learn(m.addr, local);
+                    }
+                }
+                match out {
                     Output::Deliver(packet) => {
                         let (start, len) = (packet.as_ptr() as usize - base, packet.len());
                         let r = shared.link.commit(&mut writer, start, len).await;

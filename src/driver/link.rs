@@ -59,7 +59,7 @@ impl Link for TunDevice {
     }
 
     fn reader(&self) -> TunReader {
-        TunReader::new(TunDevice::mtu(self))
+        TunReader::new()
     }
 
     fn writer(&self) -> TunWriter {

@@ -11,11 +11,12 @@ mod gso;
 mod inbound;
 mod link;
 mod outbound;
+mod source;
 mod timer;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,6 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use link::Link;
 
+use crate::tun::MAX_PACKET;
 use crate::udp::UdpTransport;
 use crate::wg::{Device, DeviceControl, DATA_OVERHEAD, MIN_OUT_BUF};
 
@@ -48,6 +50,13 @@ struct Shared<L: Link> {
     epoch: Instant,
     /// Wakes the timer task when a feed made the device's deadline earlier.
     wake: Notify,
+    /// Set once the link reports it is gone (the interface was deleted).
+    closed: watch::Sender<bool>,
+    /// Which local address each remote sent to, to reply from it.
+    sources: source::Sources,
+    /// The smallest GSO segment the kernel refused (larger than the path MTU, after
+    /// an MTU raise): datagrams this large go out one per send. MAX = none refused.
+    gso_refused: AtomicUsize,
 }
 
 /// The listen port of the tasks' shared state, whatever the link.
@@ -60,6 +69,7 @@ pub struct Driver {
     device: Arc<Device>,
     control: Arc<dyn DeviceControl>,
     port: Arc<dyn ListenPort>,
+    closed: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -77,6 +87,7 @@ impl Driver {
             "tunnel up"
         );
         let shared = Shared::new(device.clone(), link, socket);
+        let closed = shared.closed.subscribe();
         let tasks = vec![
             tokio::spawn(outbound::run(shared.clone())),
             tokio::spawn(inbound::run(shared.clone())),
@@ -86,6 +97,7 @@ impl Driver {
             device,
             control: shared.clone(),
             port: shared,
+            closed,
             tasks,
         }
     }
@@ -101,6 +113,14 @@ impl Driver {
     /// The control surface (for the userspace API socket).
     pub fn control(&self) -> Arc<dyn DeviceControl> {
         self.control.clone()
+    }
+
+    /// Completes once the link is gone (for a TUN device: the interface was deleted,
+    /// so reads fail with `EBADFD`). The data path has stopped reading by then.
+    pub async fn link_closed(&self) {
+        let mut closed = self.closed.clone();
+        // An error means the tasks are gone, which also ends the link's use.
+        let _ = closed.wait_for(|c| *c).await;
     }
 
     /// Stops the tasks; the link goes away with the last reference to it.
@@ -139,6 +159,9 @@ impl<L: Link> Shared<L> {
             armed: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             wake: Notify::new(),
+            closed: watch::channel(false).0,
+            sources: source::Sources::default(),
+            gso_refused: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -147,9 +170,10 @@ impl<L: Link> Shared<L> {
         (self.packet_room() + DATA_OVERHEAD).max(MIN_OUT_BUF)
     }
 
-    /// Room for any one packet the link carries.
+    /// Room for any one packet the link carries: the largest IP packet, not the
+    /// start MTU, because `ip link set mtu` may raise it at any time.
     fn packet_room(&self) -> usize {
-        usize::from(self.link.mtu()).max(1500)
+        MAX_PACKET
     }
 
     fn ns(&self, t: Instant) -> u64 {
@@ -207,7 +231,9 @@ impl<L: Link> Shared<L> {
 }
 
 /// Sends on the current socket, counting (not propagating) failures: UDP is lossy
-/// anyway and one unreachable peer must not stop the others.
+/// anyway and one unreachable peer must not stop the others. A GSO batch the kernel
+/// refuses (segments larger than the path MTU take `EINVAL`) goes out one datagram
+/// at a time, and later datagrams that large are not batched.
 async fn send<L: Link>(
     shared: &Shared<L>,
     socket: &UdpTransport,
@@ -215,7 +241,21 @@ async fn send<L: Link>(
     data: &[u8],
     seg: Option<usize>,
 ) {
-    if let Err(e) = socket.send(to, data, seg).await {
+    let mut r = send_from_source(shared, socket, to, data, seg).await;
+    if let (Some(size), Err(e)) = (seg, &r) {
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EIO)) {
+            if shared.gso_refused.fetch_min(size, Ordering::Relaxed) > size {
+                tracing::info!(segment = size, error = %e, "UDP GSO refused for segments this large; sending them one by one");
+            }
+            r = Ok(());
+            for datagram in data.chunks(size) {
+                if let Err(e) = send_from_source(shared, socket, to, datagram, None).await {
+                    r = Err(e);
+                }
+            }
+        }
+    }
+    if let Err(e) = r {
         let n = shared
             .counters
             .udp_send_errors
@@ -223,5 +263,37 @@ async fn send<L: Link>(
         if n.is_power_of_two() {
             tracing::warn!(%to, error = %e, failures = n + 1, "UDP send failed");
         }
+    }
+}
+
+/// Sends from the local address `to` last sent to; if that address is no longer
+/// ours, forgets it and lets the kernel pick a source instead.
+async fn send_from_source<L: Link>(
+    shared: &Shared<L>,
+    socket: &UdpTransport,
+    to: SocketAddr,
+    data: &[u8],
+    seg: Option<usize>,
+) -> io::Result<()> {
+    let src = shared.sources.get(to);
+    match socket.send(to, data, seg, src).await {
+        Err(e) if src.is_some() && source_refused(&e, seg) => {
+            tracing::debug!(%to, ?src, error = %e, "source address gone; letting the kernel choose");
+            shared.sources.forget(to);
+            socket.send(to, data, seg, None).await
+        }
+        r => r,
+    }
+}
+
+/// Whether `e` says our source address is not usable: IPv4 routing answers a source
+/// that is no longer local with ENETUNREACH, IPv6 with EINVAL. A GSO send's EINVAL
+/// may mean the segment size instead; [`send`] retries those one by one, which comes
+/// back here.
+fn source_refused(e: &io::Error, seg: Option<usize>) -> bool {
+    match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) | Some(libc::ENETUNREACH) => true,
+        Some(libc::EINVAL) => seg.is_none(),
+        _ => false,
     }
 }

@@ -12,13 +12,14 @@ pub(super) async fn run<L: Link>(shared: Arc<Shared<L>>) {
     let mut reader = shared.link.reader();
     // Answers the device queues for the link (ICMP errors) are written from here.
     let mut writer = shared.link.writer();
-    let mut seal = SealBuffer::new(shared.link.mtu());
+    let mut seal = SealBuffer::new();
     let mut rx = shared.socket.subscribe();
     loop {
         let n = match shared.link.read(&mut reader).await {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                tracing::debug!(error = %e, "link closed");
+                tracing::info!(link = shared.link.name(), error = %e, "link gone");
+                shared.closed.send_replace(true);
                 return;
             }
             Err(e) => {

@@ -13,6 +13,7 @@ pub mod flood;
 pub mod netns;
 pub mod process;
 pub mod relay;
+pub mod sidecar_wg;
 pub mod traffic;
 pub mod tunnel;
 pub mod wg;
