@@ -28,4 +28,4 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests run the agent binary; build it once up front.
 cargo build --workspace --locked --bins
-cargo test --workspace --locked -- --test-threads "${SIDECAR_TEST_THREADS:-4}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${SIDECAR_TEST_THREADS:-4}"
