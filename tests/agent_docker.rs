@@ -36,7 +36,7 @@ use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::agent::{agent_bin, agent_status};
@@ -1956,6 +1956,24 @@ fn lost_registrations_come_back_within_a_minute_and_by_container_tells_the_truth
         v["externally_reachable"] == false
     });
     assert!(ok, "still reachable after the tunnel was cut: {view:?}");
+    // `up` means a handshake within the last 180 s: it holds until then, and no longer.
+    let (ok, view) = wait_by_container(&relay, &new_token, &id, Duration::from_secs(200), |v| {
+        v["up"] == false
+    });
+    assert!(ok, "still up 200 s after the tunnel was cut: {view:?}");
+    let view = view.expect("a view");
+    let last = view["last_handshake"]
+        .as_u64()
+        .expect("the peer had a handshake");
+    let age = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        .saturating_sub(last);
+    assert!(
+        (179..=195).contains(&age),
+        "up turned false {age} s after the last handshake, not at 180 s: {view:?}"
+    );
 }
 
 /// The default agent token a relay run printed for a new store.

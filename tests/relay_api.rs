@@ -156,7 +156,10 @@ fn registration_details_and_request_errors() {
     // by-container names addresses bare, where registration gives prefixes.
     let registered_v6 = first.json["ipv6"].as_str().unwrap_or_default();
     assert_eq!(
-        found.json["ipv6"].as_str().map(|a| format!("{a}/128")).as_deref(),
+        found.json["ipv6"]
+            .as_str()
+            .map(|a| format!("{a}/128"))
+            .as_deref(),
         Some(registered_v6),
         "{found:?}"
     );
