@@ -86,7 +86,7 @@ fn private_lan(topo: &Topology) -> Netns {
 
 /// `POST /v1/admin/tokens`, optionally isolating the token's peers; the secret.
 fn token(relay: &Relay, name: &str, isolate_peers: bool) -> String {
-    let body = json!({"name": name, "max_peers": 4, "max_ipv4": 4, "isolate_peers": isolate_peers});
+    let body = json!({"name": name, "max_peers": 4, "max_ipv4": 4, "isolate_peers": isolate_peers, "bind_machine": false});
     let r = relay.call(
         relay.ns(),
         "POST",
