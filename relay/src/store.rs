@@ -970,8 +970,16 @@ impl Store {
 
     /// Makes every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush_async().await?;
-        Ok(())
+        // sled's `flush_async` lets its worker thread drop its handle on the database
+        // only after the future completes, so the directory could still be locked
+        // for a moment after the last `Store` is dropped; a blocking flush is done
+        // with the database when it returns.
+        let db = self.inner.db.clone();
+        blocking(move || {
+            db.flush()?;
+            Ok(())
+        })
+        .await
     }
 
     /// Bytes the database takes on disk (for capacity reports and benchmarks).

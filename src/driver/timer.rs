@@ -14,8 +14,12 @@ pub(super) async fn run<L: Link>(shared: Arc<Shared<L>>) {
     loop {
         let now = Instant::now();
         shared.device.handle_timeout(now);
-        let socket = shared.socket.borrow().clone();
-        shared.drain_transmit(&socket, now, &mut buf).await;
+        {
+            // Held only while sending: a rebind (`wg set listen-port`) closes the old
+            // socket once no task holds it, and this task may sleep for minutes.
+            let socket = shared.socket.borrow().clone();
+            shared.drain_transmit(&socket, now, &mut buf).await;
+        }
         shared.drain_deliver(now, &mut writer).await;
         let next = shared.device.poll_timeout();
         shared
