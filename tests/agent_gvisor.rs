@@ -14,8 +14,7 @@
 
 mod support;
 
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ use support::agent::{agent_bin, agent_status};
 use support::docker::{Dockerd, DOCKER_TOOLS};
 use support::process::{ChildGuard, TempDir};
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
-use support::traffic::ping_with;
+use support::traffic::{ping_with, tcp_echo};
 use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
 
 const ENABLE: (&str, &str) = ("sidecar.enable", "true");
@@ -165,19 +164,6 @@ fn ipv6_of(cols: &[String]) -> IpAddr {
     IpAddr::V6(v6)
 }
 
-fn tcp_echo(ns: &Netns, addr: IpAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    ns.enter(|| {
-        let mut s =
-            TcpStream::connect_timeout(&SocketAddr::new(addr, ECHO_PORT), Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(data)?;
-        s.shutdown(Shutdown::Write)?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        Ok(buf)
-    })
-}
-
 /// Sends datagrams from `ns` to `addr` until one comes back from `addr` itself.
 fn udp_roundtrip(ns: &Netns, addr: IpAddr) -> Result<(), String> {
     let sock = ns.udp_socket((Ipv6Addr::UNSPECIFIED, 0).into());
@@ -216,7 +202,7 @@ fn assert_tcp_echo(ns: &Netns, ip: IpAddr, what: &str) {
     let payload = b"through gVisor\n";
     let mut last = String::new();
     let echoed = wait_until(Duration::from_secs(15), || {
-        match tcp_echo(ns, ip, payload) {
+        match tcp_echo(ns, SocketAddr::new(ip, ECHO_PORT), payload) {
             Ok(got) if got == payload => true,
             Ok(got) => {
                 last = format!("echo answered {:?}", String::from_utf8_lossy(&got));

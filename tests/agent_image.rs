@@ -7,8 +7,7 @@
 
 mod support;
 
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
@@ -18,8 +17,8 @@ use support::agent::agent_bin;
 use support::docker::{Dockerd, DOCKER_TOOLS};
 use support::process::{self, TempDir};
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
-use support::traffic::ping_with;
-use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
+use support::traffic::{ping_with, tcp_echo};
+use support::{require_tools, unique_name, wait_until, BASE_TOOLS};
 
 const ENABLE: (&str, &str) = ("sidecar.enable", "true");
 const ECHO_PORT: u16 = 8080;
@@ -65,19 +64,6 @@ fn image_context(dir: &Path) {
     for lib in libs {
         install(Path::new(lib), &dir.join(lib.trim_start_matches('/')));
     }
-}
-
-fn tcp_echo(ns: &Netns, addr: IpAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    ns.enter(|| {
-        let mut s =
-            TcpStream::connect_timeout(&SocketAddr::new(addr, ECHO_PORT), Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(data)?;
-        s.shutdown(Shutdown::Write)?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        Ok(buf)
-    })
 }
 
 #[test]
@@ -217,7 +203,8 @@ fn agent_image_built_from_scratch_serves_a_labeled_container_with_three_capabili
     );
     let payload = b"through the agent image\n";
     let echoed = wait_until(Duration::from_secs(10), || {
-        tcp_echo(&topo.remote, ip, payload).is_ok_and(|got| got == payload)
+        tcp_echo(&topo.remote, SocketAddr::new(ip, ECHO_PORT), payload)
+            .is_ok_and(|got| got == payload)
     });
     assert!(
         echoed,

@@ -1,6 +1,7 @@
-//! Traffic through the tunnel as a user would generate it: ping and iperf3.
+//! Traffic through the tunnel as a user would generate it: ping, iperf3 and a TCP echo.
 
-use std::net::IpAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -254,4 +255,18 @@ fn run_secs(args: &str) -> u64 {
 /// Runs iperf3 from `client` to a server in `server` at `addr` and returns the report.
 pub fn iperf3(server: &Netns, client: &Netns, addr: IpAddr, args: &str) -> Iperf {
     iperf3_start(server, client, addr, args).finish()
+}
+
+/// Sends `data` from `ns` to an echo server at `to`, half-closes, and returns what
+/// came back before the server closed.
+pub fn tcp_echo(ns: &Netns, to: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    ns.enter(|| {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(data)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf)
+    })
 }
