@@ -157,7 +157,14 @@ fn main() {
             tunnel::measure(&sides[i], &launch, settings)
         });
         println!("\n{}", samples.table());
-        println!("{}", samples.ratios("ours", Some("veth")));
+        println!(
+            "{}",
+            samples.ratios(
+                Userspace::Sidecar.name(),
+                Some("veth"),
+                &[Userspace::SidecarWg.name()],
+            )
+        );
     }
 
     if let Some(relay) = relay {
@@ -180,6 +187,6 @@ fn main() {
             runner.measure(&hops[i], settings)
         });
         println!("\n{}", samples.table());
-        println!("{}", samples.ratios("sidecar-relay", None));
+        println!("{}", samples.ratios("sidecar-relay", None, &[]));
     }
 }

@@ -131,8 +131,9 @@ impl Samples {
     }
 
     /// Ours divided by every other side, per metric, medians; then what the issue's
-    /// targets ask of these figures.
-    pub fn ratios(&self, ours: &str, baseline: Option<&str>) -> String {
+    /// targets ask of these figures. `same_engine` names sides that run our engine
+    /// under another command line: they get a ratio column but are no "best peer".
+    pub fn ratios(&self, ours: &str, baseline: Option<&str>, same_engine: &[&str]) -> String {
         let Some(o) = self.side(ours) else {
             return String::new();
         };
@@ -174,6 +175,7 @@ impl Samples {
             .iter()
             .copied()
             .filter(|&s| Some(self.sides[s].as_str()) != baseline)
+            .filter(|&s| !same_engine.contains(&self.sides[s].as_str()))
             .collect();
         if !peers.is_empty() {
             let _ = writeln!(out, "\n{ours} against the best peer (median):");
