@@ -132,15 +132,23 @@ impl Device {
         let Some(noise) = guard.as_mut() else {
             return self.dropped_now(DropReason::Protocol);
         };
+        let before = noise.last_handshake(now);
         let result = match &initiation {
             Some(i) => noise.accept_initiation(now, from.ip(), i, datagram, out),
             None => noise.decapsulate(now, from.ip(), datagram, out),
         };
+        // A handshake is complete for the initiator on the response, for the responder
+        // only on the first data under the new keys: answering an initiation is not one.
+        let after = noise.last_handshake(now);
+        let completed = after.is_some() && (before.is_none() || after < before);
         self.schedule(noise);
         if let (Ok(_), Some(t)) = (&result, stamp) {
             peer.note_initiation(t);
         }
         drop(guard);
+        if completed {
+            peer.note_handshake(now_ns);
+        }
         let opened = match result {
             Ok(o) => o,
             Err(reason) => return self.dropped_now(reason),
@@ -154,9 +162,6 @@ impl Device {
         let out: &'a [u8] = out;
         match opened {
             Opened::Handshake(n) => {
-                if matches!(message, Message::Initiation | Message::Response { .. }) {
-                    peer.note_handshake(now_ns);
-                }
                 peer.note_sent(n, now_ns);
                 self.outbox.push_releasing(&peer);
                 Output::Transmit {

@@ -1462,3 +1462,32 @@ fn boringtun_backend_behind_the_same_seam() {
     let due = p.a.poll_timeout().unwrap();
     assert!(due <= now() + Duration::from_millis(100));
 }
+
+#[test]
+fn answering_an_initiation_completes_no_handshake_until_data_confirms_it() {
+    let p = pair();
+    let wall = std::time::SystemTime::now;
+    // B answers A's initiation, but the response never reaches A.
+    let (_, init) = net(send(&p.a, &ipv4("198.51.100.1", "198.51.100.2", b"hi")));
+    assert!(matches!(deliver(&p.b, sa(A_ADDR), &init)[0], Out::Net(..)));
+    let b_peer = p.b.peer(&p.a_key).unwrap();
+    assert_eq!(p.b.last_handshake(&b_peer, now(), wall()), None);
+    // Nor after B's unconfirmed state is dropped: the device's own note agrees.
+    run_until(&p.b, now() + Duration::from_secs(600));
+    assert!(!b_peer.has_noise_state());
+    assert_eq!(p.b.last_handshake(&b_peer, now(), wall()), None);
+
+    // A full handshake: B's time is when A's data confirmed it, kept after the drop.
+    let p = pair();
+    handshake(&p);
+    let confirmed = now();
+    let b_peer = p.b.peer(&p.a_key).unwrap();
+    run_until(&p.b, confirmed + Duration::from_secs(600));
+    assert!(!b_peer.has_noise_state());
+    let reported = p.b.last_handshake(&b_peer, now(), wall()).unwrap();
+    let age = wall().duration_since(reported).unwrap();
+    assert!(
+        age.abs_diff(Duration::from_secs(600)) < Duration::from_millis(100),
+        "{age:?}"
+    );
+}
