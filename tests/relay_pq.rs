@@ -383,7 +383,15 @@ fn container_peer(relay: &Relay, container: &str) -> (String, IpAddr) {
         .unwrap()
         .parse()
         .unwrap();
-    (peer["pubkey"].as_str().unwrap().to_owned(), v6)
+    let pubkey = peer["pubkey"].as_str().unwrap().to_owned();
+    // The store shows a registration while it is still being made durable; it
+    // reaches the data plane just before the agent gets its answer.
+    assert!(
+        wait_until(Duration::from_secs(10), || relay.peer(&pubkey).is_some()),
+        "{container} is stored but never reached the relay's data plane:\n{}",
+        relay.log_tail(20)
+    );
+    (pubkey, v6)
 }
 
 /// TCP echo (busybox `nc -e cat`) and a greeting; `sleep` keeps the container up.
