@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ring::digest::{digest, SHA256};
-use sidecar::netstack::{NetstackConfig, NetstackDevice, NetstackLimits};
+use sidecar::netstack::{NetstackConfig, NetstackDevice, NetstackLimits, ProxyProtocol};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::{icmp, tcp, udp};
@@ -340,6 +340,14 @@ impl Conn {
             .with(|s| f(s.sockets.get_mut::<tcp::Socket>(self.handle)))
     }
 
+    /// The client's own address and port, as the netstack sees them.
+    fn local(&self) -> SocketAddr {
+        let e = self
+            .socket(|s| s.local_endpoint())
+            .expect("connected socket");
+        SocketAddr::new(e.addr.into(), e.port)
+    }
+
     async fn write_all(&self, mut data: &[u8]) -> Result<(), tcp::State> {
         while !data.is_empty() {
             let n = poll_fn(|cx| {
@@ -475,6 +483,7 @@ fn setup(target_v6: Option<IpAddr>, target_v4: Option<IpAddr>) -> (Client, Arc<N
         target_v6,
         target_v4,
         mtu: MTU,
+        proxy_protocol: None,
     })
     .unwrap();
     let client = Client::new();
@@ -490,6 +499,7 @@ fn setup_limited(limits: NetstackLimits) -> (Client, Arc<NetstackDevice>) {
             target_v6: Some(Ipv6Addr::LOCALHOST.into()),
             target_v4: Some(Ipv4Addr::LOCALHOST.into()),
             mtu: MTU,
+            proxy_protocol: None,
         },
         limits,
     )
@@ -519,6 +529,21 @@ async fn hanging_listener() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
         assert!(fillers.len() < 16, "the accept queue never filled up");
     }
     (listener, fillers, addr)
+}
+
+/// A netstack forwarding to loopback that heads each connection with `proxy_protocol`.
+fn setup_proxied(proxy_protocol: ProxyProtocol) -> (Client, Arc<NetstackDevice>) {
+    let netstack = NetstackDevice::start(NetstackConfig {
+        public: vec![PUBLIC_V6.into(), PUBLIC_V4.into()],
+        target_v6: Some(Ipv6Addr::LOCALHOST.into()),
+        target_v4: Some(Ipv4Addr::LOCALHOST.into()),
+        mtu: MTU,
+        proxy_protocol: Some(proxy_protocol),
+    })
+    .unwrap();
+    let client = Client::new();
+    tokio::spawn(client.clone().pump(netstack.clone()));
+    (client, netstack)
 }
 
 fn setup_loopback() -> (Client, Arc<NetstackDevice>) {
@@ -951,6 +976,7 @@ async fn invalid_configs_are_rejected() {
         target_v6: Some(Ipv6Addr::LOCALHOST.into()),
         target_v4: None,
         mtu: MTU,
+        proxy_protocol: None,
     };
     assert!(NetstackDevice::start(good.clone()).is_ok());
     let bad = [
@@ -994,6 +1020,7 @@ fn start_needs_a_runtime() {
         target_v6: None,
         target_v4: Some(Ipv4Addr::LOCALHOST.into()),
         mtu: MTU,
+        proxy_protocol: None,
     };
     assert!(NetstackDevice::start(config).is_err());
 }
@@ -1109,6 +1136,7 @@ async fn garbage_input_does_not_panic() {
         target_v6: Some(Ipv6Addr::LOCALHOST.into()),
         target_v4: Some(Ipv4Addr::LOCALHOST.into()),
         mtu: MTU,
+        proxy_protocol: None,
     })
     .unwrap();
     let drain = {
@@ -1585,6 +1613,7 @@ async fn initial_sequence_numbers_follow_a_keyed_hash_and_a_4_us_clock() {
         target_v6: Some(Ipv6Addr::LOCALHOST.into()),
         target_v4: Some(Ipv4Addr::LOCALHOST.into()),
         mtu: MTU,
+        proxy_protocol: None,
     })
     .unwrap();
     let (v4, v6) = tcp_pair().await;
@@ -1726,4 +1755,85 @@ async fn udp_flood_of_new_flows_leaves_room_for_a_real_client() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Splits a PROXY protocol header off `stream` and returns the (source, destination)
+/// it names, read by the HAProxy specification rather than by the code that wrote it.
+fn parse_proxy_header(version: ProxyProtocol, stream: &[u8]) -> ((SocketAddr, SocketAddr), &[u8]) {
+    match version {
+        ProxyProtocol::V1 => {
+            let end = stream
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a v1 header ends in CRLF");
+            let line = std::str::from_utf8(&stream[..end]).unwrap();
+            let words: Vec<&str> = line.split(' ').collect();
+            assert_eq!(words.len(), 6, "{line:?}");
+            assert_eq!(words[0], "PROXY");
+            let ip = |w: &str| -> IpAddr { w.parse().unwrap() };
+            let (src, dst) = (ip(words[2]), ip(words[3]));
+            assert_eq!(words[1], if src.is_ipv6() { "TCP6" } else { "TCP4" });
+            let port = |w: &str| -> u16 { w.parse().unwrap() };
+            (
+                (
+                    SocketAddr::new(src, port(words[4])),
+                    SocketAddr::new(dst, port(words[5])),
+                ),
+                &stream[end + 2..],
+            )
+        }
+        ProxyProtocol::V2 => {
+            assert_eq!(&stream[..12], b"\r\n\r\n\0\r\nQUIT\n", "v2 signature");
+            assert_eq!(stream[12], 0x21, "version 2, PROXY command");
+            let len = usize::from(u16::from_be_bytes([stream[14], stream[15]]));
+            let body = &stream[16..16 + len];
+            let (src, dst, ports): (IpAddr, IpAddr, &[u8]) = match stream[13] {
+                0x11 => (
+                    Ipv4Addr::from(<[u8; 4]>::try_from(&body[0..4]).unwrap()).into(),
+                    Ipv4Addr::from(<[u8; 4]>::try_from(&body[4..8]).unwrap()).into(),
+                    &body[8..12],
+                ),
+                0x21 => (
+                    Ipv6Addr::from(<[u8; 16]>::try_from(&body[0..16]).unwrap()).into(),
+                    Ipv6Addr::from(<[u8; 16]>::try_from(&body[16..32]).unwrap()).into(),
+                    &body[32..36],
+                ),
+                other => panic!("family and protocol {other:#x} is not TCP over IP"),
+            };
+            let sport = u16::from_be_bytes([ports[0], ports[1]]);
+            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            (
+                (SocketAddr::new(src, sport), SocketAddr::new(dst, dport)),
+                &stream[16 + len..],
+            )
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_header_names_the_real_client_before_its_data() {
+    for version in [ProxyProtocol::V1, ProxyProtocol::V2] {
+        let (client, _netstack) = setup_proxied(version);
+        let (v4, v6) = tcp_pair().await;
+        let port = v4.local_addr().unwrap().port();
+        echo_server(v4);
+        echo_server(v6);
+        for v6 in [true, false] {
+            let conn = within("connect", client.connect(public(v6, port)))
+                .await
+                .expect("connect");
+            let msg = b"EHLO client.example\r\n";
+            conn.write_all(msg).await.unwrap();
+            conn.shutdown();
+            // The server echoes what it received: the header, then the client's bytes.
+            let got = within("echo", conn.read_to_end()).await.unwrap();
+            let ((source, destination), rest) = parse_proxy_header(version, &got);
+            assert_eq!(source, conn.local(), "{version:?} source");
+            assert_eq!(destination, public(v6, port), "{version:?} destination");
+            assert_eq!(
+                rest, msg,
+                "{version:?}: the client's bytes follow the header"
+            );
+        }
+    }
 }

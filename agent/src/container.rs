@@ -430,12 +430,18 @@ impl Task {
             Some(t) => {
                 let tun = TunDevice::from_sync(t.device, CONTAINER_IFACE, alloc.mtu, t.offload)
                     .map_err(|e| fail(false, format!("cannot drive the TUN device: {e}")))?;
+                if let Some(version) = labels.proxy_protocol {
+                    // The container sees each client's own address in TUN mode; a
+                    // header would only garble the stream.
+                    tracing::warn!(container = %short(&id), ?version, "{} is ignored in TUN mode, where clients' addresses reach the container unchanged", labels::PROXY_PROTOCOL);
+                }
                 (Driver::start(device, Arc::new(tun), socket), "tun")
             }
             None => {
                 let targets = container_addresses(&info);
-                let netstack = crate::netstack_link::start(&addrs, targets, alloc.mtu)
-                    .map_err(|e| fail(false, format!("cannot start netstack mode: {e}")))?;
+                let netstack =
+                    crate::netstack_link::start(&addrs, targets, alloc.mtu, labels.proxy_protocol)
+                        .map_err(|e| fail(false, format!("cannot start netstack mode: {e}")))?;
                 (Driver::start(device, netstack, socket), "netstack")
             }
         };

@@ -2,10 +2,13 @@
 
 use std::collections::HashMap;
 
+use sidecar::netstack::ProxyProtocol;
+
 pub const ENABLE: &str = "sidecar.enable";
 pub const IPV4: &str = "sidecar.ipv4";
 pub const RELAY: &str = "sidecar.relay";
 pub const BANDWIDTH: &str = "sidecar.bandwidth";
+pub const PROXY_PROTOCOL: &str = "sidecar.proxy_protocol";
 
 /// Highest per-container rate a label may ask for, in Mbit/s.
 const MAX_BANDWIDTH_MBPS: u32 = 100_000;
@@ -18,6 +21,9 @@ pub struct Labels {
     /// The relay this container must use (its URL or host), if pinned.
     pub relay: Option<String>,
     pub bandwidth_mbps: Option<u32>,
+    /// In netstack mode, start each forwarded TCP connection with this PROXY
+    /// protocol header (`v1` or `v2`; `off` or absent for none).
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +83,17 @@ impl Labels {
             }
             out.bandwidth_mbps = Some(mbps);
         }
+        if let Some(v) = labels.get(PROXY_PROTOCOL) {
+            let v = v.trim().to_ascii_lowercase();
+            out.proxy_protocol = match v.as_str() {
+                "off" | "none" | "" => None,
+                _ => Some(v.parse().map_err(|reason| LabelError {
+                    label: PROXY_PROTOCOL,
+                    value: v.clone(),
+                    reason,
+                })?),
+            };
+        }
         Ok(out)
     }
 
@@ -114,6 +131,7 @@ mod tests {
             ("sidecar.ipv4", "TRUE"),
             ("sidecar.relay", "https://relay.example:8443/"),
             ("sidecar.bandwidth", "50"),
+            ("sidecar.proxy_protocol", "V2"),
             ("com.example.other", "x"),
         ]))
         .unwrap();
@@ -124,6 +142,7 @@ mod tests {
                 ipv4: true,
                 relay: Some("https://relay.example:8443".into()),
                 bandwidth_mbps: Some(50),
+                proxy_protocol: Some(ProxyProtocol::V2),
             }
         );
         assert!(l.accepts_relay("https://relay.example:8443"));
@@ -145,6 +164,11 @@ mod tests {
             assert_eq!(e.label, "sidecar.bandwidth", "{bad}");
         }
         assert!(Labels::parse(&map(&[("sidecar.relay", "two words")])).is_err());
+        let e = Labels::parse(&map(&[("sidecar.proxy_protocol", "v3")])).unwrap_err();
+        assert_eq!(e.label, "sidecar.proxy_protocol");
+        assert!(e.to_string().contains("v1 or v2"), "{e}");
+        let off = Labels::parse(&map(&[("sidecar.proxy_protocol", "off")])).unwrap();
+        assert_eq!(off.proxy_protocol, None);
         assert!(!Labels::parse(&map(&[])).unwrap().enable);
     }
 }

@@ -25,7 +25,7 @@ use super::seq_offset::Segment;
 use super::tcp::{Events, TcpConn, Verdict, CONNECT_TIMEOUT};
 use super::udp::UdpFlow;
 use super::wake::FlowWake;
-use super::{Counters, NetstackConfig, NetstackLimits, Shared, OUTPUT_CAPACITY};
+use super::{Counters, NetstackConfig, NetstackLimits, ProxyProtocol, Shared, OUTPUT_CAPACITY};
 
 /// Per-direction socket buffer: with window scaling this is the most a client can
 /// have in flight per connection, so it bounds single-connection throughput.
@@ -60,6 +60,7 @@ pub(super) struct Driver {
     public: Vec<IpAddress>,
     target_for_v4: IpAddr,
     target_for_v6: IpAddr,
+    proxy_protocol: Option<ProxyProtocol>,
     mtu: usize,
     limits: NetstackLimits,
     tcp: HashMap<u64, TcpConn>,
@@ -154,6 +155,7 @@ impl Driver {
             public,
             target_for_v4,
             target_for_v6,
+            proxy_protocol: config.proxy_protocol,
             mtu,
             limits,
             tcp: HashMap::new(),
@@ -365,7 +367,12 @@ impl Driver {
 
         let id = self.next_flow_id();
         let target = SocketAddr::new(self.target_for(&local.addr), local.port);
-        let conn = TcpConn::new(handle, key, FlowWake::new(id, self.shared.clone()), target);
+        let header = self.proxy_protocol.map(|version| {
+            let endpoint = |e: IpEndpoint| SocketAddr::new(e.addr.into(), e.port);
+            version.header(endpoint(remote), endpoint(local))
+        });
+        let wake = FlowWake::new(id, self.shared.clone());
+        let conn = TcpConn::new(handle, key, wake, target, header);
         // The first poll of the connect future registers its waker.
         conn.wake.wake();
         tracing::trace!(client = %remote, port = local.port, %target, "new TCP connection");

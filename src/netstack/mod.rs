@@ -26,6 +26,7 @@ mod half_open;
 mod isn;
 mod link;
 pub mod packet;
+mod proxy_header;
 mod seq_offset;
 mod tcp;
 mod udp;
@@ -40,6 +41,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+
+pub use proxy_header::ProxyProtocol;
 
 /// Packets waiting for the stack; beyond this [`NetstackDevice::deliver`] drops.
 const INPUT_CAPACITY: usize = 4096;
@@ -61,6 +64,9 @@ pub struct NetstackConfig {
     pub target_v4: Option<IpAddr>,
     /// The tunnel's IP MTU: no packet handed to [`NetstackDevice::recv`] is larger.
     pub mtu: u16,
+    /// Start each forwarded TCP connection with a PROXY protocol header naming the
+    /// client, since the container otherwise sees every connection come from us.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// How much one stack holds at once, so that a client cannot exhaust the host's memory

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use smoltcp::socket::tcp::{self, RecvError, State};
 use smoltcp::wire::IpEndpoint;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::wake::FlowWake;
@@ -21,13 +21,22 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Connect = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
-pub(super) fn connect(target: SocketAddr) -> Connect {
+/// Connects to the container and writes `header` (a PROXY protocol header) before
+/// anything of the client's can follow it.
+pub(super) fn connect(target: SocketAddr, header: Option<Vec<u8>>) -> Connect {
     Box::pin(async move {
         let socket = match target {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target))
+        let open = async {
+            let mut stream = socket.connect(target).await?;
+            if let Some(header) = header {
+                stream.write_all(&header).await?;
+            }
+            Ok::<_, io::Error>(stream)
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, open)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream connect timed out"))??;
         // We forward segments as the client sent them; batching again would only add
@@ -86,13 +95,14 @@ impl TcpConn {
         key: (IpEndpoint, IpEndpoint),
         wake: FlowWake,
         target: SocketAddr,
+        header: Option<Vec<u8>>,
     ) -> TcpConn {
         TcpConn {
             handle,
             key,
             wake,
             target,
-            upstream: Upstream::Connecting(connect(target)),
+            upstream: Upstream::Connecting(connect(target, header)),
             client_fin_seen: false,
             client_done: false,
             upstream_done: false,
