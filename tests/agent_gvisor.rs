@@ -7,20 +7,24 @@
 //! from the internet side. A runc container beside it still gets its TUN device. And
 //! under a flood of 2,000 UDP flows, the container's share of the agent's descriptors
 //! holds: a second container still comes up and the first still serves new clients
-//! (without the share, the agent runs out of descriptors for everything).
+//! (without the share, the agent runs out of descriptors for everything). With
+//! `sidecar.proxy_protocol`, the sandboxed server learns each client's own address.
 //!
 //! The servers run inside the sandbox (busybox `nc` for TCP, Perl for UDP): a socket of
 //! this test opened in the container's namespace would not see the sandbox's traffic.
 
 mod support;
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sidecar::netstack::ProxyProtocol;
 use support::agent::{agent_bin, agent_status};
 use support::docker::{Dockerd, DOCKER_TOOLS};
 use support::process::{ChildGuard, TempDir};
+use support::proxy_header::parse_proxy_header;
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
 use support::traffic::{ping_with, tcp_echo};
 use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
@@ -275,6 +279,67 @@ fn runsc_container_is_served_in_netstack_mode_over_tcp_udp_and_ping() {
         "{}",
         agent.status()
     );
+}
+
+/// `sidecar.proxy_protocol=v2` on a sandboxed container: its server (an echo, so the
+/// test sees what it received) reads a PROXY header naming the remote client's own
+/// address and port and the container's public address, then the client's bytes.
+#[test]
+fn proxy_protocol_tells_the_container_the_real_client() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let site = topo.client_site();
+    let docker = Dockerd::with_runsc(&site.ns);
+    let state = TempDir::new();
+    let agent = Agent::start(&site.ns, &relay, &docker, state.path());
+    let name = unique_name("pp");
+    let (options, servers) = gvisor_servers();
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    docker.run_with(
+        &name,
+        &options,
+        &[ENABLE, ("sidecar.proxy_protocol", "v2")],
+        &servers,
+    );
+    let (cols, _) = agent.wait_row(&name);
+    assert_eq!(cols[4], "netstack", "{}", agent.status());
+    let ip = ipv6_of(&cols);
+    let public = SocketAddr::new(ip, ECHO_PORT);
+    let payload = b"EHLO client.example\r\n";
+    let mut last = String::new();
+    let mut seen = None;
+    wait_until(Duration::from_secs(15), || {
+        let got = topo.remote.enter(|| -> std::io::Result<_> {
+            let mut s = TcpStream::connect_timeout(&public, Duration::from_secs(3))?;
+            let client = s.local_addr()?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(payload)?;
+            s.shutdown(Shutdown::Write)?;
+            let mut echoed = Vec::new();
+            s.read_to_end(&mut echoed)?;
+            Ok((client, echoed))
+        });
+        match got {
+            Ok((client, echoed)) if !echoed.is_empty() => seen = Some((client, echoed)),
+            Ok(_) => last = "the connection closed with nothing echoed".into(),
+            Err(e) => last = e.to_string(),
+        }
+        seen.is_some()
+    });
+    let (client, echoed) = seen.unwrap_or_else(|| {
+        panic!(
+            "TCP echo at {public}: {last}\nagent log:\n{}",
+            agent.child.stderr_tail(30)
+        )
+    });
+    let ((source, destination), rest) = parse_proxy_header(ProxyProtocol::V2, &echoed);
+    assert_eq!(
+        source, client,
+        "the header names someone else as the client"
+    );
+    assert_eq!(destination, public);
+    assert_eq!(rest, payload, "the client's bytes do not follow the header");
 }
 
 /// 2,000 UDP flows towards the netstack container of an agent held to 1,024 file

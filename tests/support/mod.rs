@@ -12,6 +12,7 @@ pub mod docker;
 pub mod flood;
 pub mod netns;
 pub mod process;
+pub mod proxy_header;
 pub mod relay;
 pub mod sidecar_wg;
 pub mod traffic;
