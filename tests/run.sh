@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with a Rust toolchain: installs the
 # tools the end-to-end tests drive (wireguard-go, wg, iperf3, nftables, iproute2, ping,
-# curl, Docker, gVisor's runsc, setpriv, sysctl), checks formatting and lints, then runs
+# curl, Docker, gVisor's runsc, setpriv, sysctl, openssl, jq), checks formatting and lints, then runs
 # every test in the workspace. A test whose tool is missing fails; none skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ need=()
 for tool in wireguard-go:wireguard-go wg:wireguard-tools wg-quick:wireguard-tools iperf3:iperf3 nft:nftables \
             ip:iproute2 ping:iputils-ping curl:curl dockerd:docker.io nsenter:util-linux \
             setpriv:util-linux sysctl:procps ss:iproute2 timeout:coreutils \
-            unshare:util-linux runsc:runsc; do
+            unshare:util-linux runsc:runsc openssl:openssl jq:jq base64:coreutils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ use sidecar_proto::{
     TOKEN_PREFIX,
 };
 
+mod canary_route;
 mod pq_routes;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -76,6 +78,8 @@ pub struct ApiState {
     /// The relay's own echo probe through the data path, for by-container.
     prober: Option<Arc<crate::probe::Prober>>,
     machine_keys: Option<Arc<MachineKeys>>,
+    /// Where the signed warrant canary is (`GET /v1/canary`).
+    canary: Option<PathBuf>,
 }
 
 /// `up` in by-container: a handshake within this long.
@@ -90,6 +94,16 @@ impl ApiState {
             draining: AtomicBool::new(false),
             prober: None,
             machine_keys: None,
+            canary: None,
+        }
+    }
+
+    /// Serves the warrant canary kept at `path` (re-read on each request, so
+    /// `sidecar-relay canary sign` takes effect without a restart).
+    pub fn with_canary(self, path: PathBuf) -> ApiState {
+        ApiState {
+            canary: Some(path),
+            ..self
         }
     }
 
@@ -802,6 +816,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(pq_routes::pq_info))
         .routes(routes!(pq_routes::machine_key))
         .routes(routes!(pq_routes::unbind_machine))
+        .routes(routes!(canary_route::canary))
         .routes(routes!(openapi_json))
 }
 

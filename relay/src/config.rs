@@ -408,6 +408,14 @@ impl RelayConfig {
     pub fn machine_key_path(&self) -> PathBuf {
         self.data_dir.join("machine.key")
     }
+    /// The Ed25519 seed the warrant canary is signed with.
+    pub fn canary_key_path(&self) -> PathBuf {
+        self.data_dir.join("canary.key")
+    }
+    /// The current signed canary, as `GET /v1/canary` serves it.
+    pub fn canary_path(&self) -> PathBuf {
+        self.data_dir.join("canary.json")
+    }
 }
 
 #[cfg(test)]

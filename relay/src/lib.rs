@@ -2,6 +2,7 @@
 //! their traffic, and serves the control API.
 
 pub mod api;
+pub mod canary;
 pub mod config;
 pub mod dataplane;
 pub mod limits;

@@ -57,6 +57,41 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// Sign or check the warrant canary, the operator's statement that `GET /v1/canary`
+    /// serves with its time, signed with the relay's Ed25519 canary key.
+    #[command(subcommand)]
+    Canary(CanaryCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CanaryCommand {
+    /// Sign STATEMENT as of now and make it the relay's canary (a running relay serves
+    /// it at once). Creates the canary key (0600) on first use and prints its public key.
+    Sign {
+        /// File with the statement (`-` for stdin), at most 16 KiB.
+        #[arg(long, value_name = "FILE")]
+        statement: PathBuf,
+        /// relay.toml of the relay (its data directory holds the key and the canary).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Data directory of a relay run with embedded defaults (ignored with --config).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Check a canary document (as fetched from /v1/canary; `-` for stdin): exit 0 and
+    /// print the statement and its age if the signature holds.
+    Verify {
+        /// The JSON document.
+        #[arg(value_name = "FILE")]
+        document: PathBuf,
+        /// The canary public key you trust (base64). Without it, the document's own
+        /// key is checked and printed: compare it with one learnt before.
+        #[arg(long, value_name = "BASE64")]
+        public_key: Option<String>,
+        /// Refuse a canary signed longer ago than this many days.
+        #[arg(long, value_name = "DAYS")]
+        max_age_days: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +161,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Init(args) => init(args).await,
             Command::Run { config, data_dir } => run(config.as_deref(), &data_dir).await,
+            Command::Canary(command) => canary(command),
         }
     })
 }
@@ -217,6 +253,9 @@ async fn prepare(config: &RelayConfig, bind_default_token: bool) -> Result<Setup
         tracing::info!(path = %config.xwing_key_path().display(), "generated the relay's X-Wing key");
     }
     let machine = MachineKeys::load_or_create(&config.machine_key_path()).context("machine key")?;
+    let canary_key = sidecar_relay::canary::CanaryKey::load_or_create(&config.canary_key_path())
+        .context("warrant canary key")?;
+    tracing::info!(public_key = %canary_key.public_key(), "warrant canary key (GET /v1/canary; sign with `sidecar-relay canary sign`)");
     let host = endpoint_host(&config.wireguard.endpoint);
     let (identity, fresh_cert) = Identity::load_or_generate(
         &config.tls_cert_path(),
@@ -374,7 +413,8 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
             },
         )
         .with_prober(dataplane.prober())
-        .with_machine_keys(setup.machine.clone()),
+        .with_machine_keys(setup.machine.clone())
+        .with_canary(config.canary_path()),
     );
     let listener = std::net::TcpListener::bind(config.api.listen)
         .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;
@@ -561,6 +601,80 @@ fn refuse_if_readable(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn read_input(path: &Path) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+            .context("cannot read stdin")?;
+        Ok(bytes)
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    }
+}
+
+fn canary(command: CanaryCommand) -> Result<()> {
+    use sidecar_relay::canary::{Canary, CanaryKey};
+    match command {
+        CanaryCommand::Sign {
+            statement,
+            config,
+            data_dir,
+        } => {
+            // Never the embedded defaults: signing must not create a relay.
+            let path = config.unwrap_or_else(|| data_dir.join("relay.toml"));
+            anyhow::ensure!(
+                path.exists(),
+                "no relay configuration at {} (pass --config or the --data-dir of a relay)",
+                path.display()
+            );
+            let config = RelayConfig::load(&path)?;
+            let text = String::from_utf8(read_input(&statement)?)
+                .context("the statement is not UTF-8 text")?;
+            let key = CanaryKey::load_or_create(&config.canary_key_path())?;
+            let canary = key.sign(&text, sidecar_relay::service::unix_now())?;
+            canary.store(&config.canary_path())?;
+            println!(
+                "signed the warrant canary at {} (Unix seconds) with canary key {}",
+                canary.signed, canary.public_key
+            );
+            Ok(())
+        }
+        CanaryCommand::Verify {
+            document,
+            public_key,
+            max_age_days,
+        } => {
+            let canary: Canary =
+                serde_json::from_slice(&read_input(&document)?).context("not a canary document")?;
+            canary.verify(public_key.as_deref())?;
+            let age = sidecar_relay::service::unix_now().saturating_sub(canary.signed);
+            if let Some(days) = max_age_days {
+                anyhow::ensure!(
+                    age <= days * 86_400,
+                    "the canary was signed {} days ago, more than the {days} allowed",
+                    age / 86_400
+                );
+            }
+            println!(
+                "valid: signed {} s ago (at {}) by canary key {}{}",
+                age,
+                canary.signed,
+                canary.public_key,
+                if public_key.is_none() {
+                    " (compare it with the key you trust, or pass --public-key)"
+                } else {
+                    ""
+                }
+            );
+            print!("{}", canary.statement);
+            if !canary.statement.ends_with('\n') {
+                println!();
+            }
+            Ok(())
+        }
+    }
 }
 
 fn load_or_create_key(path: &Path) -> Result<Key> {
