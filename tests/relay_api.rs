@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use sidecar_proto::TOKEN_PREFIX;
 use support::relay::{ApiResponse, Relay, RelayOptions, Topology, API_PORT, RELAY_TOOLS};
 use support::traffic::{ping_until_reply, ping_with};
 use support::{require_tools, wait_until, BASE_TOOLS};
@@ -512,4 +513,68 @@ fn draining_refuses_registrations_and_loses_none_acknowledged() {
         "{} registrations acknowledged before SIGTERM, all present after restart",
         acked.len()
     );
+}
+
+/// `GET /v1/admin/tokens` shows the operator every token with its limits, usage and last
+/// use, never a secret, and only to an admin token.
+#[test]
+fn the_admin_lists_every_token_with_usage_and_last_use_but_no_secret() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let (id, secret) = relay.create_token("team-a", 3, 0, Some(40));
+    let list = |token: &str| relay.call(relay.ns(), "GET", "/v1/admin/tokens", token, None);
+
+    let before = list(&relay.creds.admin_token);
+    assert_eq!(before.status, 200, "{before:?}");
+    let find = |r: &ApiResponse, id: &str| -> serde_json::Value {
+        r.json["tokens"]
+            .as_array()
+            .expect("tokens array")
+            .iter()
+            .find(|t| t["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} is not listed: {}", r.body))
+    };
+    let team = find(&before, &id);
+    assert_eq!(team["name"], "team-a");
+    assert_eq!(team["admin"], false);
+    assert_eq!(team["limits"]["max_peers"], 3);
+    assert_eq!(team["limits"]["bandwidth_mbps"], 40);
+    assert_eq!(team["usage"]["peers"], 0);
+    assert!(team["created"].as_u64().is_some_and(|c| c > 0), "{team}");
+    assert!(
+        team.get("last_used").is_none(),
+        "used before any request: {team}"
+    );
+    assert!(
+        before.json["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["admin"] == true),
+        "the admin token is missing: {}",
+        before.body
+    );
+    for s in [
+        &secret,
+        &relay.creds.admin_token,
+        &relay.creds.default_token,
+    ] {
+        let bare = s.trim_start_matches(TOKEN_PREFIX);
+        assert!(!before.body.contains(bare), "a secret is in the listing");
+    }
+
+    let r = relay.register(relay.ns(), &secret, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "{r:?}");
+    let team = find(&list(&relay.creds.admin_token), &id);
+    assert_eq!(team["usage"]["peers"], 1, "{team}");
+    assert!(team["last_used"].as_u64().is_some(), "{team}");
+
+    let peer_token = list(&secret);
+    assert_eq!(
+        peer_token.status, 403,
+        "a peer token listed the tokens: {peer_token:?}"
+    );
+    assert_unauthorized(&list("sct_live_nosuchtoken"), "unknown token");
 }

@@ -33,8 +33,8 @@ use serde_json::value::RawValue;
 use sidecar::{Endpoint, Key};
 use sidecar_proto::{
     codes, Allocation, ApiError, ContainerPeer, CreateToken, CreatedToken, DeletePeer, Health,
-    Limits, PeerList, PeerView, RegisterRequest, Registered, RevokeToken, Status, Usage,
-    TOKEN_PREFIX,
+    Limits, PeerList, PeerView, RegisterRequest, Registered, RevokeToken, Status, TokenInfo,
+    TokenList, Usage, TOKEN_PREFIX,
 };
 
 mod canary_route;
@@ -80,6 +80,9 @@ pub struct ApiState {
     machine_keys: Option<Arc<MachineKeys>>,
     /// Where the signed warrant canary is (`GET /v1/canary`).
     canary: Option<PathBuf>,
+    /// When each token last authenticated (Unix seconds), since this start. Only
+    /// valid tokens get an entry, so it is bounded by the number of tokens.
+    last_used: parking_lot::Mutex<foldhash::HashMap<String, u64>>,
 }
 
 /// `up` in by-container: a handshake within this long.
@@ -95,6 +98,7 @@ impl ApiState {
             prober: None,
             machine_keys: None,
             canary: None,
+            last_used: Default::default(),
         }
     }
 
@@ -340,6 +344,10 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
         if let Some(slot) = parts.extensions.get::<TokenSlot>() {
             let _ = slot.0.set(token.id.clone());
         }
+        state
+            .last_used
+            .lock()
+            .insert(token.id.clone(), crate::service::unix_now());
         Ok(Caller(token))
     }
 }
@@ -704,6 +712,53 @@ async fn create_token(
 }
 
 #[utoipa::path(
+    get, path = "/v1/admin/tokens", tag = "admin",
+    summary = "Every token with its limits, usage and last use (never a secret)",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "All tokens, oldest first", body = TokenList),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "Not an admin token", body = ApiError),
+    ),
+)]
+async fn list_tokens(
+    State(state): State<Arc<ApiState>>,
+    Admin(_admin): Admin,
+) -> Result<Json<TokenList>, ErrorResponse> {
+    let mut tokens = Vec::new();
+    for record in state.store().tokens()? {
+        let usage = match state.store().usage(&record.id) {
+            Ok(u) => u,
+            // Revoked while we listed.
+            Err(StoreError::NotFound) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let last_used = state.last_used.lock().get(&record.id).copied();
+        tokens.push(TokenInfo {
+            limits: Limits {
+                max_peers: record.max_peers,
+                max_ipv4: record.max_ipv4,
+                bandwidth_mbps: record.bandwidth_mbps,
+            },
+            usage: Usage {
+                peers: usage.peers,
+                ipv4: usage.ipv4,
+            },
+            admin: record.admin,
+            isolate_peers: record.isolate_peers,
+            bind_machine: record.bind_machine,
+            bound: record.machine.is_some(),
+            created: record.created,
+            last_used,
+            id: record.id,
+            name: record.name,
+        });
+    }
+    tokens.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+    Ok(Json(TokenList { tokens }))
+}
+
+#[utoipa::path(
     delete, path = "/v1/admin/tokens", tag = "admin",
     summary = "Revoke a token and remove all of its peers at once",
     security(("bearer" = [])),
@@ -742,6 +797,7 @@ async fn revoke_token(
             ),
             other => other.into(),
         })?;
+    state.last_used.lock().remove(&req.id);
     tracing::info!(token_id = %req.id, peers_removed = removed.len(), "token revoked");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -812,7 +868,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(status))
         .routes(routes!(register_peer, list_peers, delete_peer))
         .routes(routes!(peer_by_container))
-        .routes(routes!(create_token, revoke_token))
+        .routes(routes!(create_token, list_tokens, revoke_token))
         .routes(routes!(pq_routes::pq_info))
         .routes(routes!(pq_routes::machine_key))
         .routes(routes!(pq_routes::unbind_machine))

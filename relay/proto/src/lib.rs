@@ -399,6 +399,37 @@ pub struct Status {
     pub usage: Usage,
 }
 
+/// One token as `GET /v1/admin/tokens` lists it: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    /// May manage tokens and sees every peer.
+    pub admin: bool,
+    pub limits: Limits,
+    pub usage: Usage,
+    /// Peers of this token cannot reach each other through the relay.
+    pub isolate_peers: bool,
+    /// Registrations must all come from the machine of the first one.
+    pub bind_machine: bool,
+    /// Whether that first registration happened (the token is bound now).
+    pub bound: bool,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds of the last authenticated request since the relay started;
+    /// none if the token has not been used since then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<u64>,
+}
+
+/// `GET /v1/admin/tokens` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
