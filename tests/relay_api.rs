@@ -516,7 +516,7 @@ fn draining_refuses_registrations_and_loses_none_acknowledged() {
 }
 
 /// `GET /v1/admin/tokens` shows the operator every token with its limits, usage and last
-/// use, never a secret, and only to an admin token.
+/// use, never a secret, and only to an admin token; `PATCH` changes one, live peers too.
 #[test]
 fn the_admin_lists_every_token_with_usage_and_last_use_but_no_secret() {
     require();
@@ -577,4 +577,54 @@ fn the_admin_lists_every_token_with_usage_and_last_use_but_no_secret() {
         "a peer token listed the tokens: {peer_token:?}"
     );
     assert_unauthorized(&list("sct_live_nosuchtoken"), "unknown token");
+
+    // PATCH changes what it names and keeps the rest; a lower quota keeps the peer
+    // it has but refuses the next one, and a new cap reaches the live peer at once.
+    let patch = |token: &str, body: serde_json::Value| {
+        relay.call(relay.ns(), "PATCH", "/v1/admin/tokens", token, Some(&body))
+    };
+    let r = patch(
+        &relay.creds.admin_token,
+        json!({"id": id, "name": "team-b", "max_peers": 1, "bandwidth_mbps": 7}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json["name"], "team-b");
+    assert_eq!(r.json["limits"]["max_peers"], 1);
+    assert_eq!(r.json["limits"]["max_ipv4"], 0);
+    assert_eq!(r.json["limits"]["bandwidth_mbps"], 7);
+    assert_eq!(r.json["usage"]["peers"], 1);
+    assert_eq!(find(&list(&relay.creds.admin_token), &id)["name"], "team-b");
+    let over = relay.register(relay.ns(), &secret, &random_pubkey(), false);
+    assert_eq!(
+        over.status, 403,
+        "registered past the lowered quota: {over:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || relay
+            .log_tail(50)
+            .contains("bandwidth_mbps=Some(7)")),
+        "the live peer did not get the new cap:\n{}",
+        relay.log_tail(20)
+    );
+    let r = patch(
+        &relay.creds.admin_token,
+        json!({"id": id, "bandwidth_mbps": 0}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.json["limits"]["bandwidth_mbps"].is_null(), "{r:?}");
+
+    let r = patch(
+        &relay.creds.admin_token,
+        json!({"id": "tok_000000000000", "name": "x"}),
+    );
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = patch(
+        &relay.creds.admin_token,
+        json!({"id": id, "name": "bad\u{0007}name"}),
+    );
+    assert_eq!(r.status, 422, "{r:?}");
+    let r = patch(&relay.creds.admin_token, json!({"id": id, "max_peers": -1}));
+    assert_eq!(r.status, 422, "{r:?}");
+    let r = patch(&secret, json!({"id": id, "max_peers": 100}));
+    assert_eq!(r.status, 403, "a peer token raised its own quota: {r:?}");
 }

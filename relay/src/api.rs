@@ -34,7 +34,7 @@ use sidecar::{Endpoint, Key};
 use sidecar_proto::{
     codes, Allocation, ApiError, ContainerPeer, CreateToken, CreatedToken, DeletePeer, Health,
     Limits, PeerList, PeerView, RegisterRequest, Registered, RevokeToken, Status, TokenInfo,
-    TokenList, Usage, TOKEN_PREFIX,
+    TokenList, UpdateToken, Usage, TOKEN_PREFIX,
 };
 
 mod canary_route;
@@ -47,7 +47,9 @@ use utoipa_axum::routes;
 use crate::limits::{self, ApiLimits, LimitedAcceptor};
 use crate::machine::MachineKeys;
 use crate::service::PeerService;
-use crate::store::{PeerRecord, Registration, Store, StoreError, TokenRecord, TokenSpec};
+use crate::store::{
+    PeerRecord, Registration, Store, StoreError, TokenChange, TokenRecord, TokenSpec,
+};
 
 /// Request bodies are a few hundred bytes; anything much larger is a mistake or abuse.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -100,6 +102,38 @@ impl ApiState {
             canary: None,
             last_used: Default::default(),
         }
+    }
+
+    /// A token as the admin routes show it: its usage and last use, never its secret.
+    fn token_info(&self, record: TokenRecord) -> Result<TokenInfo, ErrorResponse> {
+        let usage = self.store().usage(&record.id).map_err(|e| match e {
+            StoreError::NotFound => ErrorResponse::new(
+                StatusCode::NOT_FOUND,
+                codes::NOT_FOUND,
+                "no token with this id",
+            ),
+            other => other.into(),
+        })?;
+        let last_used = self.last_used.lock().get(&record.id).copied();
+        Ok(TokenInfo {
+            limits: Limits {
+                max_peers: record.max_peers,
+                max_ipv4: record.max_ipv4,
+                bandwidth_mbps: record.bandwidth_mbps,
+            },
+            usage: Usage {
+                peers: usage.peers,
+                ipv4: usage.ipv4,
+            },
+            admin: record.admin,
+            isolate_peers: record.isolate_peers,
+            bind_machine: record.bind_machine,
+            bound: record.machine.is_some(),
+            created: record.created,
+            last_used,
+            id: record.id,
+            name: record.name,
+        })
     }
 
     /// Serves the warrant canary kept at `path` (re-read on each request, so
@@ -727,35 +761,58 @@ async fn list_tokens(
 ) -> Result<Json<TokenList>, ErrorResponse> {
     let mut tokens = Vec::new();
     for record in state.store().tokens()? {
-        let usage = match state.store().usage(&record.id) {
-            Ok(u) => u,
+        match state.token_info(record) {
+            Ok(info) => tokens.push(info),
             // Revoked while we listed.
-            Err(StoreError::NotFound) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let last_used = state.last_used.lock().get(&record.id).copied();
-        tokens.push(TokenInfo {
-            limits: Limits {
-                max_peers: record.max_peers,
-                max_ipv4: record.max_ipv4,
-                bandwidth_mbps: record.bandwidth_mbps,
-            },
-            usage: Usage {
-                peers: usage.peers,
-                ipv4: usage.ipv4,
-            },
-            admin: record.admin,
-            isolate_peers: record.isolate_peers,
-            bind_machine: record.bind_machine,
-            bound: record.machine.is_some(),
-            created: record.created,
-            last_used,
-            id: record.id,
-            name: record.name,
-        });
+            Err(e) if e.status() == StatusCode::NOT_FOUND => continue,
+            Err(e) => return Err(e),
+        }
     }
     tokens.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
     Ok(Json(TokenList { tokens }))
+}
+
+#[utoipa::path(
+    patch, path = "/v1/admin/tokens", tag = "admin",
+    summary = "Change a token's name, limits or isolation (its live peers follow at once)",
+    security(("bearer" = [])),
+    request_body = UpdateToken,
+    responses(
+        (status = 200, description = "The token as it is now", body = TokenInfo),
+        (status = 400, description = "Malformed JSON", body = ApiError),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 404, description = "No such token", body = ApiError),
+        (status = 415, description = "Not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field", body = ApiError),
+    ),
+)]
+async fn update_token(
+    State(state): State<Arc<ApiState>>,
+    Admin(_admin): Admin,
+    ApiJson(req): ApiJson<UpdateToken>,
+) -> Result<Json<TokenInfo>, ErrorResponse> {
+    let change = TokenChange {
+        name: req.name,
+        max_peers: req.max_peers,
+        max_ipv4: req.max_ipv4,
+        bandwidth_mbps: req.bandwidth_mbps,
+        isolate_peers: req.isolate_peers,
+    };
+    let record = state
+        .service
+        .update_token(&req.id, change)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ErrorResponse::new(
+                StatusCode::NOT_FOUND,
+                codes::NOT_FOUND,
+                "no token with this id",
+            ),
+            other => other.into(),
+        })?;
+    tracing::info!(token_id = %record.id, name = %record.name, max_peers = record.max_peers, max_ipv4 = record.max_ipv4, bandwidth_mbps = ?record.bandwidth_mbps, isolate_peers = record.isolate_peers, "token changed");
+    Ok(Json(state.token_info(record)?))
 }
 
 #[utoipa::path(
@@ -868,7 +925,12 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(status))
         .routes(routes!(register_peer, list_peers, delete_peer))
         .routes(routes!(peer_by_container))
-        .routes(routes!(create_token, list_tokens, revoke_token))
+        .routes(routes!(
+            create_token,
+            list_tokens,
+            update_token,
+            revoke_token
+        ))
         .routes(routes!(pq_routes::pq_info))
         .routes(routes!(pq_routes::machine_key))
         .routes(routes!(pq_routes::unbind_machine))

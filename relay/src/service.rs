@@ -40,7 +40,9 @@ use tokio::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::dataplane::{PeerEntry, RelayDataPlane};
 use crate::pq::PqKeys;
-use crate::store::{PeerRecord, RegisterExtras, Registration, Store, StoreError, TokenRecord};
+use crate::store::{
+    PeerRecord, RegisterExtras, Registration, Store, StoreError, TokenChange, TokenRecord,
+};
 
 /// Live counters of a peer: (last handshake in unix seconds, rx bytes, tx bytes).
 pub type PeerStats = (Option<u64>, u64, u64);
@@ -211,6 +213,9 @@ impl PeerService {
             let key = reg.public_key;
             match inner.store.register_with(&token, reg, extras).await {
                 Ok((peer, created)) => {
+                    // The caller's copy of the token may predate a change of its
+                    // limits; under the token lock the stored one is current.
+                    let token = inner.store.token(&token.id)?.unwrap_or(token);
                     inner.dataplane.add_peer(&inner.entry(&peer, &token));
                     Ok((peer, created))
                 }
@@ -276,6 +281,44 @@ impl PeerService {
                         inner.dataplane.remove_peer(&peer.public_key);
                     }
                     Ok(removed)
+                }
+                Err(e) => {
+                    for key in &keys {
+                        inner.settle_after(&e, key);
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Changes a token (see [`Store::update_token`]) and applies its new bandwidth
+    /// cap and isolation to its live peers at once.
+    pub async fn update_token(
+        &self,
+        id: &str,
+        change: TokenChange,
+    ) -> Result<TokenRecord, StoreError> {
+        let this = self.clone();
+        let id = id.to_owned();
+        detach(async move {
+            let inner = &this.inner;
+            // No registration of this token runs meanwhile, so its peers are these.
+            let _token = inner.locks.token(&id).write().await;
+            let peers = inner.store.peers(Some(&id))?;
+            let keys: Vec<Key> = peers.iter().map(|p| p.public_key).collect();
+            let _keys = inner.locks.keys(&keys).await;
+            match inner.store.update_token(&id, change).await {
+                Ok(token) => {
+                    for key in &keys {
+                        // Read again under the lock: a delete may have won the race.
+                        match inner.store.peer(key)? {
+                            Some(peer) => inner.dataplane.add_peer(&inner.entry(&peer, &token)),
+                            None => inner.dataplane.remove_peer(key),
+                        }
+                    }
+                    Ok(token)
                 }
                 Err(e) => {
                     for key in &keys {

@@ -155,6 +155,16 @@ pub struct TokenRecord {
     pub machine: Option<String>,
 }
 
+/// A change to a token; see [`Store::update_token`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenChange {
+    pub name: Option<String>,
+    pub max_peers: Option<u32>,
+    pub max_ipv4: Option<u32>,
+    pub bandwidth_mbps: Option<u32>,
+    pub isolate_peers: Option<bool>,
+}
+
 /// What a new token may do; see [`Store::create_token`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenSpec {
@@ -567,6 +577,52 @@ impl Store {
             Err(StoreError::Backend(
                 "could not generate a unique token id".into(),
             ))
+        })
+        .await
+    }
+
+    /// Changes a token's name, limits or isolation as `change` says (each `None`
+    /// keeps its field; a bandwidth of 0 removes the cap). Returns the new record.
+    /// [`StoreError::NotFound`] if there is no such token.
+    pub async fn update_token(
+        &self,
+        id: &str,
+        change: TokenChange,
+    ) -> Result<TokenRecord, StoreError> {
+        if let Some(name) = &change.name {
+            validate_label("token name", name)?;
+        }
+        let this = self.clone();
+        let id = id.to_owned();
+        blocking(move || {
+            let record = this.txn(|tx| {
+                let Some(v) = tx.tokens.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut stored = decode::<StoredToken>("token", &v).map_err(abort)?;
+                let t = &mut stored.token;
+                if let Some(name) = &change.name {
+                    t.name = name.clone();
+                }
+                if let Some(n) = change.max_peers {
+                    t.max_peers = n;
+                }
+                if let Some(n) = change.max_ipv4 {
+                    t.max_ipv4 = n;
+                }
+                if let Some(mbps) = change.bandwidth_mbps {
+                    t.bandwidth_mbps = (mbps > 0).then_some(mbps);
+                }
+                if let Some(isolate) = change.isolate_peers {
+                    t.isolate_peers = isolate;
+                }
+                let value = encode(&stored).map_err(abort)?;
+                tx.tokens.insert(id.as_bytes(), value.as_slice())?;
+                Ok(Some(stored.token))
+            })?;
+            let record = record.ok_or(StoreError::NotFound)?;
+            this.inner.db.flush()?;
+            Ok(record)
         })
         .await
     }

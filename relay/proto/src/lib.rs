@@ -351,6 +351,26 @@ impl fmt::Debug for CreatedToken {
     }
 }
 
+/// `PATCH /v1/admin/tokens` request: the fields given change, the rest stay. Lower
+/// limits than a token uses keep its peers but refuse new ones over the limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UpdateToken {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_peers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ipv4: Option<u32>,
+    /// Per-peer cap in Mbit/s; 0 removes the cap. Applies to live peers at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbps: Option<u32>,
+    /// Applies to live peers at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolate_peers: Option<bool>,
+}
+
 /// `DELETE /v1/admin/tokens` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
