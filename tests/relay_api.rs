@@ -628,3 +628,68 @@ fn the_admin_lists_every_token_with_usage_and_last_use_but_no_secret() {
     let r = patch(&secret, json!({"id": id, "max_peers": 100}));
     assert_eq!(r.status, 403, "a peer token raised its own quota: {r:?}");
 }
+
+/// With `peer_ttl_secs`, a peer that completes no handshake for that long is expired:
+/// gone from `GET /v1/peers` and from its token's quota, while its address stays held
+/// for its key, which gets the same one back when it registers again.
+#[test]
+fn a_peer_idle_past_peer_ttl_is_expired_and_gets_its_address_back() {
+    require();
+    let topo = Topology::new();
+    let mut relay = Relay::init(&topo, &RelayOptions::default());
+    let toml = std::fs::read_to_string(&relay.config).unwrap();
+    assert!(
+        toml.contains("\npeer_ttl_secs = 0\n"),
+        "init wrote no peer_ttl_secs:\n{toml}"
+    );
+    let toml = toml.replacen("\npeer_ttl_secs = 0\n", "\npeer_ttl_secs = 3\n", 1);
+    std::fs::write(&relay.config, toml).unwrap();
+    relay.run();
+    let (_, token) = relay.create_token("short-lived", 1, 0, None);
+    let listed = |key: &str| {
+        relay
+            .list_peers(&relay.creds.admin_token)
+            .iter()
+            .any(|(k, _)| k == key)
+    };
+    let expired = |key: &str| wait_until(Duration::from_secs(20), || !listed(key));
+
+    let first = random_pubkey();
+    let r = relay.register(relay.ns(), &token, &first, false);
+    assert_eq!(r.status, 201, "{r:?}");
+    let address = ipv6_of(&r);
+    assert!(listed(&first));
+    assert!(
+        expired(&first),
+        "an idle peer was never expired:\n{}",
+        relay.log_tail(20)
+    );
+    assert!(
+        relay.peer(&first).is_none(),
+        "expired but still on the data plane"
+    );
+    assert!(
+        relay.log_tail(50).contains("expired a peer"),
+        "the expiry is not logged:\n{}",
+        relay.log_tail(20)
+    );
+
+    // The token's only place is free again.
+    let second = random_pubkey();
+    let r = relay.register(relay.ns(), &token, &second, false);
+    assert_eq!(
+        r.status, 201,
+        "the expired peer still counts in the quota: {r:?}"
+    );
+    assert_ne!(ipv6_of(&r), address, "a held address went to another key");
+    assert!(expired(&second), "{}", relay.log_tail(20));
+
+    // The first key returns within the hold time: the same address.
+    let r = relay.register(relay.ns(), &token, &first, false);
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        ipv6_of(&r),
+        address,
+        "the returning key got another address"
+    );
+}

@@ -117,9 +117,23 @@ pub struct NetworkSection {
     /// reclaimed and may go to others. 0 reclaims them at the next sweep.
     #[serde(default = "default_address_hold_hours")]
     pub address_hold_hours: u64,
+    /// Seconds without a completed handshake after which a peer is expired: off the
+    /// data plane and out of its token's quota, its addresses held as for a delete.
+    /// 0 (the default) never expires peers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub peer_ttl_secs: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl NetworkSection {
+    /// How long a peer may go without a handshake before it is expired; `None`: never.
+    pub fn peer_ttl(&self) -> Option<std::time::Duration> {
+        (self.peer_ttl_secs > 0).then(|| std::time::Duration::from_secs(self.peer_ttl_secs))
+    }
+
     pub fn address_hold(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.address_hold_hours.saturating_mul(3600))
     }
@@ -375,10 +389,12 @@ impl RelayConfig {
         s.push_str(&format!("reserved = [{}]\n", reserved.join(", ")));
         s.push_str("# Hours a deleted peer's addresses stay reserved for its key (it gets them\n");
         s.push_str("# back if it registers again); then they are reclaimed for others.\n");
-        s.push_str(&format!(
-            "address_hold_hours = {}\n\n",
-            n.address_hold_hours
-        ));
+        s.push_str(&format!("address_hold_hours = {}\n", n.address_hold_hours));
+        s.push_str("# Seconds without a handshake after which a peer is expired (its agent\n");
+        s.push_str(
+            "# registers again and gets the same addresses within the hold time); 0: never.\n",
+        );
+        s.push_str(&format!("peer_ttl_secs = {}\n\n", n.peer_ttl_secs));
         s.push_str("[api]\n");
         s.push_str("# HTTPS control API (TLS 1.3 only).\n");
         s.push_str(&format!("listen = \"{}\"\n\n", self.api.listen));
@@ -440,6 +456,7 @@ mod tests {
                 uplink: Some("eth0".into()),
                 reserved: vec!["2001:db8:1::1".parse().unwrap()],
                 address_hold_hours: 24,
+                peer_ttl_secs: 0,
             },
             api: ApiSection {
                 listen: "[::]:8443".parse().unwrap(),

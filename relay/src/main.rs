@@ -189,6 +189,7 @@ async fn init(args: InitArgs) -> Result<()> {
             uplink: args.uplink,
             reserved: args.reserve,
             address_hold_hours: default_address_hold_hours(),
+            peer_ttl_secs: 0,
         },
         api: ApiSection {
             listen: args.api_listen,
@@ -386,9 +387,20 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         dataplane.clone(),
         ServiceOptions {
             address_hold: config.network.address_hold(),
+            peer_ttl: config.network.peer_ttl(),
         },
         Some(setup.pq.clone()),
     );
+    if let Some(ttl) = config.network.peer_ttl() {
+        if ttl < std::time::Duration::from_secs(300) {
+            tracing::warn!(peer_ttl_secs = ttl.as_secs(), "peer_ttl_secs is under 5 minutes: live peers handshake every 2 minutes and may be expired while in use");
+        } else {
+            tracing::info!(
+                peer_ttl_secs = ttl.as_secs(),
+                "peers without a handshake for peer_ttl_secs are expired"
+            );
+        }
+    }
     let restored = service.restore().await?;
     tracing::info!(
         peers = restored.peers,
@@ -520,6 +532,7 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
             uplink: None,
             reserved: Vec::new(),
             address_hold_hours: default_address_hold_hours(),
+            peer_ttl_secs: 0,
         },
         api: ApiSection {
             listen: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 8443),

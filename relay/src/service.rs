@@ -105,12 +105,15 @@ impl DataPlane for RelayDataPlane {
 pub struct ServiceOptions {
     /// How long a deleted peer's addresses stay reserved for its key.
     pub address_hold: Duration,
+    /// Peers without a completed handshake for this long are expired; `None`: never.
+    pub peer_ttl: Option<Duration>,
 }
 
 impl Default for ServiceOptions {
     fn default() -> Self {
         ServiceOptions {
             address_hold: DEFAULT_ADDRESS_HOLD,
+            peer_ttl: None,
         }
     }
 }
@@ -138,6 +141,9 @@ struct Inner {
     /// Derives each peer's post-quantum preshared key; `None` on a relay without
     /// an X-Wing key (tests of other parts), where no peer gets one.
     pq: Option<Arc<PqKeys>>,
+    /// Unix seconds of this start: no peer could handshake while the relay was down,
+    /// so expiry counts from here at the earliest.
+    started: u64,
 }
 
 impl PeerService {
@@ -160,6 +166,7 @@ impl PeerService {
                 locks: Locks::new(),
                 options,
                 pq,
+                started: unix_now(),
             }),
         }
     }
@@ -395,9 +402,53 @@ impl PeerService {
         self.inner.store.reclaim_released(cutoff).await
     }
 
-    /// The periodic work: usage sync every [`USAGE_SYNC_INTERVAL`] and reclaiming
-    /// every [`RECLAIM_INTERVAL`]. Runs until dropped (abort its task).
+    /// Expires the peers whose last sign of life (their last completed handshake,
+    /// else their registration) is at least `peer_ttl` before `now` (unix seconds),
+    /// as a delete would: off the data plane, out of the quota, addresses held for
+    /// the key. Returns how many. Nothing when no `peer_ttl` is set.
+    pub async fn expire_idle(&self, now: u64) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        let Some(ttl) = inner.options.peer_ttl else {
+            return Ok(0);
+        };
+        let mut expired = 0;
+        for listed in inner.store.peers(None)? {
+            let key = listed.public_key;
+            let _key = inner.locks.key(&key).lock().await;
+            // Read again under the lock: it may have re-registered or gone.
+            let Some(peer) = inner.store.peer(&key)? else {
+                continue;
+            };
+            let live = inner.dataplane.peer_stats(&key).and_then(|(h, _, _)| h);
+            if !idle_past(&peer, live.max(Some(inner.started)), now, ttl.as_secs()) {
+                continue;
+            }
+            match inner.store.delete_peer(&peer.token_id, &key).await {
+                Ok(Some(_)) => {
+                    inner.dataplane.remove_peer(&key);
+                    expired += 1;
+                    tracing::info!(peer = %key, token_id = %peer.token_id, ipv6 = %peer.ipv6, last_handshake = ?peer.last_handshake.max(live), ttl_secs = ttl.as_secs(), "expired a peer with no handshake within peer_ttl; its addresses are held for its key");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    inner.settle_after(&e, &key);
+                    tracing::warn!(peer = %key, error = %e, "cannot expire an idle peer");
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// The periodic work: usage sync every [`USAGE_SYNC_INTERVAL`], reclaiming
+    /// every [`RECLAIM_INTERVAL`] and, with a `peer_ttl`, expiring idle peers a few
+    /// times per ttl. Runs until dropped (abort its task).
     pub async fn run_periodic(self) {
+        let mut expiry = self.inner.options.peer_ttl.map(|ttl| {
+            let mut t =
+                tokio::time::interval((ttl / 4).clamp(Duration::from_secs(1), RECLAIM_INTERVAL));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         let mut usage = tokio::time::interval(USAGE_SYNC_INTERVAL);
         let mut reclaim = tokio::time::interval(RECLAIM_INTERVAL);
         usage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -416,6 +467,11 @@ impl PeerService {
                     Ok(n) => tracing::info!(leases = n, "reclaimed the addresses of peers deleted before the hold time"),
                     Err(e) => tracing::warn!(error = %e, "cannot reclaim released addresses"),
                 },
+                Some(_) = next_tick(expiry.as_mut()) => {
+                    if let Err(e) = self.expire_idle(unix_now()).await {
+                        tracing::warn!(error = %e, "cannot list peers to expire idle ones");
+                    }
+                }
             }
         }
     }
@@ -507,6 +563,21 @@ where
     tokio::spawn(work)
         .await
         .map_err(|e| StoreError::Backend(format!("peer service task failed: {e}")))?
+}
+
+/// Whether `peer` has shown no life for `ttl` seconds at `now`: its latest completed
+/// handshake (the data plane's `live` one or the stored one), else its registration.
+pub fn idle_past(peer: &PeerRecord, live: Option<u64>, now: u64, ttl: u64) -> bool {
+    let last = live.max(peer.last_handshake).unwrap_or(0).max(peer.created);
+    now.saturating_sub(last) >= ttl
+}
+
+/// The next tick of `interval`, or never when there is none.
+async fn next_tick(interval: Option<&mut tokio::time::Interval>) -> Option<tokio::time::Instant> {
+    match interval {
+        Some(i) => Some(i.tick().await),
+        None => std::future::pending().await,
+    }
 }
 
 pub fn unix_now() -> u64 {

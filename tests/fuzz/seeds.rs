@@ -444,6 +444,7 @@ pub fn sample_relay_config() -> sidecar_relay::config::RelayConfig {
                 "203.0.113.17".parse().unwrap(),
             ],
             address_hold_hours: default_address_hold_hours(),
+            peer_ttl_secs: 0,
         },
         api: ApiSection {
             listen: "[::]:8443".parse().unwrap(),

@@ -94,7 +94,14 @@ fn plan(v6: &str, v4: Option<&str>) -> AddressPlan {
 fn service(plan: AddressPlan, hold: Duration) -> (PeerService, Arc<StateDataPlane>) {
     let store = Store::temporary(plan).unwrap();
     let dp = Arc::new(StateDataPlane::default());
-    let svc = PeerService::new(store, dp.clone(), ServiceOptions { address_hold: hold });
+    let svc = PeerService::new(
+        store,
+        dp.clone(),
+        ServiceOptions {
+            address_hold: hold,
+            ..ServiceOptions::default()
+        },
+    );
     (svc, dp)
 }
 
@@ -441,4 +448,34 @@ async fn a_revocation_racing_new_registrations_of_its_token_leaves_none_behind()
         // Whatever registered after the revocation was refused: nothing is left.
         assert!(dp.snapshot().is_empty(), "round {round}");
     }
+}
+
+#[test]
+fn a_peer_is_idle_past_its_ttl_from_its_last_handshake_or_registration() {
+    use super::idle_past;
+    let mut peer = crate::store::PeerRecord {
+        public_key: Key([9; 32]),
+        token_id: "tok_1".into(),
+        ipv6: "2001:db8::9".parse().unwrap(),
+        ipv4: None,
+        name: None,
+        container: None,
+        created: 1_000,
+        last_handshake: None,
+        rx_bytes: 0,
+        tx_bytes: 0,
+        endpoint: None,
+        pq_ciphertext: None,
+        pq_counter: 0,
+    };
+    // Never handshook: counted from the registration.
+    assert!(!idle_past(&peer, None, 1_099, 100));
+    assert!(idle_past(&peer, None, 1_100, 100));
+    // A stored handshake or a newer live one pushes it out.
+    peer.last_handshake = Some(1_050);
+    assert!(!idle_past(&peer, None, 1_149, 100));
+    assert!(idle_past(&peer, None, 1_150, 100));
+    assert!(!idle_past(&peer, Some(1_200), 1_250, 100));
+    // A clock that went back never expires anyone.
+    assert!(!idle_past(&peer, None, 10, 100));
 }
