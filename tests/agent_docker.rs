@@ -1655,8 +1655,11 @@ fn iperf_to_container(
 /// never lets more than its rate through (plus one 64 KiB burst, 0.3 % of 8 s at this
 /// rate), so the 105 % ceiling holds on any machine. Load only slows the path: an idle
 /// machine measured 95 % (TCP's headers are 5 % of each packet), one at load 9 on two
-/// cores 78 %, so the floor is 60 %. The unlimited container in the same run shows that
-/// the path itself is far faster, so the limit is the shaper's doing.
+/// cores 78 %, and a CI run on two busy cores 60 %, with seconds at 1 MB/s where TCP
+/// recovered from a drop after the host had held a burst back, so the floor is 45 %: well
+/// clear of a shaper that chokes the container, well below the rate it grants. The
+/// unlimited container in the same run shows that the path itself is far faster, so the
+/// limit is the shaper's doing.
 #[test]
 fn bandwidth_label_shapes_both_directions_to_its_rate() {
     require();
@@ -1711,8 +1714,8 @@ fn bandwidth_label_shapes_both_directions_to_its_rate() {
         let ratio = mbps / LIMIT_MBPS;
         if *what == "shaped" {
             assert!(
-                (0.60..=1.05).contains(&ratio),
-                "sidecar.bandwidth=20, TCP {dir}: {mbps:.2} Mbit/s, outside 12..=21 Mbit/s \
+                (0.45..=1.05).contains(&ratio),
+                "sidecar.bandwidth=20, TCP {dir}: {mbps:.2} Mbit/s, outside 9..=21 Mbit/s \
                  (all runs: {results:?})"
             );
         } else {

@@ -1026,10 +1026,11 @@ async fn openapi_document_is_generated_for_every_route() {
         ("/v1/status", &["get"]),
         ("/v1/peers", &["get", "post", "delete"]),
         ("/v1/peers/by-container/{id}", &["get"]),
-        ("/v1/admin/tokens", &["post", "delete"]),
+        ("/v1/admin/tokens", &["get", "post", "patch", "delete"]),
         ("/v1/admin/tokens/unbind-machine", &["post"]),
         ("/v1/pq", &["get"]),
         ("/v1/machine", &["get"]),
+        ("/v1/canary", &["get"]),
         ("/api/openapi.json", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -1044,7 +1045,7 @@ async fn openapi_document_is_generated_for_every_route() {
             let op = &paths[*path][*method];
             assert!(op.is_object(), "{method} {path} missing");
             let security = &op["security"];
-            if *path == "/v1/health" || *path == "/api/openapi.json" || *path == "/v1/pq" {
+            if ["/v1/health", "/api/openapi.json", "/v1/pq", "/v1/canary"].contains(path) {
                 assert_eq!(security, &json!([{}]), "{method} {path}");
             } else {
                 assert_eq!(security, &json!([{"bearer": []}]), "{method} {path}");
@@ -1072,6 +1073,10 @@ async fn openapi_document_is_generated_for_every_route() {
         "Registered",
         "PqInfo",
         "MachineKey",
+        "TokenInfo",
+        "TokenList",
+        "UpdateToken",
+        "Canary",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
