@@ -443,7 +443,16 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
     let api_task = {
         let mut rx = stop_rx.clone();
         let limits = sidecar_relay::limits::ApiLimits::new(&config.limits);
-        let router = api::router_with_limits(state.clone(), &limits);
+        let installer = sidecar_relay::install::Installer::new(
+            &api_url(&config),
+            &setup.identity.pin()?,
+            sidecar_relay::install::agent_next_to_exe().as_deref(),
+        );
+        if let sidecar_relay::install::Installer::Unavailable(why) = &installer {
+            tracing::info!(reason = %why, "no agent installer at /install");
+        }
+        let router = api::router_with_limits(state.clone(), &limits)
+            .layer(axum::Extension(Arc::new(installer)));
         tokio::spawn(async move {
             api::serve_with_limits(listener, tls, router, &limits, async move {
                 let _ = rx.wait_for(|s| *s).await;
