@@ -148,7 +148,10 @@ fn installer_from_the_relay() {
 
     // Fetched pinned, it names this relay and the agent it serves.
     let script = fetch_installer(&relay);
-    assert!(script.starts_with("#!/bin/sh\n"), "not a sh script:\n{script}");
+    assert!(
+        script.starts_with("#!/bin/sh\n"),
+        "not a sh script:\n{script}"
+    );
     assert_eq!(script_value(&script, "RELAY_URL"), relay.url(""));
     assert_eq!(script_value(&script, "RELAY_PIN"), relay.creds.pin);
     assert_eq!(script_value(&script, "AGENT_SHA256"), sha256_of(&agent));
@@ -175,8 +178,18 @@ fn installer_from_the_relay() {
     std::fs::write(root.join("etc/hostname"), "docker-host\n").unwrap();
     let before = tree(&root);
     let root_arg = root.display().to_string();
-    let out = run_installer(ns, &script, &["--print-only", "--root", &root_arg], &[], true);
-    assert!(out.status.success(), "--print-only --root failed: {}", text(&out.stderr));
+    let out = run_installer(
+        ns,
+        &script,
+        &["--print-only", "--root", &root_arg],
+        &[],
+        true,
+    );
+    assert!(
+        out.status.success(),
+        "--print-only --root failed: {}",
+        text(&out.stderr)
+    );
     assert_eq!(tree(&root), before, "--print-only changed the scratch root");
     let scratch_plan = parse_plan(&text(&out.stdout));
     assert!(
@@ -185,7 +198,11 @@ fn installer_from_the_relay() {
     );
 
     let host = run_installer(ns, &script, &["--print-only"], &[], true);
-    assert!(host.status.success(), "--print-only failed: {}", text(&host.stderr));
+    assert!(
+        host.status.success(),
+        "--print-only failed: {}",
+        text(&host.stderr)
+    );
     let host_plan = parse_plan(&text(&host.stdout));
     assert_eq!(host_plan.enables, ["sidecar-agent.service"]);
     let files: Vec<&str> = host_plan
@@ -226,7 +243,11 @@ fn installer_from_the_relay() {
             "the refusal of {bad:?} does not name the prefix: {}",
             text(&out.stderr)
         );
-        assert_eq!(tree(&root), before, "a refused token {bad:?} left files behind");
+        assert_eq!(
+            tree(&root),
+            before,
+            "a refused token {bad:?} left files behind"
+        );
     }
 
     // A full install into the scratch root lays down exactly the plan.
@@ -254,7 +275,11 @@ fn installer_from_the_relay() {
         let rel = path
             .strip_prefix(&format!("{root_arg}/"))
             .unwrap_or_else(|| panic!("{path} is outside the scratch root"));
-        let key = if kind == "dir" { format!("{rel}/") } else { rel.to_owned() };
+        let key = if kind == "dir" {
+            format!("{rel}/")
+        } else {
+            rel.to_owned()
+        };
         expected.insert(key, *mode);
         let mut parent = Path::new(rel).parent();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
@@ -275,14 +300,24 @@ fn installer_from_the_relay() {
         "the install laid down other paths or modes than --print-only listed"
     );
     let bin = root.join("usr/local/bin/sidecar-agent");
-    assert_eq!(sha256_of(&bin), sha256_of(&agent), "the installed agent is not the relay's");
+    assert_eq!(
+        sha256_of(&bin),
+        sha256_of(&agent),
+        "the installed agent is not the relay's"
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("etc/sidecar/agent.token")).unwrap(),
         format!("{token}\n")
     );
     let env = std::fs::read_to_string(root.join("etc/sidecar/agent.env")).unwrap();
-    assert!(env.contains(&format!("SIDECAR_RELAY={}\n", relay.url(""))), "{env}");
-    assert!(env.contains(&format!("SIDECAR_PIN={}\n", relay.creds.pin)), "{env}");
+    assert!(
+        env.contains(&format!("SIDECAR_RELAY={}\n", relay.url(""))),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("SIDECAR_PIN={}\n", relay.creds.pin)),
+        "{env}"
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("etc/systemd/system/sidecar-agent.service")).unwrap(),
         std::fs::read_to_string(

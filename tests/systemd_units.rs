@@ -27,7 +27,9 @@ fn require_systemd_analyze() {
 /// A copy of `config/UNIT` in a scratch directory whose ExecStart runs `bin`, the
 /// binary this workspace built, so `verify` can check that it exists and is executable.
 fn unit_with_binary(dir: &TempDir, unit: &str, installed: &str, bin: &Path) -> String {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(unit);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(unit);
     let text = std::fs::read_to_string(&source).expect("read the unit");
     assert!(
         text.contains(&format!("ExecStart={installed} ")),
@@ -61,7 +63,10 @@ fn systemd_analyze_verify_accepts_both_units() {
         );
         // verify exits 0 on some warnings about the unit itself; there must be none.
         let own: Vec<&str> = stderr.lines().filter(|l| l.contains(unit)).collect();
-        assert!(own.is_empty(), "systemd-analyze verify warns about {unit}: {own:?}");
+        assert!(
+            own.is_empty(),
+            "systemd-analyze verify warns about {unit}: {own:?}"
+        );
     }
 }
 
@@ -69,7 +74,9 @@ fn systemd_analyze_verify_accepts_both_units() {
 fn units_are_hardened() {
     for (unit, _) in UNITS {
         let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(unit),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(unit),
         )
         .expect("read the unit");
         for directive in [

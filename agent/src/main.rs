@@ -1,6 +1,7 @@
 //! `sidecar-agent`: userspace WireGuard for hosts without the kernel module.
 
 mod cli;
+mod events;
 mod up;
 
 use std::net::SocketAddr;
@@ -27,6 +28,16 @@ use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Parser
         every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
 )]
 struct Cli {
+    /// text: readable log lines; codes: each event an operator acts on as its stable
+    /// code (SC1201 ...), which `sidecar-agent explain CODE` explains.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SIDECAR_LOG_FORMAT"
+    )]
+    log_format: cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,6 +141,12 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = "relay.psk")]
         psk_file: PathBuf,
     },
+    /// Print what a log event code (from --log-format codes, e.g. SC1201) means and
+    /// what to do about it.
+    Explain {
+        /// The code, e.g. SC1201.
+        code: String,
+    },
     /// Print a running interface's counters in Prometheus text format.
     Metrics {
         /// Interface name, as given to `up`.
@@ -147,8 +164,23 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    cli::run("info,boringtun=warn", || async move {
+    if let Command::Explain { code } = &cli.command {
+        return match events::explain(code) {
+            Some(text) => {
+                print!("{text}");
+                std::process::ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "error: {code} is not a sidecar-agent event code (they look like SC1201)"
+                );
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    cli::run("info,boringtun=warn", cli.log_format, || async move {
         match cli.command {
+            Command::Explain { .. } => Ok(()),
             Command::Up { config, interface } => up::run(&config, interface.as_deref()).await,
             Command::Run {
                 relay,

@@ -26,7 +26,10 @@ const AGENT_UNIT: &str = include_str!("../../config/sidecar-agent.service");
 /// What `/install` serves, built once at start.
 #[derive(Debug)]
 pub enum Installer {
-    Ready { script: String, agent: Bytes },
+    Ready {
+        script: String,
+        agent: Bytes,
+    },
     /// Why there is nothing to serve, for the 404.
     Unavailable(String),
 }
@@ -81,12 +84,13 @@ impl Installer {
 fn render(relay_url: &str, pin: &str, sha256: &str) -> Result<String, String> {
     let plain = |s: &str| {
         !s.is_empty()
-            && s.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || b"/:.[]-_+=%".contains(&b)
-            })
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/:.[]-_+=%".contains(&b))
     };
     if !plain(relay_url) {
-        return Err(format!("the relay URL {relay_url:?} cannot be put in the installer"));
+        return Err(format!(
+            "the relay URL {relay_url:?} cannot be put in the installer"
+        ));
     }
     if !plain(pin) {
         return Err(format!("the pin {pin:?} cannot be put in the installer"));
