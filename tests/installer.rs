@@ -250,8 +250,23 @@ fn installer_from_the_relay() {
         );
     }
 
-    // A full install into the scratch root lays down exactly the plan.
+    // On the host itself the preflight comes first: a valid token but no root is
+    // refused, naming the check, with none of the planned host paths created.
     let token = &relay.creds.default_token;
+    let out = run_installer(ns, &script, &[], &[("SIDECAR_TOKEN", token)], true);
+    assert!(!out.status.success(), "installed on the host without root");
+    assert!(
+        text(&out.stderr).contains("run as root"),
+        "the refusal without root does not say so: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("downloading"),
+        "the installer went past its preflight without root: {}",
+        text(&out.stderr)
+    );
+
+    // A full install into the scratch root lays down exactly the plan.
     let out = run_installer(
         ns,
         &script,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with a Rust toolchain: installs the
 # tools the end-to-end tests drive (wireguard-go, wg, iperf3, nftables, iproute2, ping,
-# curl, Docker, gVisor's runsc, setpriv, sysctl, openssl, jq), checks formatting and lints, then runs
-# every test in the workspace. A test whose tool is missing fails; none skips.
+# curl, Docker, gVisor's runsc, setpriv, sysctl, openssl, jq, systemd-analyze,
+# shellcheck), checks formatting and lints, then runs every test in the workspace. A test
+# whose tool is missing fails; none skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
