@@ -6,14 +6,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use support::agent::agent_bin;
 use support::netns::Netns;
-use support::process::{run_ok, TempDir};
+use support::process::{output_with_stdin, run_ok, TempDir};
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
 use support::require_tools;
 
@@ -50,19 +49,7 @@ fn run_installer(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes())
-        .expect("write the script");
-    child.wait_with_output().expect("wait for the installer")
+    output_with_stdin(cmd, script)
 }
 
 fn text(out: &[u8]) -> String {

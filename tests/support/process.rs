@@ -163,8 +163,8 @@ pub fn output(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 
-/// Runs `cmd` with `input` on stdin and panics unless it succeeds.
-pub fn run_with_stdin(mut cmd: Command, input: &str) -> String {
+/// Runs `cmd` with `input` on stdin, whatever its exit status.
+pub fn output_with_stdin(mut cmd: Command, input: &str) -> Output {
     use std::io::Write;
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -178,10 +178,16 @@ pub fn run_with_stdin(mut cmd: Command, input: &str) -> String {
         .expect("stdin is piped")
         .write_all(input.as_bytes())
         .expect("write stdin");
-    let out = child.wait_with_output().expect("wait for command");
+    child.wait_with_output().expect("wait for command")
+}
+
+/// Runs `cmd` with `input` on stdin and panics unless it succeeds.
+pub fn run_with_stdin(cmd: Command, input: &str) -> String {
+    let what = format!("{cmd:?}");
+    let out = output_with_stdin(cmd, input);
     assert!(
         out.status.success(),
-        "{cmd:?} failed ({}): {}",
+        "{what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
