@@ -32,8 +32,8 @@ pub fn add_route(prefix: IpPrefix, ifindex: u32, metric: Option<u32>) -> io::Res
 /// The kernel's main routing table.
 pub const MAIN_TABLE: u32 = libc::RT_TABLE_MAIN as u32;
 
-/// As [`add_route`], into routing table `table` (used with [`add_source_rule`] for
-/// policy routing by source address).
+/// As [`add_route`], into routing table `table` (used with [`add_rule`] for policy
+/// routing).
 pub fn add_route_in_table(
     prefix: IpPrefix,
     ifindex: u32,
@@ -47,24 +47,64 @@ pub fn add_route_in_table(
     )
 }
 
-/// Adds a policy rule `from SOURCE lookup TABLE` at `priority`, like
-/// `ip rule add from SOURCE lookup TABLE priority PRIORITY`. Packets from the given
-/// source then use that table's routes instead of the main table's.
-pub fn add_source_rule(source: IpPrefix, table: u32, priority: u32) -> io::Result<()> {
-    let seq = next_seq();
-    request(
-        &rule_message(RouteOp::Add, source, table, priority, seq),
-        seq,
-    )
+/// A policy rule sending the packets it matches to a routing table, as
+/// `ip rule add [from SOURCE] [to DESTINATION] lookup TABLE [suppress_prefixlength N]
+/// priority PRIORITY` makes one. Rules are per family: one of IPv4 never sees IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub ipv6: bool,
+    /// `from`; `None` matches every source, the unchosen one of an unbound socket too.
+    pub source: Option<IpPrefix>,
+    /// `to`; `None` matches every destination.
+    pub destination: Option<IpPrefix>,
+    pub table: u32,
+    pub priority: u32,
+    /// Ignore the table's routes of this prefix length or shorter, so that with 0 a
+    /// table's specific routes apply but not its default route.
+    pub suppress_prefixlength: Option<u32>,
 }
 
-/// Removes a rule added with [`add_source_rule`].
-pub fn delete_source_rule(source: IpPrefix, table: u32, priority: u32) -> io::Result<()> {
+impl Rule {
+    /// `from SOURCE lookup TABLE`: replies from an address leave the way it came.
+    pub fn from_source(source: IpPrefix, table: u32, priority: u32) -> Rule {
+        Rule {
+            source: Some(source),
+            ..Rule::all(!source.is_ipv4(), table, priority)
+        }
+    }
+
+    /// `to DESTINATION lookup TABLE`.
+    pub fn to_destination(destination: IpPrefix, table: u32, priority: u32) -> Rule {
+        Rule {
+            destination: Some(destination),
+            ..Rule::all(!destination.is_ipv4(), table, priority)
+        }
+    }
+
+    /// `lookup TABLE` for every packet of the family.
+    pub fn all(ipv6: bool, table: u32, priority: u32) -> Rule {
+        Rule {
+            ipv6,
+            source: None,
+            destination: None,
+            table,
+            priority,
+            suppress_prefixlength: None,
+        }
+    }
+}
+
+/// Adds `rule`. Returns an error of kind [`io::ErrorKind::AlreadyExists`] if the same
+/// rule is already there.
+pub fn add_rule(rule: &Rule) -> io::Result<()> {
     let seq = next_seq();
-    request(
-        &rule_message(RouteOp::Delete, source, table, priority, seq),
-        seq,
-    )
+    request(&rule_message(RouteOp::Add, rule, seq)?, seq)
+}
+
+/// Removes a rule added with [`add_rule`].
+pub fn delete_rule(rule: &Rule) -> io::Result<()> {
+    let seq = next_seq();
+    request(&rule_message(RouteOp::Delete, rule, seq)?, seq)
 }
 
 /// Deletes the device route for `prefix` (host bits cleared) through `ifindex` from
@@ -245,11 +285,29 @@ fn table_byte(table: u32) -> u8 {
     u8::try_from(table).unwrap_or(libc::RT_TABLE_UNSPEC)
 }
 
-fn rule_message(op: RouteOp, source: IpPrefix, table: u32, priority: u32, seq: u32) -> Vec<u8> {
-    let source = source.network();
-    let (family, addr_bytes): (u8, Vec<u8>) = match source.addr() {
-        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
-        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+fn rule_message(op: RouteOp, rule: &Rule, seq: u32) -> io::Result<Vec<u8>> {
+    let family = if rule.ipv6 {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    } as u8;
+    let mut selectors = [(FRA_SRC, rule.source), (FRA_DST, rule.destination)]
+        .into_iter()
+        .filter_map(|(attr, prefix)| Some((attr, prefix?.network())));
+    if selectors
+        .clone()
+        .any(|(_, prefix)| prefix.is_ipv4() == rule.ipv6)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a rule's addresses must be of its own family",
+        ));
+    }
+    let prefix_len = |attr| {
+        selectors
+            .clone()
+            .find(|&(a, _)| a == attr)
+            .map_or(0, |(_, p)| p.len())
     };
     let request = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     let (msg_type, flags) = match op {
@@ -262,10 +320,10 @@ fn rule_message(op: RouteOp, source: IpPrefix, table: u32, priority: u32, seq: u
     // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags.
     let header = [
         family,
+        prefix_len(FRA_DST),
+        prefix_len(FRA_SRC),
         0,
-        source.len(),
-        0,
-        table_byte(table),
+        table_byte(rule.table),
         0,
         0,
         FR_ACT_TO_TBL,
@@ -276,17 +334,28 @@ fn rule_message(op: RouteOp, source: IpPrefix, table: u32, priority: u32, seq: u
     ];
     let mut msg = MessageBuilder::new(msg_type, flags, seq);
     msg.push_header(&header);
-    msg.push_attr(FRA_SRC, &addr_bytes);
-    msg.push_attr(FRA_TABLE, &table.to_ne_bytes());
-    msg.push_attr(FRA_PRIORITY, &priority.to_ne_bytes());
-    msg.finish()
+    for (attr, prefix) in selectors.by_ref() {
+        let bytes = match prefix.addr() {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        msg.push_attr(attr, &bytes);
+    }
+    msg.push_attr(FRA_TABLE, &rule.table.to_ne_bytes());
+    msg.push_attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
+    if let Some(len) = rule.suppress_prefixlength {
+        msg.push_attr(FRA_SUPPRESS_PREFIXLEN, &len.to_ne_bytes());
+    }
+    Ok(msg.finish())
 }
 
 /// From linux/fib_rules.h (not all of them are in the libc crate).
 const FR_ACT_TO_TBL: u8 = 1;
+const FRA_DST: u16 = 1;
 const FRA_SRC: u16 = 2;
 const FRA_PRIORITY: u16 = 6;
 const FRA_TABLE: u16 = 15;
+const FRA_SUPPRESS_PREFIXLEN: u16 = 14;
 
 fn link_up_message(ifindex: u32, seq: u32) -> io::Result<Vec<u8>> {
     let index = i32::try_from(ifindex)
@@ -833,6 +902,17 @@ mod tests {
         assert!(interface_index("no-such-if0").is_err());
     }
 
+    /// `ip ARGS`, run in the calling thread's namespace (a child starts in its parent
+    /// thread's), which iproute2 prints the way users read it.
+    fn ip(args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("iproute2's ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Routes in the thread's namespace from /proc, as (destination, device).
     fn ipv4_routes() -> Vec<(IpPrefix, String, u32)> {
         let text = std::fs::read_to_string("/proc/thread-self/net/route").unwrap();
@@ -946,14 +1026,48 @@ mod tests {
             let again = add_route_in_table(any6, lo, None, 51820).unwrap_err();
             assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
             let src: IpPrefix = "2001:db8:1::7/128".parse().unwrap();
-            add_source_rule(src, 51820, 100).unwrap();
-            let again = add_source_rule(src, 51820, 100).unwrap_err();
+            let by_source = Rule::from_source(src, 51820, 100);
+            add_rule(&by_source).unwrap();
+            let again = add_rule(&by_source).unwrap_err();
             assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
             let src4: IpPrefix = "192.0.2.7/32".parse().unwrap();
-            add_source_rule(src4, 51820, 100).unwrap();
-            delete_source_rule(src, 51820, 100).unwrap();
-            delete_source_rule(src4, 51820, 100).unwrap();
-            assert!(delete_source_rule(src, 51820, 100).is_err());
+            let by_source4 = Rule::from_source(src4, 51820, 100);
+            let private = Rule::to_destination("10.0.0.0/8".parse().unwrap(), MAIN_TABLE, 101);
+            let specific = Rule {
+                suppress_prefixlength: Some(0),
+                ..Rule::all(false, MAIN_TABLE, 102)
+            };
+            let rest = Rule::all(false, 51820, 103);
+            let rules = [by_source4, private, specific, rest];
+            for rule in &rules {
+                add_rule(rule).unwrap();
+            }
+            let shown = ip(&["-4", "rule", "show"]);
+            for line in [
+                "100:\tfrom 192.0.2.7 lookup 51820",
+                "101:\tfrom all to 10.0.0.0/8 lookup main",
+                "102:\tfrom all lookup main suppress_prefixlength 0",
+                "103:\tfrom all lookup 51820",
+            ] {
+                assert!(shown.contains(line), "{line:?} not in:\n{shown}");
+            }
+            for rule in &rules {
+                delete_rule(rule).unwrap();
+            }
+            delete_rule(&by_source).unwrap();
+            assert!(delete_rule(&by_source).is_err());
+            let rest6 = Rule::all(true, 51820, 104);
+            add_rule(&rest6).unwrap();
+            assert!(ip(&["-6", "rule", "show"]).contains("104:\tfrom all lookup 51820"));
+            delete_rule(&rest6).unwrap();
+            let mixed = Rule {
+                destination: Some("10.0.0.0/8".parse().unwrap()),
+                ..Rule::all(true, 51820, 105)
+            };
+            assert_eq!(
+                add_rule(&mixed).unwrap_err().kind(),
+                io::ErrorKind::InvalidInput
+            );
         })
         .join()
         .unwrap();

@@ -42,7 +42,7 @@ use serde_json::Value;
 use support::agent::{agent_bin, agent_status};
 use support::docker::{Dockerd, DOCKER_TOOLS};
 use support::process::{ChildGuard, TempDir};
-use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
+use support::relay::{Relay, RelayOptions, Topology, NAT_PUBLIC, RELAY_TOOLS, REMOTE4};
 use support::traffic::{ping_with, Iperf, Ping};
 use support::{require_tools, unique_name, wait_until, Netns, BASE_TOOLS};
 
@@ -439,31 +439,15 @@ struct UdpEcho {
 impl UdpEcho {
     /// Binds `bind` inside the network namespace of process `pid`.
     fn start(pid: u32, bind: SocketAddr) -> Self {
+        let sock = in_netns_of(pid, || {
+            let s = UdpSocket::bind(bind)?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(s)
+        })
+        .unwrap_or_else(|e| panic!("UDP echo on {bind} in the namespace of pid {pid}: {e}"));
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let setup = || -> std::io::Result<UdpSocket> {
-                let ns = File::open(format!("/proc/{pid}/ns/net"))?;
-                // SAFETY: setns with an open namespace fd; it only moves this thread,
-                // which exists solely to serve the socket and then ends.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let s = UdpSocket::bind(bind)?;
-                s.set_read_timeout(Some(Duration::from_millis(100)))?;
-                Ok(s)
-            };
-            let sock = match setup() {
-                Ok(s) => {
-                    let _ = tx.send(Ok(()));
-                    s
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
             let mut buf = [0u8; 2048];
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
@@ -471,14 +455,33 @@ impl UdpEcho {
                 }
             }
         });
-        rx.recv()
-            .expect("UDP echo thread ended early")
-            .unwrap_or_else(|e| panic!("UDP echo on {bind} in the namespace of pid {pid}: {e}"));
         UdpEcho {
             stop,
             thread: Some(thread),
         }
     }
+}
+
+/// Runs `f` on a thread of its own inside the network namespace of process `pid`.
+/// Sockets it makes stay in that namespace, whichever thread uses them later.
+fn in_netns_of<T: Send>(
+    pid: u32,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+                // SAFETY: setns with an open namespace fd; it only moves this thread,
+                // which ends when `f` returns.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+    })
 }
 
 impl Drop for UdpEcho {
@@ -565,11 +568,8 @@ fn labeled_container_is_reachable_and_unlabeled_ones_are_left_alone() {
     let v4 = IpAddr::V4(row.ipv4.expect("sidecar.ipv4=true must give a /32"));
 
     // All of it, on both addresses. The UDP echo binds the public addresses themselves,
-    // as a server that answers from the address it was asked on (IP_PKTINFO) would: an
-    // IPv4 socket bound to 0.0.0.0 answers from the container's Docker address instead,
-    // because the container's IPv4 default route stays on docker0 (only traffic *from*
-    // the /32 is policy-routed into sidecar0), so its replies leave through the Docker
-    // host's own uplink and arrive from the wrong address.
+    // as a server that answers from the address it was asked on (IP_PKTINFO) would; one
+    // bound to 0.0.0.0 is the next test's.
     let pid = docker.pid(&web);
     let _udp6 = UdpEcho::start(pid, SocketAddr::new(v6, UDP_PORT));
     let _udp4 = UdpEcho::start(pid, SocketAddr::new(v4, UDP_PORT));
@@ -1124,6 +1124,193 @@ fn deregistration_failed_while_relay_is_down_is_retried() {
         key_file.exists(),
         agent.log()
     );
+}
+
+/// `sidecar.ipv4=true` makes the /32 the container's own: what it sends by itself over
+/// IPv4 (TCP from a process in it, UDP and ping from unbound sockets) leaves through
+/// the tunnel from the /32, and a UDP server on 0.0.0.0 answers from it, while
+/// Docker's networking keeps working: another container on the bridge, a published
+/// port, and a client that reaches the container at its Docker address from outside
+/// (as a published port's clients do when the host forwards them by NAT).
+/// `sidecar.egress=docker` keeps the host's NAT for outgoing connections.
+#[test]
+fn ipv4_label_makes_the_public_address_the_containers_own_for_outgoing_traffic() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: true });
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = SidecarAgent::start(&site.ns, &relay, &docker, state.path(), Launch::Privileged);
+    // The test's daemons run without iptables; this is the masquerade Docker would add
+    // for its bridge, so sidecar.egress=docker has a NAT to leave through.
+    site.ns.exec_with_stdin(
+        "nft -f -",
+        "table ip docker_nat {\n  chain postrouting {\n    type nat hook postrouting priority srcnat;\n    \
+         ip saddr 172.16.0.0/12 oifname \"eth0\" masquerade\n  }\n}\n",
+    );
+
+    let neighbour = docker.run(&[], SERVERS);
+    let name = unique_name("mail");
+    let published = 18025;
+    let mail = docker.run_with(
+        &name,
+        &["-p", &format!("{published}:{ECHO_PORT}")],
+        &[ENABLE, IPV4],
+        SERVERS,
+    );
+    let natted_name = unique_name("natted");
+    let natted = docker.run_named(
+        &natted_name,
+        &[ENABLE, IPV4, ("sidecar.egress", "docker")],
+        SERVERS,
+    );
+    let mut public = Vec::new();
+    for n in [&name, &natted_name] {
+        let row = agent.wait_row(n, REACHABLE_BOUND, |r| r.ipv4.is_some());
+        let v4 = row.ipv4.expect("sidecar.ipv4=true must give a /32");
+        assert!(
+            first_reply(&topo.remote, IpAddr::V4(v4), REACHABLE_BOUND).is_some(),
+            "{n} ({v4}) never reachable:\n{}",
+            agent.log()
+        );
+        public.push(v4);
+    }
+    let (v4, natted_v4) = (public[0], public[1]);
+
+    // Who connects to the remote host, as the remote host sees it.
+    let (tcp, udp) = topo.remote.enter(|| {
+        (
+            std::net::TcpListener::bind((REMOTE4, 0)).expect("remote TCP listener"),
+            UdpSocket::bind((REMOTE4, 0)).expect("remote UDP socket"),
+        )
+    });
+    let (tcp_port, udp_port) = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    tcp.set_nonblocking(true).unwrap();
+    let tcp_source_of = |container: &str| {
+        let out = docker.exec(
+            container,
+            &[
+                "sh",
+                "-c",
+                &format!("echo out | nc -w 5 {REMOTE4} {tcp_port}"),
+            ],
+        );
+        assert!(out.status.success(), "nc from {container}: {out:?}");
+        let mut from = None;
+        wait_until(Duration::from_secs(5), || {
+            from = tcp.accept().ok().map(|(_, a)| a.ip());
+            from.is_some()
+        });
+        from.unwrap_or_else(|| panic!("the connection from {container} never arrived"))
+    };
+    assert_eq!(
+        tcp_source_of(&mail),
+        IpAddr::V4(v4),
+        "TCP from {name} must come from its /32"
+    );
+    assert_eq!(
+        tcp_source_of(&natted),
+        IpAddr::V4(NAT_PUBLIC),
+        "with sidecar.egress=docker TCP leaves through the host's NAT"
+    );
+
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    in_netns_of(docker.pid(&mail), || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?.send_to(b"out", (REMOTE4, udp_port))
+    })
+    .expect("UDP from the container");
+    let mut buf = [0; 16];
+    let (_, from) = udp.recv_from(&mut buf).expect("the container's datagram");
+    assert_eq!(
+        from.ip(),
+        IpAddr::V4(v4),
+        "UDP from {name} must come from its /32"
+    );
+
+    // ICMP: the remote host counts echo requests from the /32.
+    topo.remote.exec_with_stdin(
+        "nft -f -",
+        &format!(
+            "table ip egress_probe {{\n  chain input {{\n    type filter hook input priority 0;\n    \
+             ip saddr {v4} icmp type echo-request counter\n  }}\n}}\n"
+        ),
+    );
+    let ping = docker.exec(&mail, &["ping", "-c", "3", "-W", "3", &REMOTE4.to_string()]);
+    assert!(ping.status.success(), "ping from {name}: {ping:?}");
+    let counted = topo.remote.exec("nft list table ip egress_probe");
+    assert!(
+        counted.contains("packets 3 "),
+        "the remote host saw no echo requests from {v4}:\n{counted}"
+    );
+
+    // A UDP server on 0.0.0.0 answers from the address it was asked on.
+    let _udp_any = UdpEcho::start(docker.pid(&mail), (Ipv4Addr::UNSPECIFIED, UDP_PORT).into());
+    udp_roundtrip(&topo.remote, IpAddr::V4(v4), UDP_PORT)
+        .unwrap_or_else(|e| panic!("UDP echo on 0.0.0.0 asked at {v4}: {e}"));
+    assert!(
+        udp_roundtrip(&topo.remote, IpAddr::V4(natted_v4), UDP_PORT).is_err(),
+        "no server there: the probe itself must be able to fail"
+    );
+
+    // Docker's networking: the bridge, a published port, the Docker address from outside.
+    let neighbour_ip = docker
+        .bridge_ip(&neighbour)
+        .expect("neighbour's bridge address");
+    let out = docker.exec(
+        &mail,
+        &[
+            "sh",
+            "-c",
+            &format!("echo bridge | nc -w 5 {neighbour_ip} {ECHO_PORT}"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "bridge\n",
+        "{name} -> the container beside it on the bridge: {out:?}"
+    );
+    let payload = b"published\n";
+    let echoed = tcp_exchange(&site.ns, IpAddr::V4(site.addr), published, payload)
+        .unwrap_or_else(|e| panic!("the published port {published}: {e}"));
+    assert_eq!(echoed, payload, "the published port");
+    let docker_ip = docker.bridge_ip(&mail).expect("the bridge address");
+    let echoed = site
+        .ns
+        .enter(|| {
+            tcp_exchange_from(
+                site.addr,
+                SocketAddr::new(docker_ip.into(), ECHO_PORT),
+                payload,
+            )
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{site_addr} -> {docker_ip}:{ECHO_PORT}: {e}",
+                site_addr = site.addr
+            )
+        });
+    assert_eq!(
+        echoed, payload,
+        "a client outside Docker's network at the Docker address"
+    );
+}
+
+/// A TCP exchange from a socket bound to `source` in the calling thread's namespace.
+fn tcp_exchange_from(source: Ipv4Addr, to: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(source.into(), 0).into())?;
+    sock.connect_timeout(&to.into(), Duration::from_secs(3))?;
+    let mut s = TcpStream::from(sock);
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(data)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 /// `sidecar.ipv4=true` on a relay without an IPv4 pool: the status says why there is no

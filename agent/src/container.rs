@@ -408,8 +408,13 @@ impl Task {
                 None
             }
             Mode::Tun | Mode::Auto => {
-                match container_net::create_in_namespace(&netns, CONTAINER_IFACE, alloc.mtu, &addrs)
-                {
+                match container_net::create_in_namespace(
+                    &netns,
+                    CONTAINER_IFACE,
+                    alloc.mtu,
+                    &addrs,
+                    labels.egress,
+                ) {
                     Ok(t) => Some(t),
                     Err(e) if shared.mode == Mode::Auto && tun_unavailable(&e) => {
                         tracing::info!(container = %short(&id), error = %e, "no TUN device possible in the container; using netstack mode");
@@ -438,6 +443,11 @@ impl Task {
                 (Driver::start(device, Arc::new(tun), socket), "tun")
             }
             None => {
+                if alloc.ipv4.is_some() && labels.egress == container_net::Egress::Tunnel {
+                    // Without a device in the container there is no route to give it:
+                    // the stack here only answers what arrives at the public addresses.
+                    tracing::info!(container = %short(&id), "in netstack mode the container's own outgoing IPv4 leaves through Docker's networking, not from its /32");
+                }
                 let targets = container_addresses(&info);
                 let netstack =
                     crate::netstack_link::start(&addrs, targets, alloc.mtu, labels.proxy_protocol)

@@ -7,7 +7,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-use sidecar::route;
+use sidecar::route::{self, Rule};
 use sidecar::IpPrefix;
 use tun_rs::{DeviceBuilder, SyncDevice};
 
@@ -16,6 +16,33 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 pub const TABLE: u32 = 51820;
 /// Rule priority: before the main table (32766), after local (0).
 const RULE_PRIORITY: u32 = 10_000;
+/// The IPv4 egress rules come before that one, in this order: replies from Docker's
+/// addresses, the main table's specific routes, private destinations, then the rest.
+const EGRESS_PRIORITY: u32 = 9_000;
+
+/// Destinations no public relay can reach, which stay with Docker's networking when
+/// IPv4 leaves through the tunnel: RFC 1918, shared (CGNAT) and link-local space, so a
+/// resolver or service on the host's own network still answers.
+const PRIVATE_V4: [&str; 5] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+];
+
+/// Where a container with a public IPv4 /32 sends its own outgoing IPv4.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Egress {
+    /// Through the tunnel from the /32, the address its PTR, SPF and reputation belong
+    /// to; Docker's networks, replies on Docker's addresses and private destinations
+    /// keep using Docker's routes.
+    #[default]
+    Tunnel,
+    /// Through Docker's NAT from the host's address; only traffic from the /32 itself
+    /// (replies to connections made to it) uses the tunnel.
+    Docker,
+}
 
 /// A device created in another namespace. Its file descriptor works from any
 /// namespace; name-based calls (MTU, addresses) only work inside its own.
@@ -26,7 +53,8 @@ pub struct ContainerTun {
 
 /// Creates `name` in the namespace `netns` (an open `/proc/PID/ns/net`), assigns
 /// `addrs`, and routes: a default IPv6 route through it (containers rarely have
-/// their own IPv6), and for each address a rule sending its replies through it.
+/// their own IPv6), for each address a rule sending its replies through it, and with
+/// an IPv4 address and [`Egress::Tunnel`] the rules that make it the container's own.
 ///
 /// Runs on a short-lived thread of its own: `setns` changes the calling thread's
 /// namespace, and no tokio worker may ever be moved.
@@ -35,6 +63,7 @@ pub fn create_in_namespace(
     name: &str,
     mtu: u16,
     addrs: &[IpPrefix],
+    egress: Egress,
 ) -> io::Result<ContainerTun> {
     let fd = netns.as_raw_fd();
     let name = name.to_string();
@@ -47,14 +76,20 @@ pub fn create_in_namespace(
                 if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                setup(&name, mtu, &addrs)
+                setup(&name, mtu, &addrs, egress)
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace setup thread panicked")))
     })
 }
 
-fn setup(name: &str, mtu: u16, addrs: &[IpPrefix]) -> io::Result<ContainerTun> {
+fn setup(name: &str, mtu: u16, addrs: &[IpPrefix], egress: Egress) -> io::Result<ContainerTun> {
+    // Docker's own addresses, read before ours join them.
+    let docker_v4: Vec<IpAddr> = interface_addresses()?
+        .into_iter()
+        .filter(|a| a.is_ipv4() && !a.is_loopback())
+        .filter(|a| !addrs.iter().any(|ours| ours.addr() == *a))
+        .collect();
     let build = |offload: bool| {
         DeviceBuilder::new()
             .name(name)
@@ -86,7 +121,7 @@ fn setup(name: &str, mtu: u16, addrs: &[IpPrefix]) -> io::Result<ContainerTun> {
             .parse()
             .expect("literal prefix");
         ignore_exists(route::add_route_in_table(any, ifindex, None, TABLE))?;
-        ignore_exists(route::add_source_rule(
+        add(&Rule::from_source(
             IpPrefix::host(addr.addr()),
             TABLE,
             RULE_PRIORITY,
@@ -94,9 +129,43 @@ fn setup(name: &str, mtu: u16, addrs: &[IpPrefix]) -> io::Result<ContainerTun> {
         if !addr.is_ipv4() {
             // Outgoing IPv6 from the container uses the public address.
             ignore_exists(route::add_route(any, ifindex, None))?;
+        } else if egress == Egress::Tunnel {
+            for rule in ipv4_egress_rules(&docker_v4) {
+                add(&rule)?;
+            }
         }
     }
     Ok(ContainerTun { device, offload })
+}
+
+/// The rules that send the container's outgoing IPv4 through [`TABLE`], so it leaves
+/// from the /32 (the source the kernel picks for that table's route through our
+/// device), while Docker's networking keeps what it needs: replies from Docker's
+/// addresses (published ports, whose clients reach the container there), the main
+/// table's routes but its default (other containers on the bridge), private
+/// destinations (the host's network, its resolvers). The rules live in the
+/// container's namespace and go with it; without our device the table is empty and
+/// lookups fall through to Docker's routes again.
+fn ipv4_egress_rules(docker_v4: &[IpAddr]) -> Vec<Rule> {
+    let mut rules: Vec<Rule> = docker_v4
+        .iter()
+        .map(|a| Rule::from_source(IpPrefix::host(*a), route::MAIN_TABLE, EGRESS_PRIORITY))
+        .collect();
+    rules.push(Rule {
+        suppress_prefixlength: Some(0),
+        ..Rule::all(false, route::MAIN_TABLE, EGRESS_PRIORITY + 1)
+    });
+    rules.extend(PRIVATE_V4.iter().map(|p| {
+        let prefix = p.parse().expect("literal prefix");
+        Rule::to_destination(prefix, route::MAIN_TABLE, EGRESS_PRIORITY + 2)
+    }));
+    rules.push(Rule::all(false, TABLE, EGRESS_PRIORITY + 3));
+    rules
+}
+
+/// Adds `rule`; one left from an earlier start of the container is as good.
+fn add(rule: &Rule) -> io::Result<()> {
+    ignore_exists(route::add_rule(rule))
 }
 
 fn ignore_exists(r: io::Result<()>) -> io::Result<()> {
@@ -199,6 +268,29 @@ fn interface_addresses() -> io::Result<Vec<IpAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_egress_keeps_dockers_replies_and_networks_before_the_tunnel() {
+        let docker: IpAddr = "172.17.0.2".parse().unwrap();
+        let rules = ipv4_egress_rules(&[docker]);
+        assert_eq!(
+            rules.first(),
+            Some(&Rule::from_source(
+                "172.17.0.2/32".parse().unwrap(),
+                route::MAIN_TABLE,
+                EGRESS_PRIORITY
+            ))
+        );
+        let last = rules.last().unwrap();
+        assert_eq!(last, &Rule::all(false, TABLE, EGRESS_PRIORITY + 3));
+        assert!(rules.iter().all(|r| !r.ipv6 && r.priority < RULE_PRIORITY));
+        assert!(rules[..rules.len() - 1]
+            .iter()
+            .all(|r| r.table == route::MAIN_TABLE && r.priority < last.priority));
+        assert!(rules
+            .iter()
+            .any(|r| r.destination == Some("192.168.0.0/16".parse().unwrap())));
+    }
 
     #[test]
     fn a_namespace_holding_the_address_is_not_a_sandbox() {

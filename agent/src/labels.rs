@@ -4,11 +4,14 @@ use std::collections::HashMap;
 
 use sidecar::netstack::ProxyProtocol;
 
+use crate::container_net::Egress;
+
 pub const ENABLE: &str = "sidecar.enable";
 pub const IPV4: &str = "sidecar.ipv4";
 pub const RELAY: &str = "sidecar.relay";
 pub const BANDWIDTH: &str = "sidecar.bandwidth";
 pub const PROXY_PROTOCOL: &str = "sidecar.proxy_protocol";
+pub const EGRESS: &str = "sidecar.egress";
 
 /// Highest per-container rate a label may ask for, in Mbit/s.
 const MAX_BANDWIDTH_MBPS: u32 = 100_000;
@@ -24,6 +27,8 @@ pub struct Labels {
     /// In netstack mode, start each forwarded TCP connection with this PROXY
     /// protocol header (`v1` or `v2`; `off` or absent for none).
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Where the container's own outgoing IPv4 leaves when it has a public /32.
+    pub egress: Egress,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -94,6 +99,19 @@ impl Labels {
                 })?),
             };
         }
+        if let Some(v) = labels.get(EGRESS) {
+            out.egress = match v.trim().to_ascii_lowercase().as_str() {
+                "tunnel" | "" => Egress::Tunnel,
+                "docker" => Egress::Docker,
+                _ => {
+                    return Err(LabelError {
+                        label: EGRESS,
+                        value: v.to_string(),
+                        reason: "expected tunnel (the default) or docker".into(),
+                    })
+                }
+            };
+        }
         Ok(out)
     }
 
@@ -132,6 +150,7 @@ mod tests {
             ("sidecar.relay", "https://relay.example:8443/"),
             ("sidecar.bandwidth", "50"),
             ("sidecar.proxy_protocol", "V2"),
+            ("sidecar.egress", "Docker"),
             ("com.example.other", "x"),
         ]))
         .unwrap();
@@ -143,6 +162,7 @@ mod tests {
                 relay: Some("https://relay.example:8443".into()),
                 bandwidth_mbps: Some(50),
                 proxy_protocol: Some(ProxyProtocol::V2),
+                egress: Egress::Docker,
             }
         );
         assert!(l.accepts_relay("https://relay.example:8443"));
@@ -167,6 +187,8 @@ mod tests {
         let e = Labels::parse(&map(&[("sidecar.proxy_protocol", "v3")])).unwrap_err();
         assert_eq!(e.label, "sidecar.proxy_protocol");
         assert!(e.to_string().contains("v1 or v2"), "{e}");
+        let e = Labels::parse(&map(&[("sidecar.egress", "nat")])).unwrap_err();
+        assert_eq!(e.label, "sidecar.egress");
         let off = Labels::parse(&map(&[("sidecar.proxy_protocol", "off")])).unwrap();
         assert_eq!(off.proxy_protocol, None);
         assert!(!Labels::parse(&map(&[])).unwrap().enable);
