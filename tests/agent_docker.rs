@@ -1190,22 +1190,30 @@ fn ipv4_label_makes_the_public_address_the_containers_own_for_outgoing_traffic()
         udp.local_addr().unwrap().port(),
     );
     tcp.set_nonblocking(true).unwrap();
+    // Busybox's nc waits for the far end to close, so the accept runs beside it.
     let tcp_source_of = |container: &str| {
-        let out = docker.exec(
-            container,
-            &[
-                "sh",
-                "-c",
-                &format!("echo out | nc -w 5 {REMOTE4} {tcp_port}"),
-            ],
-        );
-        assert!(out.status.success(), "nc from {container}: {out:?}");
-        let mut from = None;
-        wait_until(Duration::from_secs(5), || {
-            from = tcp.accept().ok().map(|(_, a)| a.ip());
-            from.is_some()
-        });
-        from.unwrap_or_else(|| panic!("the connection from {container} never arrived"))
+        std::thread::scope(|scope| {
+            let accepted = scope.spawn(|| {
+                let mut from = None;
+                wait_until(Duration::from_secs(10), || {
+                    // Dropping the stream closes it, which lets nc finish.
+                    from = tcp.accept().ok().map(|(_, a)| a.ip());
+                    from.is_some()
+                });
+                from
+            });
+            let out = docker.exec(
+                container,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("echo out | nc -w 5 {REMOTE4} {tcp_port}"),
+                ],
+            );
+            let from = accepted.join().expect("accept thread");
+            assert!(out.status.success(), "nc from {container}: {out:?}");
+            from.unwrap_or_else(|| panic!("the connection from {container} never arrived"))
+        })
     };
     assert_eq!(
         tcp_source_of(&mail),
