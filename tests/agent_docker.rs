@@ -1281,11 +1281,22 @@ fn ipv4_label_makes_the_public_address_the_containers_own_for_outgoing_traffic()
         "bridge\n",
         "{name} -> the container beside it on the bridge: {out:?}"
     );
+    // Without iptables the daemon publishes nothing itself: this is the DNAT it would add.
+    let docker_ip = docker.bridge_ip(&mail).expect("the bridge address");
+    site.ns.exec_with_stdin(
+        "nft -f -",
+        &format!(
+            "table ip docker_publish {{\n  \
+             chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    \
+             fib daddr type local tcp dport {published} dnat to {docker_ip}:{ECHO_PORT}\n  }}\n  \
+             chain output {{\n    type nat hook output priority -100;\n    \
+             fib daddr type local tcp dport {published} dnat to {docker_ip}:{ECHO_PORT}\n  }}\n}}\n"
+        ),
+    );
     let payload = b"published\n";
     let echoed = tcp_exchange(&site.ns, IpAddr::V4(site.addr), published, payload)
         .unwrap_or_else(|e| panic!("the published port {published}: {e}"));
     assert_eq!(echoed, payload, "the published port");
-    let docker_ip = docker.bridge_ip(&mail).expect("the bridge address");
     let echoed = site
         .ns
         .enter(|| {

@@ -11,8 +11,9 @@
 //!   removes all of it again on drop.
 //!
 //! The daemon runs with `--iptables=false`: the containers only need their address on the
-//! default bridge (`docker0`, local to the namespace); nothing here needs outbound NAT or
-//! published ports, and leaving iptables alone keeps parallel daemons from sharing rules.
+//! default bridge (`docker0`, local to the namespace), and leaving iptables alone keeps
+//! parallel daemons from sharing rules. A test that needs Docker's NAT or a published port
+//! adds those nftables rules in its own namespace.
 
 use std::io::Write as _;
 use std::net::Ipv4Addr;
