@@ -38,6 +38,7 @@ use sidecar_proto::{
 };
 
 mod canary_route;
+mod common_responses;
 mod pq_routes;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -916,7 +917,13 @@ impl Modify for BearerScheme {
 
 /// The OpenAPI document for the routes [`router`] serves.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    routes_and_document().1
+}
+
+fn routes_and_document() -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
+    let (router, mut doc) = api_routes().split_for_parts();
+    common_responses::add(&mut doc);
+    (router, doc)
 }
 
 fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
@@ -947,7 +954,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// The control API with all its middleware, its request rates and in-flight bound
 /// from `limits`; serve it with [`serve_with_limits`] and the same `limits`.
 pub fn router_with_limits(state: Arc<ApiState>, limits: &ApiLimits) -> Router {
-    let (router, doc) = api_routes().split_for_parts();
+    let (router, doc) = routes_and_document();
     // Serializing our own static document cannot fail; if it ever did, the
     // relay must not start with a broken API description.
     let doc = serde_json::to_vec(&doc).expect("the OpenAPI document serializes");

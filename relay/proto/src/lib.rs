@@ -22,6 +22,7 @@ use sidecar::{Endpoint, Key};
 mod host;
 pub mod pin;
 pub mod pq;
+mod whole_number;
 
 /// Every API token starts with this, so that a leaked token is recognisable
 /// (secret scanners key on it) and a wrong kind of credential is rejected early.
@@ -78,17 +79,33 @@ pub mod codes {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterPeer {
-    /// The peer's WireGuard public key, base64 (32 bytes).
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    /// The peer's WireGuard public key, base64 (32 bytes, not all zero).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"))]
     pub pubkey: Key,
     /// Also allocate a public IPv4 /32 (counts against `max_ipv4`).
     #[serde(default)]
     pub ipv4: bool,
-    /// Free-form label shown in listings.
+    /// Free-form label shown in listings: 1 to 128 printable characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\ufeff]+$"
+        )
+    )]
     pub name: Option<String>,
     /// Container id this peer serves, for lookup after an agent restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\ufeff]+$"
+        )
+    )]
     pub container: Option<String>,
 }
 
@@ -103,10 +120,12 @@ pub struct RegisterRequest {
     /// Base64 X-Wing ciphertext encapsulated to the relay's key (`GET /v1/pq`); the
     /// preshared key is derived from it on both sides (see [`pq`]) and never sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9+/]{1493}[AQgw]==$"))]
     pub pq_ciphertext: Option<String>,
     /// Machine fingerprint: base64 HMAC-SHA256 of the host's identity under the
     /// token's machine key (`GET /v1/machine`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub machine: Option<String>,
 }
 
@@ -301,7 +320,7 @@ pub struct PeerList {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeletePeer {
     /// The peer's public key, base64.
-    #[cfg_attr(feature = "openapi", schema(value_type = String))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"))]
     pub pubkey: Key,
 }
 
@@ -309,14 +328,31 @@ pub struct DeletePeer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateToken {
-    /// Human-readable label for the token's owner.
+    /// Human-readable label for the token's owner: 1 to 128 printable characters.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\ufeff]+$"
+        )
+    )]
     pub name: String,
     /// Most peers this token may register at once.
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
+    #[serde(deserialize_with = "whole_number::u32")]
     pub max_peers: u32,
     /// Most of those peers that may hold a public IPv4 address.
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
+    #[serde(deserialize_with = "whole_number::u32")]
     pub max_ipv4: u32,
     /// Per-peer bandwidth cap in Mbit/s; none means unlimited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub bandwidth_mbps: Option<u32>,
     /// Peers of this token cannot reach each other through the relay.
     #[serde(default)]
@@ -358,13 +394,36 @@ impl fmt::Debug for CreatedToken {
 pub struct UpdateToken {
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\ufeff]+$"
+        )
+    )]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub max_peers: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub max_ipv4: Option<u32>,
     /// Per-peer cap in Mbit/s; 0 removes the cap. Applies to live peers at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub bandwidth_mbps: Option<u32>,
     /// Applies to live peers at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,9 +454,12 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Limits {
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub max_peers: u32,
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub max_ipv4: u32,
     /// Per-peer cap in Mbit/s; none means unlimited.
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub bandwidth_mbps: Option<u32>,
 }
 
@@ -405,7 +467,9 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub peers: u32,
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub ipv4: u32,
 }
 

@@ -42,7 +42,7 @@ pub(super) fn extras(
         (None, _) => None,
     };
     if let Some(m) = &req.machine {
-        if m.is_empty() || m.len() > 128 {
+        if m.is_empty() || m.chars().count() > 128 {
             return Err(ErrorResponse::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 codes::INVALID_REQUEST,
