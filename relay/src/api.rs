@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -46,6 +48,7 @@ use utoipa_axum::routes;
 
 use crate::limits::{self, ApiLimits, LimitedAcceptor};
 use crate::machine::MachineKeys;
+use crate::metrics::ApiMetrics;
 use crate::service::PeerService;
 use crate::store::{
     PeerRecord, Registration, Store, StoreError, TokenChange, TokenRecord, TokenSpec,
@@ -947,7 +950,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// The control API with all its middleware, its request rates and in-flight bound
 /// from `limits`; serve it with [`serve_with_limits`] and the same `limits`.
 pub fn router_with_limits(state: Arc<ApiState>, limits: &ApiLimits) -> Router {
+    router_with_metrics(state, limits, Arc::default())
+}
+
+/// [`router_with_limits`] counting every request into `metrics` (by route template
+/// and status, with its latency), 429s and 404s included.
+pub fn router_with_metrics(
+    state: Arc<ApiState>,
+    limits: &ApiLimits,
+    metrics: Arc<ApiMetrics>,
+) -> Router {
     let (router, doc) = api_routes().split_for_parts();
+    // Only a matched route knows its template; it hands it to `count` outside.
+    let router = router.route_layer(middleware::from_fn(note_route));
     // Serializing our own static document cannot fail; if it ever did, the
     // relay must not start with a broken API description.
     let doc = serde_json::to_vec(&doc).expect("the OpenAPI document serializes");
@@ -961,7 +976,39 @@ pub fn router_with_limits(state: Arc<ApiState>, limits: &ApiLimits) -> Router {
             limits::enforce,
         ))
         .layer(middleware::from_fn(outcome))
+        .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(state)
+}
+
+/// The route template of the request, filled in once routing matched one.
+#[derive(Clone, Default)]
+struct RouteSlot(Arc<OnceLock<String>>);
+
+async fn note_route(matched: MatchedPath, req: Request, next: Next) -> Response {
+    if let Some(slot) = req.extensions().get::<RouteSlot>() {
+        let _ = slot.0.set(matched.as_str().to_owned());
+    }
+    next.run(req).await
+}
+
+/// Outside every other layer, so requests refused by the limits count too.
+async fn count(State(metrics): State<Arc<ApiMetrics>>, mut req: Request, next: Next) -> Response {
+    let method = crate::metrics::method_label(req.method());
+    let slot = RouteSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let route = slot
+        .0
+        .get()
+        .map_or(crate::metrics::UNMATCHED_ROUTE, String::as_str);
+    metrics.record(
+        method,
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// Outermost layer: gives every error the JSON shape and the bearer challenge,

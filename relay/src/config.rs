@@ -32,6 +32,48 @@ pub struct RelayConfig {
     /// before it existed) does not require them, so its agents keep working.
     #[serde(default)]
     pub pq: PqSection,
+    /// Prometheus `/metrics`, on its own plain-HTTP address (loopback by default).
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: where Prometheus text is served. Plain HTTP without authentication,
+/// so loopback by default: the families name token ids. Never the API's port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// false serves no `/metrics` at all.
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+/// The default metrics address: loopback, next to the agent's 9531.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9532";
+
+impl Default for MetricsSection {
+    fn default() -> MetricsSection {
+        MetricsSection {
+            enabled: true,
+            listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .expect("the default metrics address parses"),
+        }
+    }
+}
+
+impl MetricsSection {
+    /// The address to serve on, or `None` when turned off.
+    pub fn listen(&self) -> Option<SocketAddr> {
+        self.enabled.then_some(self.listen)
+    }
+
+    fn write_commented(&self, s: &mut String) {
+        s.push_str("[metrics]\n");
+        s.push_str("# Prometheus /metrics over plain HTTP, without authentication: keep it on\n");
+        s.push_str("# loopback or a private network. false serves none.\n");
+        s.push_str(&format!("enabled = {}\n", self.enabled));
+        s.push_str(&format!("listen = \"{}\"\n", self.listen));
+    }
 }
 
 /// `[pq]`: post-quantum preshared keys from an X-Wing encapsulation per peer.
@@ -327,6 +369,12 @@ impl RelayConfig {
             )));
         }
         self.limits.validate()?;
+        if self.metrics.enabled && self.metrics.listen == self.api.listen {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.listen {} is the API's address: give /metrics its own port",
+                self.metrics.listen
+            )));
+        }
         if self.pq.rotate_secs == 0 {
             return Err(ConfigError::Invalid(
                 "pq.rotate_secs must be at least 1".into(),
@@ -401,6 +449,8 @@ impl RelayConfig {
         self.limits.write_commented(&mut s);
         s.push('\n');
         self.pq.write_commented(&mut s);
+        s.push('\n');
+        self.metrics.write_commented(&mut s);
         s
     }
 
@@ -469,6 +519,7 @@ mod tests {
                 require_pq: true,
                 rotate_secs: 90,
             },
+            metrics: MetricsSection::default(),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod install;
 pub mod limits;
 pub mod machine;
+pub mod metrics;
 pub mod neighbor;
 pub mod policy;
 pub mod pq;
