@@ -1002,12 +1002,7 @@ async fn count(State(metrics): State<Arc<ApiMetrics>>, mut req: Request, next: N
         .0
         .get()
         .map_or(crate::metrics::UNMATCHED_ROUTE, String::as_str);
-    metrics.record(
-        method,
-        route,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    metrics.record(method, route, response.status().as_u16(), started.elapsed());
     response
 }
 

@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use sidecar::{Endpoint, IpPrefix, Key};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::{
-    default_address_hold_hours, ApiSection, MetricsSection, NetworkSection, PqSection, PrefixMode, RelayConfig,
-    WireguardSection,
+    default_address_hold_hours, ApiSection, MetricsSection, NetworkSection, PqSection, PrefixMode,
+    RelayConfig, WireguardSection,
 };
 use sidecar_relay::dataplane::RelayDataPlane;
 use sidecar_relay::machine::MachineKeys;

@@ -395,7 +395,8 @@ mod tests {
                 .unwrap()
                 .to_owned()
         };
-        let b = "sidecar_relay_api_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/peers\",";
+        let b =
+            "sidecar_relay_api_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/peers\",";
         assert_eq!(line(&format!("{b}le=\"0.005\"}}")), "1");
         assert_eq!(line(&format!("{b}le=\"0.1\"}}")), "2");
         assert_eq!(line(&format!("{b}le=\"10\"}}")), "2");
