@@ -41,6 +41,8 @@ use sidecar_proto::{
 
 mod canary_route;
 mod pq_routes;
+mod scopes;
+pub use scopes::{Admin, PeersAdder, PeersReader};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -51,7 +53,7 @@ use crate::machine::MachineKeys;
 use crate::metrics::ApiMetrics;
 use crate::service::PeerService;
 use crate::store::{
-    PeerRecord, Registration, Store, StoreError, TokenChange, TokenRecord, TokenSpec,
+    PeerRecord, Registration, Scope, Store, StoreError, TokenChange, TokenRecord, TokenSpec,
 };
 
 /// Request bodies are a few hundred bytes; anything much larger is a mistake or abuse.
@@ -61,7 +63,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A connection must send its first request this soon after the TLS handshake,
 /// so idle connections cannot pile up.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
+pub(crate) const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
 
 /// What every allocation tells the agent about this relay.
 #[derive(Debug, Clone)]
@@ -128,7 +130,8 @@ impl ApiState {
                 peers: usage.peers,
                 ipv4: usage.ipv4,
             },
-            admin: record.admin,
+            admin: record.has_scope(Scope::Admin),
+            scopes: record.scopes(),
             isolate_peers: record.isolate_peers,
             bind_machine: record.bind_machine,
             bound: record.machine.is_some(),
@@ -412,28 +415,6 @@ fn bearer_secret(headers: &HeaderMap) -> Result<&str, ErrorResponse> {
     Ok(secret)
 }
 
-/// The caller's token, which must have the admin scope.
-pub struct Admin(pub TokenRecord);
-
-impl FromRequestParts<Arc<ApiState>> for Admin {
-    type Rejection = ErrorResponse;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<ApiState>,
-    ) -> Result<Self, ErrorResponse> {
-        let Caller(token) = Caller::from_request_parts(parts, state).await?;
-        if !token.admin {
-            return Err(ErrorResponse::new(
-                StatusCode::FORBIDDEN,
-                codes::FORBIDDEN,
-                "this route needs an admin token",
-            ));
-        }
-        Ok(Admin(token))
-    }
-}
-
 /// What a well-formed key must still be to name a peer of this relay.
 fn check_pubkey(key: Key, info: &RelayInfo) -> Result<Key, ErrorResponse> {
     if key.is_zero() {
@@ -554,15 +535,16 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Health> {
 #[utoipa::path(
     get, path = "/v1/status", tag = "relay",
     summary = "The calling token's limits and usage",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:read"])),
     responses(
         (status = 200, description = "Limits and usage", body = Status),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:read scope", body = ApiError),
     ),
 )]
 async fn status(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersReader(token): PeersReader,
 ) -> Result<Json<Status>, ErrorResponse> {
     let usage = state.store().usage(&token.id).map_err(|e| match e {
         // Revoked since authentication.
@@ -587,14 +569,14 @@ async fn status(
 #[utoipa::path(
     post, path = "/v1/peers", tag = "peers",
     summary = "Register a WireGuard public key (idempotent)",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:add"])),
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Registered; addresses allocated", body = Registered),
         (status = 200, description = "Already registered; the existing allocation", body = Registered),
         (status = 400, description = "Malformed JSON or public key", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "quota_exceeded: max_peers or max_ipv4 reached; pq_required: no X-Wing ciphertext on a relay that requires one; machine_mismatch / machine_required: the token is bound to another machine", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:add scope; quota_exceeded: max_peers or max_ipv4 reached; pq_required: no X-Wing ciphertext on a relay that requires one; machine_mismatch / machine_required: the token is bound to another machine", body = ApiError),
         (status = 409, description = "The key or container belongs to another registration", body = ApiError),
         (status = 413, description = "Body too large", body = ApiError),
         (status = 415, description = "Body is not application/json", body = ApiError),
@@ -604,7 +586,7 @@ async fn status(
 )]
 async fn register_peer(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersAdder(token): PeersAdder,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<Registered>), ErrorResponse> {
     if state.is_draining() {
@@ -645,17 +627,18 @@ async fn register_peer(
 #[utoipa::path(
     get, path = "/v1/peers", tag = "peers",
     summary = "This token's peers (an admin token sees every peer)",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:read"])),
     responses(
         (status = 200, description = "Peers with live counters", body = PeerList),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:read scope", body = ApiError),
     ),
 )]
 async fn list_peers(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersReader(token): PeersReader,
 ) -> Result<Json<PeerList>, ErrorResponse> {
-    let scope = (!token.admin).then_some(token.id.as_str());
+    let scope = (!token.has_scope(Scope::Admin)).then_some(token.id.as_str());
     let peers = state.store().peers(scope)?;
     Ok(Json(PeerList {
         peers: peers.iter().map(|p| peer_view(p, &state)).collect(),
@@ -665,17 +648,18 @@ async fn list_peers(
 #[utoipa::path(
     get, path = "/v1/peers/by-container/{id}", tag = "peers",
     summary = "This token's peer registered for a container",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:read"])),
     params(("id" = String, Path, description = "Container id given at registration")),
     responses(
         (status = 200, description = "The peer, its bare addresses, and whether it is up and reachable", body = ContainerPeer),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:read scope", body = ApiError),
         (status = 404, description = "No peer for this container and token", body = ApiError),
     ),
 )]
 async fn peer_by_container(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersReader(token): PeersReader,
     Path(id): Path<String>,
 ) -> Result<Json<ContainerPeer>, ErrorResponse> {
     match state.store().peer_by_container(&token.id, &id)? {
@@ -691,18 +675,19 @@ async fn peer_by_container(
 #[utoipa::path(
     delete, path = "/v1/peers", tag = "peers",
     summary = "Remove one of this token's peers and free its addresses",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:add"])),
     request_body = DeletePeer,
     responses(
         (status = 204, description = "Removed"),
         (status = 400, description = "Malformed JSON or public key", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:add scope", body = ApiError),
         (status = 404, description = "This token has no such peer", body = ApiError),
     ),
 )]
 async fn delete_peer(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersAdder(token): PeersAdder,
     ApiJson(req): ApiJson<DeletePeer>,
 ) -> Result<StatusCode, ErrorResponse> {
     let key = check_pubkey(req.pubkey, &state.info)?;
@@ -718,14 +703,17 @@ async fn delete_peer(
 
 #[utoipa::path(
     post, path = "/v1/admin/tokens", tag = "admin",
-    summary = "Create an API token (the secret is returned only once)",
-    security(("bearer" = [])),
+    summary = "Create an API token with its scopes (the secret is returned only once)",
+    security(("bearer" = ["admin"])),
     request_body = CreateToken,
     responses(
         (status = 201, description = "Created", body = CreatedToken),
+        (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
-        (status = 422, description = "Missing or invalid field", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field, unknown scope, or no scope", body = ApiError),
     ),
 )]
 async fn create_token(
@@ -734,11 +722,12 @@ async fn create_token(
     ApiJson(req): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ErrorResponse> {
     let bind_machine = req.bind_machine;
+    let scopes = req.scopes.clone();
     let (record, token) = state
         .store()
-        .create_token_with(TokenSpec::from(req), bind_machine)
+        .create_scoped_token(TokenSpec::from(req), bind_machine, scopes)
         .await?;
-    tracing::info!(token_id = %record.id, name = %record.name, "token created");
+    tracing::info!(token_id = %record.id, name = %record.name, scopes = %Scope::join(&record.scopes()), "token created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
@@ -750,12 +739,12 @@ async fn create_token(
 
 #[utoipa::path(
     get, path = "/v1/admin/tokens", tag = "admin",
-    summary = "Every token with its limits, usage and last use (never a secret)",
-    security(("bearer" = [])),
+    summary = "Every token with its scopes, limits, usage and last use (never a secret)",
+    security(("bearer" = ["admin"])),
     responses(
         (status = 200, description = "All tokens, oldest first", body = TokenList),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
     ),
 )]
 async fn list_tokens(
@@ -777,30 +766,46 @@ async fn list_tokens(
 
 #[utoipa::path(
     patch, path = "/v1/admin/tokens", tag = "admin",
-    summary = "Change a token's name, limits or isolation (its live peers follow at once)",
-    security(("bearer" = [])),
+    summary = "Change a token's name, limits, isolation or scopes (its live peers follow at once)",
+    security(("bearer" = ["admin"])),
     request_body = UpdateToken,
     responses(
         (status = 200, description = "The token as it is now", body = TokenInfo),
         (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
         (status = 404, description = "No such token", body = ApiError),
-        (status = 415, description = "Not application/json", body = ApiError),
-        (status = 422, description = "Missing or invalid field", body = ApiError),
+        (status = 409, description = "A token cannot take the admin scope from itself", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field, unknown scope, or no scope", body = ApiError),
     ),
 )]
 async fn update_token(
     State(state): State<Arc<ApiState>>,
-    Admin(_admin): Admin,
+    Admin(admin): Admin,
     ApiJson(req): ApiJson<UpdateToken>,
 ) -> Result<Json<TokenInfo>, ErrorResponse> {
+    // As with revocation: the last admin token must not lock every operator out.
+    if req.id == admin.id
+        && req
+            .scopes
+            .as_ref()
+            .is_some_and(|s| !s.contains(&Scope::Admin))
+    {
+        return Err(ErrorResponse::new(
+            StatusCode::CONFLICT,
+            codes::CONFLICT,
+            "a token cannot take the admin scope from itself",
+        ));
+    }
     let change = TokenChange {
         name: req.name,
         max_peers: req.max_peers,
         max_ipv4: req.max_ipv4,
         bandwidth_mbps: req.bandwidth_mbps,
         isolate_peers: req.isolate_peers,
+        scopes: req.scopes,
     };
     let record = state
         .service
@@ -814,21 +819,25 @@ async fn update_token(
             ),
             other => other.into(),
         })?;
-    tracing::info!(token_id = %record.id, name = %record.name, max_peers = record.max_peers, max_ipv4 = record.max_ipv4, bandwidth_mbps = ?record.bandwidth_mbps, isolate_peers = record.isolate_peers, "token changed");
+    tracing::info!(token_id = %record.id, name = %record.name, max_peers = record.max_peers, max_ipv4 = record.max_ipv4, bandwidth_mbps = ?record.bandwidth_mbps, isolate_peers = record.isolate_peers, scopes = %Scope::join(&record.scopes()), "token changed");
     Ok(Json(state.token_info(record)?))
 }
 
 #[utoipa::path(
     delete, path = "/v1/admin/tokens", tag = "admin",
     summary = "Revoke a token and remove all of its peers at once",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     request_body = RevokeToken,
     responses(
         (status = 204, description = "Revoked"),
+        (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
         (status = 404, description = "No such token", body = ApiError),
         (status = 409, description = "A token cannot revoke itself", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field", body = ApiError),
     ),
 )]
 async fn revoke_token(
@@ -836,8 +845,8 @@ async fn revoke_token(
     Admin(admin): Admin,
     ApiJson(req): ApiJson<RevokeToken>,
 ) -> Result<StatusCode, ErrorResponse> {
-    // Admin tokens cannot be created over the API, so revoking the last one
-    // would lock every operator out until someone edits the store by hand.
+    // Revoking the last admin token would lock every operator out until someone
+    // edits the store by hand.
     if req.id == admin.id {
         return Err(ErrorResponse::new(
             StatusCode::CONFLICT,

@@ -785,7 +785,7 @@ async fn admin_creates_and_revokes_tokens() {
     let err = client
         .post("/v1/admin/tokens", Some(&user), create.clone())
         .await
-        .error(403, "forbidden");
+        .error(403, "insufficient_scope");
     assert!(err.message.contains("admin"), "{err:?}");
     client
         .delete(
@@ -794,7 +794,7 @@ async fn admin_creates_and_revokes_tokens() {
             json!({"id": user_record.id}),
         )
         .await
-        .error(403, "forbidden");
+        .error(403, "insufficient_scope");
     client
         .post("/v1/admin/tokens", None, create.clone())
         .await
@@ -1045,10 +1045,28 @@ async fn openapi_document_is_generated_for_every_route() {
             let op = &paths[*path][*method];
             assert!(op.is_object(), "{method} {path} missing");
             let security = &op["security"];
-            if ["/v1/health", "/api/openapi.json", "/v1/pq", "/v1/canary"].contains(path) {
-                assert_eq!(security, &json!([{}]), "{method} {path}");
-            } else {
-                assert_eq!(security, &json!([{"bearer": []}]), "{method} {path}");
+            let scope = match (*path, *method) {
+                ("/v1/health" | "/api/openapi.json" | "/v1/pq" | "/v1/canary", _) => None,
+                ("/v1/status" | "/v1/peers/by-container/{id}", _) | ("/v1/peers", "get") => {
+                    Some("peers:read")
+                }
+                ("/v1/peers" | "/v1/machine", _) => Some("peers:add"),
+                _ => Some("admin"),
+            };
+            match scope {
+                None => assert_eq!(security, &json!([{}]), "{method} {path}"),
+                Some(scope) => {
+                    assert_eq!(security, &json!([{"bearer": [scope]}]), "{method} {path}");
+                    let forbidden = op["responses"]["403"]["description"]
+                        .as_str()
+                        .unwrap_or_default();
+                    assert!(
+                        forbidden.contains(&format!(
+                            "insufficient_scope: the token lacks the {scope} scope"
+                        )),
+                        "{method} {path}: the 403 must name {scope}: {forbidden:?}"
+                    );
+                }
             }
         }
     }
@@ -1077,6 +1095,7 @@ async fn openapi_document_is_generated_for_every_route() {
         "TokenList",
         "UpdateToken",
         "Canary",
+        "Scope",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
@@ -1084,6 +1103,16 @@ async fn openapi_document_is_generated_for_every_route() {
         paths["/v1/peers"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
             ["$ref"],
         "#/components/schemas/Registered"
+    );
+    assert_eq!(
+        schemas["Scope"]["enum"],
+        json!(["peers:read", "peers:add", "admin"]),
+        "{}",
+        schemas["Scope"]
+    );
+    assert_eq!(
+        schemas["TokenInfo"]["properties"]["scopes"]["items"]["$ref"],
+        "#/components/schemas/Scope"
     );
 }
 
