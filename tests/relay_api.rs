@@ -770,11 +770,35 @@ fn scopes_limit_what_a_token_may_do_and_patch_changes_them() {
     assert_eq!(r.status, 409, "the admin demoted itself: {r:?}");
 
     // An admin may hand out the admin scope; the new token manages tokens.
-    let r = create(json!({"name": "ops", "max_peers": 1, "max_ipv4": 0, "scopes": ["admin"]}));
+    let r = create(json!({"name": "ops", "max_peers": 1, "max_ipv4": 0,
+                          "bind_machine": false, "scopes": ["admin"]}));
     assert_eq!(r.status, 201, "{r:?}");
     let ops = r.json["token"].as_str().expect("token").to_owned();
     let r = relay.call(relay.ns(), "GET", "/v1/admin/tokens", &ops, None);
     assert_eq!(r.status, 200, "{r:?}");
+    // `admin` alone implies the agent's scopes: it registers, and it reads every
+    // token's peers, the agent token's among them.
+    let r = relay.register(from, &ops, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "an admin-only token registering: {r:?}");
+    let r = relay.call(from, "GET", "/v1/peers", &ops, None);
+    assert_eq!(r.status, 200, "an admin-only token listing peers: {r:?}");
+    let listed = r.json["peers"].as_array().map_or(0, Vec::len);
+    assert!(listed >= 3, "the admin sees every token's peers: {r:?}");
+    // peers:add alone reads nothing: listing, status and by-container need peers:read.
+    let r = create(json!({"name": "adder", "max_peers": 1, "max_ipv4": 0,
+                          "bind_machine": false, "scopes": ["peers:add"]}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let adder = r.json["token"].as_str().expect("token").to_owned();
+    let r = relay.register(from, &adder, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "peers:add registers: {r:?}");
+    for path in ["/v1/peers", "/v1/status", "/v1/peers/by-container/c1"] {
+        let r = relay.call(from, "GET", path, &adder, None);
+        assert_insufficient_scope(
+            &r,
+            "peers:read",
+            &format!("a peers:add token on GET {path}"),
+        );
+    }
 }
 
 /// With `peer_ttl_secs`, a peer that completes no handshake for that long is expired:

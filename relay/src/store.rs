@@ -172,8 +172,11 @@ impl TokenRecord {
         }
     }
 
+    /// Whether the token may use a route that needs `scope`. `admin` implies the
+    /// other two: an operator's token can do everything an agent's can.
     pub fn has_scope(&self, scope: Scope) -> bool {
-        self.scopes().contains(&scope)
+        let scopes = self.scopes();
+        scopes.contains(&scope) || scopes.contains(&Scope::Admin)
     }
 }
 

@@ -318,7 +318,8 @@ pub enum Scope {
     /// Register and remove the token's own peers (and read its machine key).
     #[serde(rename = "peers:add")]
     PeersAdd,
-    /// Manage tokens; see every peer.
+    /// Manage tokens and approve device logins; see every peer. Implies
+    /// `peers:read` and `peers:add`.
     #[serde(rename = "admin")]
     Admin,
 }

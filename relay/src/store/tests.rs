@@ -1192,6 +1192,11 @@ async fn scopes_are_stored_changed_and_kept_across_reopen() {
             .await
             .unwrap();
         assert!(ops.admin, "the admin flag follows the admin scope");
+        assert!(
+            ops.has_scope(Scope::PeersRead) && ops.has_scope(Scope::PeersAdd),
+            "admin implies the agent's scopes"
+        );
+        assert!(!reader.has_scope(Scope::PeersAdd) && !reader.has_scope(Scope::Admin));
 
         let changed = store
             .update_token(
