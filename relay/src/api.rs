@@ -40,8 +40,10 @@ use sidecar_proto::{
 };
 
 mod canary_route;
+mod device_routes;
 mod pq_routes;
 mod scopes;
+pub use device_routes::DeviceLogin;
 pub use scopes::{Admin, PeersAdder, PeersReader};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -90,6 +92,8 @@ pub struct ApiState {
     /// When each token last authenticated (Unix seconds), since this start. Only
     /// valid tokens get an entry, so it is bounded by the number of tokens.
     last_used: parking_lot::Mutex<foldhash::HashMap<String, u64>>,
+    /// Device logins waiting for an operator, and how approved ones are made.
+    device: DeviceLogin,
 }
 
 /// `up` in by-container: a handshake within this long.
@@ -106,6 +110,7 @@ impl ApiState {
             machine_keys: None,
             canary: None,
             last_used: Default::default(),
+            device: DeviceLogin::default(),
         }
     }
 
@@ -149,6 +154,12 @@ impl ApiState {
             canary: Some(path),
             ..self
         }
+    }
+
+    /// Device login as `device` sets it up (by default: `[device_login]`'s defaults,
+    /// the verification URL from each request's `Host`).
+    pub fn with_device_login(self, device: DeviceLogin) -> ApiState {
+        ApiState { device, ..self }
     }
 
     /// Answers by-container's `externally_reachable` with `prober`.
@@ -904,7 +915,8 @@ async fn not_found(uri: Uri) -> ErrorResponse {
     tags(
         (name = "relay", description = "Relay state"),
         (name = "peers", description = "WireGuard peers and their addresses"),
-        (name = "admin", description = "Token management (admin tokens only)"),
+        (name = "device", description = "Device login (RFC 8628): ask for a token, an admin approves it"),
+        (name = "admin", description = "Token management and device approvals (admin tokens only)"),
     ),
 )]
 struct ApiDoc;
@@ -947,6 +959,11 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(pq_routes::machine_key))
         .routes(routes!(pq_routes::unbind_machine))
         .routes(routes!(canary_route::canary))
+        .routes(routes!(device_routes::authorize))
+        .routes(routes!(device_routes::token))
+        .routes(routes!(device_routes::view))
+        .routes(routes!(device_routes::approve))
+        .routes(routes!(device_routes::deny))
         .routes(routes!(openapi_json))
 }
 

@@ -5,6 +5,7 @@ pub mod api;
 pub mod canary;
 pub mod config;
 pub mod dataplane;
+pub mod device;
 pub mod install;
 pub mod limits;
 pub mod machine;

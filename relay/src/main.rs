@@ -210,6 +210,7 @@ async fn init(args: InitArgs) -> Result<()> {
             enabled: !args.no_metrics,
             listen: args.metrics_listen,
         },
+        device_login: Default::default(),
     };
     config.validate()?;
     let path = args.dir.join("relay.toml");
@@ -437,7 +438,11 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         )
         .with_prober(dataplane.prober())
         .with_machine_keys(setup.machine.clone())
-        .with_canary(config.canary_path()),
+        .with_canary(config.canary_path())
+        .with_device_login(api::DeviceLogin::new(
+            config.device_login.clone(),
+            Some(api_url(&config)),
+        )),
     );
     let listener = std::net::TcpListener::bind(config.api.listen)
         .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;
@@ -583,6 +588,7 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
         limits: Default::default(),
         pq: PqSection::for_new_relay(),
         metrics: MetricsSection::default(),
+        device_login: Default::default(),
     };
     config.validate()?;
     create_private_dir(data_dir)?;

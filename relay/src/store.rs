@@ -1813,7 +1813,7 @@ fn container_key(token_id: &str, container: &str, key: &Key) -> Vec<u8> {
 /// Names and container labels: 1 to 128 printable characters. Control characters
 /// would break logs and the index layout; invisible formatting characters (bidi
 /// overrides, zero-width) would let two different names look the same.
-fn validate_label(what: &str, s: &str) -> Result<(), StoreError> {
+pub(crate) fn validate_label(what: &str, s: &str) -> Result<(), StoreError> {
     if s.is_empty() {
         return Err(StoreError::Invalid(format!("{what} is empty")));
     }

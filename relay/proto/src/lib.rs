@@ -19,6 +19,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 use sidecar::{Endpoint, Key};
 
+pub mod device;
 mod host;
 pub mod pin;
 pub mod pq;
@@ -75,6 +76,22 @@ pub mod codes {
     pub const MACHINE_MISMATCH: &str = "machine_mismatch";
     /// 403: the token is bound to a machine and the registration named none.
     pub const MACHINE_REQUIRED: &str = "machine_required";
+    /// 400: a device login asked for a scope that does not exist.
+    pub const INVALID_SCOPE: &str = "invalid_scope";
+    /// 428: the device login is not decided yet; poll again after the interval.
+    pub const AUTHORIZATION_PENDING: &str = "authorization_pending";
+    /// 429: polled faster than the interval, which has now grown by 5 seconds.
+    pub const SLOW_DOWN: &str = "slow_down";
+    /// 400: the device code expired; start over.
+    pub const EXPIRED_TOKEN: &str = "expired_token";
+    /// 400: the operator denied the device login.
+    pub const ACCESS_DENIED: &str = "access_denied";
+    /// 400: the device code is unknown or was already used.
+    pub const INVALID_GRANT: &str = "invalid_grant";
+    /// 400: a `grant_type` other than the device code grant.
+    pub const UNSUPPORTED_GRANT_TYPE: &str = "unsupported_grant_type";
+    /// 503: too many device logins are waiting for an operator.
+    pub const DEVICE_LOGINS_FULL: &str = "device_logins_full";
 }
 
 /// `POST /v1/peers`: register a WireGuard public key and get addresses for it.
