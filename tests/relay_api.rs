@@ -93,8 +93,25 @@ fn health_and_authentication_errors() {
         default,
         Some(&json!({"name": "x", "max_peers": 1, "max_ipv4": 0})),
     );
-    assert_eq!(not_admin.status, 403, "{not_admin:?}");
-    assert_eq!(not_admin.error(), "forbidden", "{not_admin:?}");
+    assert_insufficient_scope(&not_admin, "admin", "a peer token creating a token");
+}
+
+/// A 403 for a token without `scope`: the code, the scope named in the message and
+/// in the RFC 6750 bearer challenge.
+fn assert_insufficient_scope(r: &ApiResponse, scope: &str, what: &str) {
+    assert_eq!(r.status, 403, "{what}: {r:?}");
+    assert_eq!(r.error(), "insufficient_scope", "{what}: {r:?}");
+    assert!(
+        r.message().contains(&format!("the {scope} scope")),
+        "{what}: the message must name {scope}: {r:?}"
+    );
+    let challenge = r.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with("Bearer")
+            && challenge.contains(r#"error="insufficient_scope""#)
+            && challenge.contains(&format!(r#"scope="{scope}""#)),
+        "{what}: the challenge must name {scope}: {r:?}"
+    );
 }
 
 #[test]
@@ -627,6 +644,161 @@ fn the_admin_lists_every_token_with_usage_and_last_use_but_no_secret() {
     assert_eq!(r.status, 422, "{r:?}");
     let r = patch(&secret, json!({"id": id, "max_peers": 100}));
     assert_eq!(r.status, 403, "a peer token raised its own quota: {r:?}");
+}
+
+/// Scopes as an operator hands them out: a `peers:read` token reads but cannot
+/// register, every admin route refuses a peer token, `PATCH` changes a token's
+/// scopes with effect at its next request, and the listing shows them.
+#[test]
+fn scopes_limit_what_a_token_may_do_and_patch_changes_them() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let admin = relay.creds.admin_token.clone();
+    let from = &topo.router;
+    let create = |body: serde_json::Value| {
+        relay.call(relay.ns(), "POST", "/v1/admin/tokens", &admin, Some(&body))
+    };
+    let r = create(json!({"name": "viewer", "max_peers": 2, "max_ipv4": 0,
+                          "bind_machine": false, "scopes": ["peers:read"]}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let viewer_id = r.json["id"].as_str().expect("id").to_owned();
+    let viewer = r.json["token"].as_str().expect("token").to_owned();
+
+    let denied = relay.register(from, &viewer, &random_pubkey(), false);
+    assert_insufficient_scope(&denied, "peers:add", "a peers:read token registering");
+    assert!(
+        relay.list_peers(&viewer).is_empty(),
+        "the refused registration left a peer"
+    );
+    let status = relay.call(from, "GET", "/v1/status", &viewer, None);
+    assert_eq!(
+        status.status, 200,
+        "peers:read reads its status: {status:?}"
+    );
+    let removal = relay.call(
+        from,
+        "DELETE",
+        "/v1/peers",
+        &viewer,
+        Some(&json!({"pubkey": random_pubkey()})),
+    );
+    assert_insufficient_scope(&removal, "peers:add", "a peers:read token deleting");
+
+    // The agent's default token (peers:read and peers:add, as every token had before
+    // scopes) on each admin route.
+    let agent = &relay.creds.default_token;
+    let some_id = json!({"id": viewer_id});
+    for (method, path, body) in [
+        ("GET", "/v1/admin/tokens", None),
+        (
+            "POST",
+            "/v1/admin/tokens",
+            Some(json!({"name": "x", "max_peers": 1, "max_ipv4": 0})),
+        ),
+        (
+            "PATCH",
+            "/v1/admin/tokens",
+            Some(json!({"id": viewer_id, "scopes": ["admin"]})),
+        ),
+        ("DELETE", "/v1/admin/tokens", Some(some_id.clone())),
+        (
+            "POST",
+            "/v1/admin/tokens/unbind-machine",
+            Some(some_id.clone()),
+        ),
+    ] {
+        let r = relay.call(from, method, path, agent, body.as_ref());
+        assert_insufficient_scope(&r, "admin", &format!("the agent token on {method} {path}"));
+    }
+    let r = relay.register(from, agent, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "the agent token still registers: {r:?}");
+
+    let listed = relay.call(relay.ns(), "GET", "/v1/admin/tokens", &admin, None);
+    assert_eq!(listed.status, 200, "{listed:?}");
+    let scopes_of = |name: &str| {
+        listed.json["tokens"]
+            .as_array()
+            .expect("tokens array")
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["scopes"].clone())
+            .unwrap_or_else(|| panic!("no token {name}: {}", listed.body))
+    };
+    assert_eq!(scopes_of("viewer"), json!(["peers:read"]));
+    assert_eq!(scopes_of("default"), json!(["peers:read", "peers:add"]));
+    assert_eq!(
+        scopes_of("admin"),
+        json!(["peers:read", "peers:add", "admin"])
+    );
+
+    let patch = |body: serde_json::Value| {
+        relay.call(relay.ns(), "PATCH", "/v1/admin/tokens", &admin, Some(&body))
+    };
+    let r = patch(json!({"id": viewer_id, "scopes": ["peers:add", "peers:read"]}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json["scopes"],
+        json!(["peers:read", "peers:add"]),
+        "{r:?}"
+    );
+    let r = relay.register(from, &viewer, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "peers:add granted by PATCH: {r:?}");
+
+    // Taken away again, and the next request is refused: nothing is cached.
+    let r = patch(json!({"id": viewer_id, "scopes": ["peers:add"]}));
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = relay.call(from, "GET", "/v1/peers", &viewer, None);
+    assert_insufficient_scope(&r, "peers:read", "peers:read taken by PATCH");
+
+    for (body, status) in [
+        (json!({"id": viewer_id, "scopes": []}), 422),
+        (json!({"id": viewer_id, "scopes": ["root"]}), 422),
+    ] {
+        let r = patch(body.clone());
+        assert_eq!(r.status, status, "{body}: {r:?}");
+    }
+    let r = create(json!({"name": "y", "max_peers": 1, "max_ipv4": 0, "scopes": ["peers:write"]}));
+    assert_eq!(r.status, 422, "an unknown scope: {r:?}");
+    let admin_id = listed.json["tokens"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "admin"))
+        .and_then(|t| t["id"].as_str())
+        .expect("admin token id")
+        .to_owned();
+    let r = patch(json!({"id": admin_id, "scopes": ["peers:read"]}));
+    assert_eq!(r.status, 409, "the admin demoted itself: {r:?}");
+
+    // An admin may hand out the admin scope; the new token manages tokens.
+    let r = create(json!({"name": "ops", "max_peers": 1, "max_ipv4": 0,
+                          "bind_machine": false, "scopes": ["admin"]}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let ops = r.json["token"].as_str().expect("token").to_owned();
+    let r = relay.call(relay.ns(), "GET", "/v1/admin/tokens", &ops, None);
+    assert_eq!(r.status, 200, "{r:?}");
+    // `admin` alone implies the agent's scopes: it registers, and it reads every
+    // token's peers, the agent token's among them.
+    let r = relay.register(from, &ops, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "an admin-only token registering: {r:?}");
+    let r = relay.call(from, "GET", "/v1/peers", &ops, None);
+    assert_eq!(r.status, 200, "an admin-only token listing peers: {r:?}");
+    let listed = r.json["peers"].as_array().map_or(0, Vec::len);
+    assert!(listed >= 3, "the admin sees every token's peers: {r:?}");
+    // peers:add alone reads nothing: listing, status and by-container need peers:read.
+    let r = create(json!({"name": "adder", "max_peers": 1, "max_ipv4": 0,
+                          "bind_machine": false, "scopes": ["peers:add"]}));
+    assert_eq!(r.status, 201, "{r:?}");
+    let adder = r.json["token"].as_str().expect("token").to_owned();
+    let r = relay.register(from, &adder, &random_pubkey(), false);
+    assert_eq!(r.status, 201, "peers:add registers: {r:?}");
+    for path in ["/v1/peers", "/v1/status", "/v1/peers/by-container/c1"] {
+        let r = relay.call(from, "GET", path, &adder, None);
+        assert_insufficient_scope(
+            &r,
+            "peers:read",
+            &format!("a peers:add token on GET {path}"),
+        );
+    }
 }
 
 /// With `peer_ttl_secs`, a peer that completes no handshake for that long is expired:

@@ -8,6 +8,7 @@ pub mod full_tunnel;
 pub mod health;
 pub mod interface;
 pub mod labels;
+pub mod login;
 pub mod machine_id;
 pub mod manager;
 pub mod metrics;

@@ -54,7 +54,8 @@ enum Command {
         #[arg(long, env = "SIDECAR_RELAY", value_name = "URL")]
         relay: String,
         /// File holding the agent token from the relay (mode 0600; the token starts
-        /// with sct_live_).
+        /// with sct_live_). Without --token-file or --token: /etc/sidecar/agent.token,
+        /// where `login` writes it.
         #[arg(long, env = "SIDECAR_TOKEN_FILE", value_name = "PATH")]
         token_file: Option<PathBuf>,
         /// The agent token itself. Prefer --token-file: a token on the command line
@@ -64,8 +65,7 @@ enum Command {
             env = "SIDECAR_TOKEN",
             value_name = "TOKEN",
             hide_env_values = true,
-            conflicts_with = "token_file",
-            required_unless_present = "token_file"
+            conflicts_with = "token_file"
         )]
         token: Option<String>,
         /// The relay certificate's pin, sha256//BASE64 (printed by the relay).
@@ -91,6 +91,23 @@ enum Command {
         /// Where /healthz, /readyz and /metrics are served (plain HTTP), or `off`.
         #[arg(long, env = "SIDECAR_HEALTH_LISTEN", value_name = "ADDR|off", default_value = sidecar_agent::health::DEFAULT_LISTEN)]
         health_listen: String,
+    },
+    /// Get an agent token by device login: prints a code for an admin of the relay
+    /// to approve, waits (polling as the relay asks), and writes the token (mode
+    /// 0600) where `run` finds it. Exits non-zero if the login is denied or expires.
+    Login {
+        /// The relay's control API, https://HOST:PORT.
+        #[arg(long, env = "SIDECAR_RELAY", value_name = "URL")]
+        relay: String,
+        /// The relay certificate's pin, sha256//BASE64 (printed by the relay).
+        #[arg(long, env = "SIDECAR_PIN", value_name = "PIN")]
+        pin: String,
+        /// Space-separated scopes to ask for: peers:read, peers:add, admin.
+        #[arg(long, value_name = "SCOPES", default_value = sidecar_agent::login::DEFAULT_SCOPE)]
+        scope: String,
+        /// Where the token is written (its directory is made 0700 if missing).
+        #[arg(long, env = "SIDECAR_TOKEN_FILE", value_name = "PATH", default_value = sidecar_agent::login::DEFAULT_TOKEN_FILE)]
+        token_file: PathBuf,
     },
     /// Exit 0 when a running agent is ready (its /readyz answers 200): for a
     /// container HEALTHCHECK.
@@ -203,6 +220,11 @@ fn main() -> std::process::ExitCode {
                     ),
                     Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
                 }
+                // Neither given: the file `login` writes.
+                let token_file = match (&token_file, &token) {
+                    (None, None) => Some(PathBuf::from(sidecar_agent::login::DEFAULT_TOKEN_FILE)),
+                    _ => token_file,
+                };
                 let token = match (&token_file, token) {
                     (Some(path), _) => sidecar_agent::secrets::read_token_file(path)?,
                     (None, Some(token)) => {
@@ -236,6 +258,20 @@ fn main() -> std::process::ExitCode {
                     health_listen,
                 })
                 .await
+            }
+            Command::Login {
+                relay,
+                pin,
+                scope,
+                token_file,
+            } => {
+                let login = sidecar_agent::login::Login {
+                    relay,
+                    pin,
+                    scope,
+                    token_file,
+                };
+                sidecar_agent::login::run(&login).await
             }
             Command::Health { listen } => sidecar_agent::health::probe(listen).await,
             Command::Status { state_dir } => sidecar_agent::manager::print_status(&state_dir),

@@ -140,6 +140,15 @@ pub fn check_token(token: &str) -> Result<(), ClientError> {
 impl RelayClient {
     pub fn new(url: &str, token: &str, pin: &str) -> Result<RelayClient, ClientError> {
         check_token(token)?;
+        RelayClient::connect_to(url, token, pin)
+    }
+
+    /// A client without a token, for the routes that need none (device login).
+    pub fn without_token(url: &str, pin: &str) -> Result<RelayClient, ClientError> {
+        RelayClient::connect_to(url, "", pin)
+    }
+
+    fn connect_to(url: &str, token: &str, pin: &str) -> Result<RelayClient, ClientError> {
         let rest = url
             .strip_prefix("https://")
             .ok_or_else(|| ClientError::BadUrl(url.to_string()))?
@@ -328,6 +337,16 @@ impl RelayClient {
         }
     }
 
+    /// `POST path` with a JSON body, decoded as `T` (an error answer as
+    /// [`ClientError::Api`]).
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -383,8 +402,11 @@ impl RelayClient {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(HOST, format!("{}:{}", self.host, self.port))
-            .header(AUTHORIZATION, format!("Bearer {}", self.token.read()));
+            .header(HOST, format!("{}:{}", self.host, self.port));
+        let token = self.token.read().clone();
+        if !token.is_empty() {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
         if body.is_some() {
             request = request.header(CONTENT_TYPE, "application/json");
         }

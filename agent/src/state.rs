@@ -179,7 +179,7 @@ impl StateDir {
 
 /// Writes `bytes` (mode 0600) to a temporary name beside `path`, renames it over
 /// `path` and syncs the directory, so the rename itself survives a crash.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -39,7 +41,11 @@ use sidecar_proto::{
 
 mod canary_route;
 mod common_responses;
+mod device_routes;
 mod pq_routes;
+mod scopes;
+pub use device_routes::DeviceLogin;
+pub use scopes::{Admin, PeersAdder, PeersReader};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -47,9 +53,10 @@ use utoipa_axum::routes;
 
 use crate::limits::{self, ApiLimits, LimitedAcceptor};
 use crate::machine::MachineKeys;
+use crate::metrics::ApiMetrics;
 use crate::service::PeerService;
 use crate::store::{
-    PeerRecord, Registration, Store, StoreError, TokenChange, TokenRecord, TokenSpec,
+    PeerRecord, Registration, Scope, Store, StoreError, TokenChange, TokenRecord, TokenSpec,
 };
 
 /// Request bodies are a few hundred bytes; anything much larger is a mistake or abuse.
@@ -59,7 +66,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// A connection must send its first request this soon after the TLS handshake,
 /// so idle connections cannot pile up.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
+pub(crate) const BEARER_CHALLENGE: &str = r#"Bearer realm="sidecar""#;
 
 /// What every allocation tells the agent about this relay.
 #[derive(Debug, Clone)]
@@ -86,6 +93,8 @@ pub struct ApiState {
     /// When each token last authenticated (Unix seconds), since this start. Only
     /// valid tokens get an entry, so it is bounded by the number of tokens.
     last_used: parking_lot::Mutex<foldhash::HashMap<String, u64>>,
+    /// Device logins waiting for an operator, and how approved ones are made.
+    device: DeviceLogin,
 }
 
 /// `up` in by-container: a handshake within this long.
@@ -102,6 +111,7 @@ impl ApiState {
             machine_keys: None,
             canary: None,
             last_used: Default::default(),
+            device: DeviceLogin::default(),
         }
     }
 
@@ -126,7 +136,8 @@ impl ApiState {
                 peers: usage.peers,
                 ipv4: usage.ipv4,
             },
-            admin: record.admin,
+            admin: record.has_scope(Scope::Admin),
+            scopes: record.scopes(),
             isolate_peers: record.isolate_peers,
             bind_machine: record.bind_machine,
             bound: record.machine.is_some(),
@@ -144,6 +155,12 @@ impl ApiState {
             canary: Some(path),
             ..self
         }
+    }
+
+    /// Device login as `device` sets it up (by default: `[device_login]`'s defaults,
+    /// the verification URL from each request's `Host`).
+    pub fn with_device_login(self, device: DeviceLogin) -> ApiState {
+        ApiState { device, ..self }
     }
 
     /// Answers by-container's `externally_reachable` with `prober`.
@@ -410,28 +427,6 @@ fn bearer_secret(headers: &HeaderMap) -> Result<&str, ErrorResponse> {
     Ok(secret)
 }
 
-/// The caller's token, which must have the admin scope.
-pub struct Admin(pub TokenRecord);
-
-impl FromRequestParts<Arc<ApiState>> for Admin {
-    type Rejection = ErrorResponse;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<ApiState>,
-    ) -> Result<Self, ErrorResponse> {
-        let Caller(token) = Caller::from_request_parts(parts, state).await?;
-        if !token.admin {
-            return Err(ErrorResponse::new(
-                StatusCode::FORBIDDEN,
-                codes::FORBIDDEN,
-                "this route needs an admin token",
-            ));
-        }
-        Ok(Admin(token))
-    }
-}
-
 /// What a well-formed key must still be to name a peer of this relay.
 fn check_pubkey(key: Key, info: &RelayInfo) -> Result<Key, ErrorResponse> {
     if key.is_zero() {
@@ -552,15 +547,16 @@ async fn health(State(state): State<Arc<ApiState>>) -> Json<Health> {
 #[utoipa::path(
     get, path = "/v1/status", tag = "relay",
     summary = "The calling token's limits and usage",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:read"])),
     responses(
         (status = 200, description = "Limits and usage", body = Status),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:read scope", body = ApiError),
     ),
 )]
 async fn status(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersReader(token): PeersReader,
 ) -> Result<Json<Status>, ErrorResponse> {
     let usage = state.store().usage(&token.id).map_err(|e| match e {
         // Revoked since authentication.
@@ -585,14 +581,14 @@ async fn status(
 #[utoipa::path(
     post, path = "/v1/peers", tag = "peers",
     summary = "Register a WireGuard public key (idempotent)",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:add"])),
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Registered; addresses allocated", body = Registered),
         (status = 200, description = "Already registered; the existing allocation", body = Registered),
         (status = 400, description = "Malformed JSON or public key", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "quota_exceeded: max_peers or max_ipv4 reached; pq_required: no X-Wing ciphertext on a relay that requires one; machine_mismatch / machine_required: the token is bound to another machine", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:add scope; quota_exceeded: max_peers or max_ipv4 reached; pq_required: no X-Wing ciphertext on a relay that requires one; machine_mismatch / machine_required: the token is bound to another machine", body = ApiError),
         (status = 409, description = "The key or container belongs to another registration", body = ApiError),
         (status = 413, description = "Body too large", body = ApiError),
         (status = 415, description = "Body is not application/json", body = ApiError),
@@ -602,7 +598,7 @@ async fn status(
 )]
 async fn register_peer(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersAdder(token): PeersAdder,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<Registered>), ErrorResponse> {
     if state.is_draining() {
@@ -643,17 +639,18 @@ async fn register_peer(
 #[utoipa::path(
     get, path = "/v1/peers", tag = "peers",
     summary = "This token's peers (an admin token sees every peer)",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:read"])),
     responses(
         (status = 200, description = "Peers with live counters", body = PeerList),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:read scope", body = ApiError),
     ),
 )]
 async fn list_peers(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersReader(token): PeersReader,
 ) -> Result<Json<PeerList>, ErrorResponse> {
-    let scope = (!token.admin).then_some(token.id.as_str());
+    let scope = (!token.has_scope(Scope::Admin)).then_some(token.id.as_str());
     let peers = state.store().peers(scope)?;
     Ok(Json(PeerList {
         peers: peers.iter().map(|p| peer_view(p, &state)).collect(),
@@ -663,17 +660,18 @@ async fn list_peers(
 #[utoipa::path(
     get, path = "/v1/peers/by-container/{id}", tag = "peers",
     summary = "This token's peer registered for a container",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:read"])),
     params(("id" = String, Path, description = "Container id given at registration")),
     responses(
         (status = 200, description = "The peer, its bare addresses, and whether it is up and reachable", body = ContainerPeer),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:read scope", body = ApiError),
         (status = 404, description = "No peer for this container and token", body = ApiError),
     ),
 )]
 async fn peer_by_container(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersReader(token): PeersReader,
     Path(id): Path<String>,
 ) -> Result<Json<ContainerPeer>, ErrorResponse> {
     match state.store().peer_by_container(&token.id, &id)? {
@@ -689,18 +687,19 @@ async fn peer_by_container(
 #[utoipa::path(
     delete, path = "/v1/peers", tag = "peers",
     summary = "Remove one of this token's peers and free its addresses",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:add"])),
     request_body = DeletePeer,
     responses(
         (status = 204, description = "Removed"),
         (status = 400, description = "Malformed JSON or public key", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:add scope", body = ApiError),
         (status = 404, description = "This token has no such peer", body = ApiError),
     ),
 )]
 async fn delete_peer(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersAdder(token): PeersAdder,
     ApiJson(req): ApiJson<DeletePeer>,
 ) -> Result<StatusCode, ErrorResponse> {
     let key = check_pubkey(req.pubkey, &state.info)?;
@@ -716,14 +715,17 @@ async fn delete_peer(
 
 #[utoipa::path(
     post, path = "/v1/admin/tokens", tag = "admin",
-    summary = "Create an API token (the secret is returned only once)",
-    security(("bearer" = [])),
+    summary = "Create an API token with its scopes (the secret is returned only once)",
+    security(("bearer" = ["admin"])),
     request_body = CreateToken,
     responses(
         (status = 201, description = "Created", body = CreatedToken),
+        (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
-        (status = 422, description = "Missing or invalid field", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field, unknown scope, or no scope", body = ApiError),
     ),
 )]
 async fn create_token(
@@ -732,11 +734,12 @@ async fn create_token(
     ApiJson(req): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ErrorResponse> {
     let bind_machine = req.bind_machine;
+    let scopes = req.scopes.clone();
     let (record, token) = state
         .store()
-        .create_token_with(TokenSpec::from(req), bind_machine)
+        .create_scoped_token(TokenSpec::from(req), bind_machine, scopes)
         .await?;
-    tracing::info!(token_id = %record.id, name = %record.name, "token created");
+    tracing::info!(token_id = %record.id, name = %record.name, scopes = %Scope::join(&record.scopes()), "token created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
@@ -748,12 +751,12 @@ async fn create_token(
 
 #[utoipa::path(
     get, path = "/v1/admin/tokens", tag = "admin",
-    summary = "Every token with its limits, usage and last use (never a secret)",
-    security(("bearer" = [])),
+    summary = "Every token with its scopes, limits, usage and last use (never a secret)",
+    security(("bearer" = ["admin"])),
     responses(
         (status = 200, description = "All tokens, oldest first", body = TokenList),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
     ),
 )]
 async fn list_tokens(
@@ -775,30 +778,46 @@ async fn list_tokens(
 
 #[utoipa::path(
     patch, path = "/v1/admin/tokens", tag = "admin",
-    summary = "Change a token's name, limits or isolation (its live peers follow at once)",
-    security(("bearer" = [])),
+    summary = "Change a token's name, limits, isolation or scopes (its live peers follow at once)",
+    security(("bearer" = ["admin"])),
     request_body = UpdateToken,
     responses(
         (status = 200, description = "The token as it is now", body = TokenInfo),
         (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
         (status = 404, description = "No such token", body = ApiError),
-        (status = 415, description = "Not application/json", body = ApiError),
-        (status = 422, description = "Missing or invalid field", body = ApiError),
+        (status = 409, description = "A token cannot take the admin scope from itself", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field, unknown scope, or no scope", body = ApiError),
     ),
 )]
 async fn update_token(
     State(state): State<Arc<ApiState>>,
-    Admin(_admin): Admin,
+    Admin(admin): Admin,
     ApiJson(req): ApiJson<UpdateToken>,
 ) -> Result<Json<TokenInfo>, ErrorResponse> {
+    // As with revocation: the last admin token must not lock every operator out.
+    if req.id == admin.id
+        && req
+            .scopes
+            .as_ref()
+            .is_some_and(|s| !s.contains(&Scope::Admin))
+    {
+        return Err(ErrorResponse::new(
+            StatusCode::CONFLICT,
+            codes::CONFLICT,
+            "a token cannot take the admin scope from itself",
+        ));
+    }
     let change = TokenChange {
         name: req.name,
         max_peers: req.max_peers,
         max_ipv4: req.max_ipv4,
         bandwidth_mbps: req.bandwidth_mbps,
         isolate_peers: req.isolate_peers,
+        scopes: req.scopes,
     };
     let record = state
         .service
@@ -812,21 +831,25 @@ async fn update_token(
             ),
             other => other.into(),
         })?;
-    tracing::info!(token_id = %record.id, name = %record.name, max_peers = record.max_peers, max_ipv4 = record.max_ipv4, bandwidth_mbps = ?record.bandwidth_mbps, isolate_peers = record.isolate_peers, "token changed");
+    tracing::info!(token_id = %record.id, name = %record.name, max_peers = record.max_peers, max_ipv4 = record.max_ipv4, bandwidth_mbps = ?record.bandwidth_mbps, isolate_peers = record.isolate_peers, scopes = %Scope::join(&record.scopes()), "token changed");
     Ok(Json(state.token_info(record)?))
 }
 
 #[utoipa::path(
     delete, path = "/v1/admin/tokens", tag = "admin",
     summary = "Revoke a token and remove all of its peers at once",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     request_body = RevokeToken,
     responses(
         (status = 204, description = "Revoked"),
+        (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
         (status = 404, description = "No such token", body = ApiError),
         (status = 409, description = "A token cannot revoke itself", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field", body = ApiError),
     ),
 )]
 async fn revoke_token(
@@ -834,8 +857,8 @@ async fn revoke_token(
     Admin(admin): Admin,
     ApiJson(req): ApiJson<RevokeToken>,
 ) -> Result<StatusCode, ErrorResponse> {
-    // Admin tokens cannot be created over the API, so revoking the last one
-    // would lock every operator out until someone edits the store by hand.
+    // Revoking the last admin token would lock every operator out until someone
+    // edits the store by hand.
     if req.id == admin.id {
         return Err(ErrorResponse::new(
             StatusCode::CONFLICT,
@@ -893,7 +916,8 @@ async fn not_found(uri: Uri) -> ErrorResponse {
     tags(
         (name = "relay", description = "Relay state"),
         (name = "peers", description = "WireGuard peers and their addresses"),
-        (name = "admin", description = "Token management (admin tokens only)"),
+        (name = "device", description = "Device login (RFC 8628): ask for a token, an admin approves it"),
+        (name = "admin", description = "Token management and device approvals (admin tokens only)"),
     ),
 )]
 struct ApiDoc;
@@ -942,6 +966,11 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(pq_routes::machine_key))
         .routes(routes!(pq_routes::unbind_machine))
         .routes(routes!(canary_route::canary))
+        .routes(routes!(device_routes::authorize))
+        .routes(routes!(device_routes::token))
+        .routes(routes!(device_routes::view))
+        .routes(routes!(device_routes::approve))
+        .routes(routes!(device_routes::deny))
         .routes(routes!(openapi_json))
 }
 
@@ -954,7 +983,19 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// The control API with all its middleware, its request rates and in-flight bound
 /// from `limits`; serve it with [`serve_with_limits`] and the same `limits`.
 pub fn router_with_limits(state: Arc<ApiState>, limits: &ApiLimits) -> Router {
+    router_with_metrics(state, limits, Arc::default())
+}
+
+/// [`router_with_limits`] counting every request into `metrics` (by route template
+/// and status, with its latency), 429s and 404s included.
+pub fn router_with_metrics(
+    state: Arc<ApiState>,
+    limits: &ApiLimits,
+    metrics: Arc<ApiMetrics>,
+) -> Router {
     let (router, doc) = routes_and_document();
+    // Only a matched route knows its template; it hands it to `count` outside.
+    let router = router.route_layer(middleware::from_fn(note_route));
     // Serializing our own static document cannot fail; if it ever did, the
     // relay must not start with a broken API description.
     let doc = serde_json::to_vec(&doc).expect("the OpenAPI document serializes");
@@ -968,7 +1009,34 @@ pub fn router_with_limits(state: Arc<ApiState>, limits: &ApiLimits) -> Router {
             limits::enforce,
         ))
         .layer(middleware::from_fn(outcome))
+        .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(state)
+}
+
+/// The route template of the request, filled in once routing matched one.
+#[derive(Clone, Default)]
+struct RouteSlot(Arc<OnceLock<String>>);
+
+async fn note_route(matched: MatchedPath, req: Request, next: Next) -> Response {
+    if let Some(slot) = req.extensions().get::<RouteSlot>() {
+        let _ = slot.0.set(matched.as_str().to_owned());
+    }
+    next.run(req).await
+}
+
+/// Outside every other layer, so requests refused by the limits count too.
+async fn count(State(metrics): State<Arc<ApiMetrics>>, mut req: Request, next: Next) -> Response {
+    let method = crate::metrics::method_label(req.method());
+    let slot = RouteSlot::default();
+    req.extensions_mut().insert(slot.clone());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let route = slot
+        .0
+        .get()
+        .map_or(crate::metrics::UNMATCHED_ROUTE, String::as_str);
+    metrics.record(method, route, response.status().as_u16(), started.elapsed());
+    response
 }
 
 /// Outermost layer: gives every error the JSON shape and the bearer challenge,

@@ -32,6 +32,159 @@ pub struct RelayConfig {
     /// before it existed) does not require them, so its agents keep working.
     #[serde(default)]
     pub pq: PqSection,
+    /// Prometheus `/metrics`, on its own plain-HTTP address (loopback by default).
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// Device login (RFC 8628): timing, bounds and what an approved token gets.
+    #[serde(default)]
+    pub device_login: DeviceLoginSection,
+}
+
+/// `[device_login]`: clients ask for a token at `/v1/device/authorize` and an
+/// operator approves it; what is not set at approval comes from here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceLoginSection {
+    /// false: the device routes answer 404.
+    pub enabled: bool,
+    /// Seconds a login may wait for the operator.
+    pub expires_in_secs: u64,
+    /// Seconds clients wait between polls.
+    pub interval_secs: u64,
+    /// Logins waiting at once, in total and from one source address (an IPv6 /64).
+    pub max_pending: u32,
+    pub max_pending_per_source: u32,
+    /// The approved token's limits unless the approval sets them.
+    pub max_peers: u32,
+    pub max_ipv4: u32,
+    /// Per-peer Mbit/s; 0: unlimited.
+    pub bandwidth_mbps: u32,
+    pub isolate_peers: bool,
+    pub bind_machine: bool,
+}
+
+impl Default for DeviceLoginSection {
+    fn default() -> DeviceLoginSection {
+        let timing = crate::device::DeviceSettings::default();
+        DeviceLoginSection {
+            enabled: true,
+            expires_in_secs: timing.expires_in.as_secs(),
+            interval_secs: timing.interval.as_secs(),
+            max_pending: timing.max_pending as u32,
+            max_pending_per_source: timing.max_pending_per_source as u32,
+            max_peers: 10,
+            max_ipv4: 0,
+            bandwidth_mbps: 0,
+            isolate_peers: false,
+            bind_machine: true,
+        }
+    }
+}
+
+impl DeviceLoginSection {
+    pub fn settings(&self) -> crate::device::DeviceSettings {
+        crate::device::DeviceSettings {
+            expires_in: std::time::Duration::from_secs(self.expires_in_secs),
+            interval: std::time::Duration::from_secs(self.interval_secs),
+            max_pending: self.max_pending as usize,
+            max_pending_per_source: self.max_pending_per_source as usize,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("expires_in_secs", self.expires_in_secs),
+            ("interval_secs", self.interval_secs),
+            ("max_pending", u64::from(self.max_pending)),
+            (
+                "max_pending_per_source",
+                u64::from(self.max_pending_per_source),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "device_login.{name} must be at least 1"
+                )));
+            }
+        }
+        if self.interval_secs >= self.expires_in_secs {
+            return Err(ConfigError::Invalid(format!(
+                "device_login.interval_secs {} must be shorter than expires_in_secs {}",
+                self.interval_secs, self.expires_in_secs
+            )));
+        }
+        Ok(())
+    }
+
+    fn write_commented(&self, s: &mut String) {
+        s.push_str("[device_login]\n");
+        s.push_str(
+            "# `sidecar-agent login` (RFC 8628): a client asks for a token, an admin approves\n",
+        );
+        s.push_str(
+            "# it (POST /v1/admin/device/CODE/approve). false: the device routes answer 404.\n",
+        );
+        s.push_str(&format!("enabled = {}\n", self.enabled));
+        s.push_str("# Seconds a login waits for approval, and between the client's polls.\n");
+        s.push_str(&format!("expires_in_secs = {}\n", self.expires_in_secs));
+        s.push_str(&format!("interval_secs = {}\n", self.interval_secs));
+        s.push_str(
+            "# Logins waiting at once, in total (503 beyond) and per source address (429).\n",
+        );
+        s.push_str(&format!("max_pending = {}\n", self.max_pending));
+        s.push_str(&format!(
+            "max_pending_per_source = {}\n",
+            self.max_pending_per_source
+        ));
+        s.push_str(
+            "# An approved token's limits, unless the approval sets them (bandwidth 0: none).\n",
+        );
+        s.push_str(&format!("max_peers = {}\n", self.max_peers));
+        s.push_str(&format!("max_ipv4 = {}\n", self.max_ipv4));
+        s.push_str(&format!("bandwidth_mbps = {}\n", self.bandwidth_mbps));
+        s.push_str(&format!("isolate_peers = {}\n", self.isolate_peers));
+        s.push_str("# Bind the token to the machine of its first registration.\n");
+        s.push_str(&format!("bind_machine = {}\n", self.bind_machine));
+    }
+}
+
+/// `[metrics]`: where Prometheus text is served. Plain HTTP without authentication,
+/// so loopback by default: the families name token ids. Never the API's port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// false serves no `/metrics` at all.
+    pub enabled: bool,
+    pub listen: SocketAddr,
+}
+
+/// The default metrics address: loopback, next to the agent's 9531.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9532";
+
+impl Default for MetricsSection {
+    fn default() -> MetricsSection {
+        MetricsSection {
+            enabled: true,
+            listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .expect("the default metrics address parses"),
+        }
+    }
+}
+
+impl MetricsSection {
+    /// The address to serve on, or `None` when turned off.
+    pub fn listen(&self) -> Option<SocketAddr> {
+        self.enabled.then_some(self.listen)
+    }
+
+    fn write_commented(&self, s: &mut String) {
+        s.push_str("[metrics]\n");
+        s.push_str("# Prometheus /metrics over plain HTTP, without authentication: keep it on\n");
+        s.push_str("# loopback or a private network. false serves none.\n");
+        s.push_str(&format!("enabled = {}\n", self.enabled));
+        s.push_str(&format!("listen = \"{}\"\n", self.listen));
+    }
 }
 
 /// `[pq]`: post-quantum preshared keys from an X-Wing encapsulation per peer.
@@ -327,6 +480,13 @@ impl RelayConfig {
             )));
         }
         self.limits.validate()?;
+        self.device_login.validate()?;
+        if self.metrics.enabled && self.metrics.listen == self.api.listen {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.listen {} is the API's address: give /metrics its own port",
+                self.metrics.listen
+            )));
+        }
         if self.pq.rotate_secs == 0 {
             return Err(ConfigError::Invalid(
                 "pq.rotate_secs must be at least 1".into(),
@@ -401,6 +561,10 @@ impl RelayConfig {
         self.limits.write_commented(&mut s);
         s.push('\n');
         self.pq.write_commented(&mut s);
+        s.push('\n');
+        self.metrics.write_commented(&mut s);
+        s.push('\n');
+        self.device_login.write_commented(&mut s);
         s
     }
 
@@ -468,6 +632,11 @@ mod tests {
             pq: PqSection {
                 require_pq: true,
                 rotate_secs: 90,
+            },
+            metrics: MetricsSection::default(),
+            device_login: DeviceLoginSection {
+                max_peers: 3,
+                ..DeviceLoginSection::default()
             },
         }
     }

@@ -3,7 +3,7 @@
 //! TUN device and the uplink. Which packets may cross between peers, the host and
 //! its networks is decided in the data path by [`TenantPolicy`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -115,6 +115,27 @@ pub struct RelayDataPlane {
     ifindex: u32,
     owned: Arc<OwnedAddresses>,
     policy: Arc<TenantPolicy>,
+    /// Each peer's token, to sum the engine's per-peer counters per token.
+    tokens: Tokens,
+}
+
+/// One token's peers on the data plane and their engine counters, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenTotals {
+    /// Peers of this token on the data plane now.
+    pub peers: u64,
+    /// Handshakes completed, bytes received and sent: of the peers on the data
+    /// plane now plus those taken off it since start, so the sums never go back.
+    pub handshakes: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Default)]
+struct Tokens {
+    by_peer: RwLock<HashMap<Key, String>>,
+    /// What peers taken off the data plane had counted, per token.
+    retired: parking_lot::Mutex<HashMap<String, TokenTotals>>,
 }
 
 impl RelayDataPlane {
@@ -181,6 +202,7 @@ impl RelayDataPlane {
             ifindex,
             owned: Arc::new(OwnedAddresses::default()),
             policy,
+            tokens: Tokens::default(),
         })
     }
 
@@ -233,6 +255,10 @@ impl RelayDataPlane {
         }
         self.device()
             .set_peer_rate(&peer.public_key, bandwidth_mbps.filter(|m| *m > 0));
+        self.tokens
+            .by_peer
+            .write()
+            .insert(peer.public_key, peer.tenant.id.clone());
         for &prefix in &addrs {
             match route::add_route(prefix, self.ifindex, None) {
                 Ok(()) => {}
@@ -253,12 +279,51 @@ impl RelayDataPlane {
     /// Takes a peer off the data plane: no more traffic, routes and neighbor answers gone.
     pub fn remove(&self, key: &Key) {
         let prefixes = self.prefixes_of(key);
+        self.retire_counters(key);
         self.device().remove_peer(key);
         self.policy.remove(key);
         for prefix in prefixes {
             self.unroute(prefix);
         }
         tracing::info!(peer = %key, "peer off the data plane");
+    }
+
+    /// Keeps what a peer leaving the data plane counted in its token's sums.
+    fn retire_counters(&self, key: &Key) {
+        let Some(token) = self.tokens.by_peer.write().remove(key) else {
+            return;
+        };
+        let Some(peer) = self.device().peer(key) else {
+            return;
+        };
+        let mut retired = self.tokens.retired.lock();
+        let t = retired.entry(token).or_default();
+        t.handshakes += peer.handshakes();
+        t.rx_bytes += peer.rx_bytes();
+        t.tx_bytes += peer.tx_bytes();
+    }
+
+    /// The engine's per-peer counters summed per token (bounded by the number of
+    /// tokens, not of peers), sorted by token id.
+    pub fn token_totals(&self) -> BTreeMap<String, TokenTotals> {
+        let mut out: BTreeMap<String, TokenTotals> = self
+            .tokens
+            .retired
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), TokenTotals { peers: 0, ..*v }))
+            .collect();
+        for (key, token) in self.tokens.by_peer.read().iter() {
+            let Some(peer) = self.device().peer(key) else {
+                continue;
+            };
+            let t = out.entry(token.clone()).or_default();
+            t.peers += 1;
+            t.handshakes += peer.handshakes();
+            t.rx_bytes += peer.rx_bytes();
+            t.tx_bytes += peer.tx_bytes();
+        }
+        out
     }
 
     fn prefixes_of(&self, key: &Key) -> Vec<IpPrefix> {

@@ -11,11 +11,12 @@ use clap::{Args, Parser, Subcommand};
 use sidecar::{Endpoint, IpPrefix, Key};
 use sidecar_relay::api::{self, ApiState, RelayInfo};
 use sidecar_relay::config::{
-    default_address_hold_hours, ApiSection, NetworkSection, PqSection, PrefixMode, RelayConfig,
-    WireguardSection,
+    default_address_hold_hours, ApiSection, MetricsSection, NetworkSection, PqSection, PrefixMode,
+    RelayConfig, WireguardSection,
 };
 use sidecar_relay::dataplane::RelayDataPlane;
 use sidecar_relay::machine::MachineKeys;
+use sidecar_relay::metrics::{self, ApiMetrics, Sources};
 use sidecar_relay::neighbor::NeighborResponder;
 use sidecar_relay::pq::PqKeys;
 use sidecar_relay::service::{PeerService, ServiceOptions};
@@ -138,6 +139,12 @@ struct InitArgs {
     /// Bind the "default" agent token to the machine of its first registration.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     bind_default_token: bool,
+    /// Plain-HTTP address for Prometheus /metrics (no authentication: keep it local).
+    #[arg(long, value_name = "ADDR", default_value = sidecar_relay::config::DEFAULT_METRICS_LISTEN)]
+    metrics_listen: SocketAddr,
+    /// Serve no /metrics.
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -199,6 +206,11 @@ async fn init(args: InitArgs) -> Result<()> {
             require_pq: args.require_pq,
             rotate_secs: args.pq_rotate_secs,
         },
+        metrics: MetricsSection {
+            enabled: !args.no_metrics,
+            listen: args.metrics_listen,
+        },
+        device_login: Default::default(),
     };
     config.validate()?;
     let path = args.dir.join("relay.toml");
@@ -426,7 +438,11 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         )
         .with_prober(dataplane.prober())
         .with_machine_keys(setup.machine.clone())
-        .with_canary(config.canary_path()),
+        .with_canary(config.canary_path())
+        .with_device_login(api::DeviceLogin::new(
+            config.device_login.clone(),
+            Some(api_url(&config)),
+        )),
     );
     let listener = std::net::TcpListener::bind(config.api.listen)
         .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;
@@ -440,9 +456,29 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let limits = sidecar_relay::limits::ApiLimits::new(&config.limits);
+    let api_metrics = Arc::new(ApiMetrics::default());
+    let metrics_task = match config.metrics.listen() {
+        Some(addr) => {
+            let mut rx = stop_rx.clone();
+            let sources = Sources {
+                store: store.clone(),
+                dataplane: dataplane.clone(),
+                api: api_metrics.clone(),
+                limits: limits.clone(),
+                neighbor: neighbor.clone(),
+            };
+            let task = metrics::serve(addr, sources, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .with_context(|| format!("cannot serve /metrics on {addr} ([metrics] listen)"))?;
+            Some(task)
+        }
+        None => None,
+    };
     let api_task = {
         let mut rx = stop_rx.clone();
-        let limits = sidecar_relay::limits::ApiLimits::new(&config.limits);
         let installer = sidecar_relay::install::Installer::new(
             &api_url(&config),
             &setup.identity.pin()?,
@@ -451,7 +487,7 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         if let sidecar_relay::install::Installer::Unavailable(why) = &installer {
             tracing::info!(reason = %why, "no agent installer at /install");
         }
-        let router = api::router_with_limits(state.clone(), &limits)
+        let router = api::router_with_metrics(state.clone(), &limits, api_metrics.clone())
             .layer(axum::Extension(Arc::new(installer)));
         tokio::spawn(async move {
             api::serve_with_limits(listener, tls, router, &limits, async move {
@@ -478,6 +514,9 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         Ok(Ok(())) => {}
     }
     let _ = uapi_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     periodic_task.abort();
     let _ = periodic_task.await;
     if let Err(e) = service.sync_usage().await {
@@ -492,7 +531,7 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
 fn start_neighbor_responder(
     config: &RelayConfig,
     dataplane: &RelayDataPlane,
-) -> Result<Option<NeighborResponder>> {
+) -> Result<Option<Arc<NeighborResponder>>> {
     let n = &config.network;
     let v6 = n.ipv6_mode == PrefixMode::OnLink;
     let v4 = n.ipv4_pool.is_some() && n.ipv4_mode == PrefixMode::OnLink;
@@ -501,7 +540,7 @@ fn start_neighbor_responder(
     };
     let responder = NeighborResponder::start(uplink, dataplane.owned(), v6, v4)
         .with_context(|| format!("cannot answer neighbor solicitations on {uplink}"))?;
-    Ok(Some(responder))
+    Ok(Some(Arc::new(responder)))
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -548,6 +587,8 @@ fn default_config(data_dir: &Path) -> Result<RelayConfig> {
         },
         limits: Default::default(),
         pq: PqSection::for_new_relay(),
+        metrics: MetricsSection::default(),
+        device_login: Default::default(),
     };
     config.validate()?;
     create_private_dir(data_dir)?;

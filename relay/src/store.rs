@@ -99,6 +99,7 @@ use ring::digest::{digest, SHA256};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sidecar::{IpPrefix, Key};
+pub use sidecar_proto::Scope;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
@@ -153,6 +154,44 @@ pub struct TokenRecord {
     /// The fingerprint of the machine the token is bound to, once bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// What the token may do, sorted. Tokens stored before scopes existed have none
+    /// here and keep what their `admin` flag implied; see [`TokenRecord::scopes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<Scope>>,
+}
+
+impl TokenRecord {
+    /// The token's scopes; for a token stored without any, those it had before
+    /// scopes existed: all three for an admin token, `peers:read` and `peers:add`
+    /// for the others.
+    pub fn scopes(&self) -> Vec<Scope> {
+        match &self.scopes {
+            Some(scopes) => scopes.clone(),
+            None if self.admin => Scope::ALL.to_vec(),
+            None => DEFAULT_SCOPES.to_vec(),
+        }
+    }
+
+    /// Whether the token may use a route that needs `scope`. `admin` implies the
+    /// other two: an operator's token can do everything an agent's can.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        let scopes = self.scopes();
+        scopes.contains(&scope) || scopes.contains(&Scope::Admin)
+    }
+}
+
+/// What a token created without scopes may do: what an agent needs.
+pub const DEFAULT_SCOPES: [Scope; 2] = [Scope::PeersRead, Scope::PeersAdd];
+
+/// `scopes` sorted and deduplicated, or [`StoreError::Invalid`] if empty.
+fn checked_scopes(scopes: Vec<Scope>) -> Result<Vec<Scope>, StoreError> {
+    let scopes = Scope::normalize(scopes);
+    if scopes.is_empty() {
+        return Err(StoreError::Invalid(
+            "scopes is empty: a token needs at least one scope".into(),
+        ));
+    }
+    Ok(scopes)
 }
 
 /// A change to a token; see [`Store::update_token`].
@@ -163,6 +202,8 @@ pub struct TokenChange {
     pub max_ipv4: Option<u32>,
     pub bandwidth_mbps: Option<u32>,
     pub isolate_peers: Option<bool>,
+    /// Replaces the scopes; the `admin` flag follows them.
+    pub scopes: Option<Vec<Scope>>,
 }
 
 /// What a new token may do; see [`Store::create_token`].
@@ -529,7 +570,23 @@ impl Store {
         spec: TokenSpec,
         bind_machine: bool,
     ) -> Result<(TokenRecord, String), StoreError> {
+        self.create_scoped_token(spec, bind_machine, None).await
+    }
+
+    /// [`Store::create_token_with`] limited to `scopes` (at least one) when given,
+    /// rather than those `spec.admin` implies; the token is an admin token exactly
+    /// when `scopes` has [`Scope::Admin`].
+    pub async fn create_scoped_token(
+        &self,
+        mut spec: TokenSpec,
+        bind_machine: bool,
+        scopes: Option<Vec<Scope>>,
+    ) -> Result<(TokenRecord, String), StoreError> {
         validate_label("token name", &spec.name)?;
+        let scopes = scopes.map(checked_scopes).transpose()?;
+        if let Some(scopes) = &scopes {
+            spec.admin = scopes.contains(&Scope::Admin);
+        }
         let this = self.clone();
         blocking(move || {
             // A clash of 48 random bits is unlikely; retrying keeps it harmless.
@@ -551,6 +608,7 @@ impl Store {
                     created: now_secs(),
                     bind_machine,
                     machine: None,
+                    scopes: scopes.clone(),
                 };
                 let value = encode(&StoredToken {
                     token: record.clone(),
@@ -592,6 +650,7 @@ impl Store {
         if let Some(name) = &change.name {
             validate_label("token name", name)?;
         }
+        let scopes = change.scopes.clone().map(checked_scopes).transpose()?;
         let this = self.clone();
         let id = id.to_owned();
         blocking(move || {
@@ -615,6 +674,10 @@ impl Store {
                 }
                 if let Some(isolate) = change.isolate_peers {
                     t.isolate_peers = isolate;
+                }
+                if let Some(scopes) = &scopes {
+                    t.admin = scopes.contains(&Scope::Admin);
+                    t.scopes = Some(scopes.clone());
                 }
                 let value = encode(&stored).map_err(abort)?;
                 tx.tokens.insert(id.as_bytes(), value.as_slice())?;
@@ -1750,7 +1813,7 @@ fn container_key(token_id: &str, container: &str, key: &Key) -> Vec<u8> {
 /// Names and container labels: 1 to 128 printable characters. Control characters
 /// would break logs and the index layout; invisible formatting characters (bidi
 /// overrides, zero-width) would let two different names look the same.
-fn validate_label(what: &str, s: &str) -> Result<(), StoreError> {
+pub(crate) fn validate_label(what: &str, s: &str) -> Result<(), StoreError> {
     if s.is_empty() {
         return Err(StoreError::Invalid(format!("{what} is empty")));
     }

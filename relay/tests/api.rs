@@ -110,6 +110,10 @@ impl Relay {
     }
 
     async fn start_with(plan: AddressPlan) -> Relay {
+        Relay::start_configured(plan, api::DeviceLogin::default()).await
+    }
+
+    async fn start_configured(plan: AddressPlan, device: api::DeviceLogin) -> Relay {
         let store = Store::temporary(plan).unwrap();
         let (_, admin) = store
             .create_token(TokenSpec {
@@ -128,7 +132,7 @@ impl Relay {
             version: "9.9.9-test",
         };
         let service = PeerService::new(store, dataplane.clone(), ServiceOptions::default());
-        let state = Arc::new(ApiState::new(service, info));
+        let state = Arc::new(ApiState::new(service, info).with_device_login(device));
 
         let identity = Identity::generate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -785,7 +789,7 @@ async fn admin_creates_and_revokes_tokens() {
     let err = client
         .post("/v1/admin/tokens", Some(&user), create.clone())
         .await
-        .error(403, "forbidden");
+        .error(403, "insufficient_scope");
     assert!(err.message.contains("admin"), "{err:?}");
     client
         .delete(
@@ -794,7 +798,7 @@ async fn admin_creates_and_revokes_tokens() {
             json!({"id": user_record.id}),
         )
         .await
-        .error(403, "forbidden");
+        .error(403, "insufficient_scope");
     client
         .post("/v1/admin/tokens", None, create.clone())
         .await
@@ -1031,6 +1035,11 @@ async fn openapi_document_is_generated_for_every_route() {
         ("/v1/pq", &["get"]),
         ("/v1/machine", &["get"]),
         ("/v1/canary", &["get"]),
+        ("/v1/device/authorize", &["post"]),
+        ("/v1/device/token", &["post"]),
+        ("/v1/admin/device/{user_code}", &["get"]),
+        ("/v1/admin/device/{user_code}/approve", &["post"]),
+        ("/v1/admin/device/{user_code}/deny", &["post"]),
         ("/api/openapi.json", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -1045,10 +1054,36 @@ async fn openapi_document_is_generated_for_every_route() {
             let op = &paths[*path][*method];
             assert!(op.is_object(), "{method} {path} missing");
             let security = &op["security"];
-            if ["/v1/health", "/api/openapi.json", "/v1/pq", "/v1/canary"].contains(path) {
-                assert_eq!(security, &json!([{}]), "{method} {path}");
-            } else {
-                assert_eq!(security, &json!([{"bearer": []}]), "{method} {path}");
+            let scope = match (*path, *method) {
+                (
+                    "/v1/health"
+                    | "/api/openapi.json"
+                    | "/v1/pq"
+                    | "/v1/canary"
+                    | "/v1/device/authorize"
+                    | "/v1/device/token",
+                    _,
+                ) => None,
+                ("/v1/status" | "/v1/peers/by-container/{id}", _) | ("/v1/peers", "get") => {
+                    Some("peers:read")
+                }
+                ("/v1/peers" | "/v1/machine", _) => Some("peers:add"),
+                _ => Some("admin"),
+            };
+            match scope {
+                None => assert_eq!(security, &json!([{}]), "{method} {path}"),
+                Some(scope) => {
+                    assert_eq!(security, &json!([{"bearer": [scope]}]), "{method} {path}");
+                    let forbidden = op["responses"]["403"]["description"]
+                        .as_str()
+                        .unwrap_or_default();
+                    assert!(
+                        forbidden.contains(&format!(
+                            "insufficient_scope: the token lacks the {scope} scope"
+                        )),
+                        "{method} {path}: the 403 must name {scope}: {forbidden:?}"
+                    );
+                }
             }
         }
     }
@@ -1077,6 +1112,14 @@ async fn openapi_document_is_generated_for_every_route() {
         "TokenList",
         "UpdateToken",
         "Canary",
+        "Scope",
+        "DeviceAuthorizeRequest",
+        "DeviceAuthorization",
+        "DeviceTokenRequest",
+        "DeviceAccessToken",
+        "DeviceLoginView",
+        "DeviceLoginState",
+        "ApproveDevice",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
@@ -1085,6 +1128,300 @@ async fn openapi_document_is_generated_for_every_route() {
             ["$ref"],
         "#/components/schemas/Registered"
     );
+    assert_eq!(
+        schemas["Scope"]["enum"],
+        json!(["peers:read", "peers:add", "admin"]),
+        "{}",
+        schemas["Scope"]
+    );
+    assert_eq!(
+        schemas["TokenInfo"]["properties"]["scopes"]["items"]["$ref"],
+        "#/components/schemas/Scope"
+    );
+    // The device token route takes the RFC's form body as well as JSON, and names
+    // every answer a polling client must handle.
+    let poll = &paths["/v1/device/token"]["post"];
+    for content_type in ["application/json", "application/x-www-form-urlencoded"] {
+        assert_eq!(
+            poll["requestBody"]["content"][content_type]["schema"]["$ref"],
+            "#/components/schemas/DeviceTokenRequest",
+            "{content_type}"
+        );
+    }
+    for status in ["200", "400", "415", "428", "429"] {
+        assert!(poll["responses"][status].is_object(), "token: {status}");
+    }
+    assert_eq!(
+        schemas["DeviceAuthorization"]["properties"]["device_code"]["pattern"],
+        "^[A-Za-z0-9_-]{43}$"
+    );
+}
+
+/// `POST` with a form-encoded body, as OAuth clients send device requests.
+async fn post_form(client: &Client, path: &str, form: &str) -> Response {
+    let headers = [(
+        "Content-Type",
+        "application/x-www-form-urlencoded".to_owned(),
+    )];
+    client
+        .raw("POST", path, &headers, form.as_bytes())
+        .await
+        .unwrap()
+}
+
+/// The device flow over HTTP with a 1 s interval and a 3 s lifetime: pending,
+/// slow_down with the grown interval, the operator's view, approval with limits,
+/// the token exactly once (then spent), denial, expiry, and the per-source bound.
+#[tokio::test]
+async fn device_login_over_http() {
+    let section = sidecar_relay::config::DeviceLoginSection {
+        expires_in_secs: 3,
+        interval_secs: 1,
+        max_pending_per_source: 5,
+        ..Default::default()
+    };
+    let relay = Relay::start_configured(
+        plan(Some(IPV4_POOL)),
+        api::DeviceLogin::new(section, Some("https://relay.example:8443".into())),
+    )
+    .await;
+    let client = relay.client();
+    let admin = Some(relay.admin.as_str());
+    let (_, tenant) = relay.token(1, 0, None).await;
+    let poll = |code: &str| json!({"device_code": code});
+
+    let bad = client
+        .post(
+            "/v1/device/authorize",
+            None,
+            json!({"scope": "peers:add root"}),
+        )
+        .await
+        .error(400, "invalid_scope");
+    assert!(bad.message.contains("root"), "{bad:?}");
+
+    // The RFC's form body, with a client_id the relay does not need.
+    let r = post_form(
+        &client,
+        "/v1/device/authorize",
+        "client_id=sidecar-agent&scope=peers%3Aadd+peers%3Aread",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let a = r.json();
+    let (device_code, user_code) = (
+        a["device_code"].as_str().unwrap().to_owned(),
+        a["user_code"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(device_code.len(), 43, "{a}");
+    assert_eq!(user_code.len(), 9, "{a}");
+    assert!(user_code.bytes().enumerate().all(|(i, b)| if i == 4 {
+        b == b'-'
+    } else {
+        b"BCDFGHJKLMNPQRSTVWXZ".contains(&b)
+    }));
+    assert_eq!(a["verification_uri"], "https://relay.example:8443/device");
+    assert_eq!(
+        a["verification_uri_complete"],
+        format!("https://relay.example:8443/device?code={user_code}")
+    );
+    assert_eq!(
+        (a["expires_in"].as_u64(), a["interval"].as_u64()),
+        (Some(3), Some(1))
+    );
+
+    let expiring: Value = client
+        .post("/v1/device/authorize", None, json!({}))
+        .await
+        .json();
+    let slow: Value = client
+        .post("/v1/device/authorize", None, json!({}))
+        .await
+        .json();
+    let denied: Value = client
+        .post("/v1/device/authorize", None, json!({}))
+        .await
+        .json();
+    let started = std::time::Instant::now();
+
+    client
+        .post("/v1/device/token", None, poll(&device_code))
+        .await
+        .error(428, "authorization_pending");
+    let slow_code = slow["device_code"].as_str().unwrap();
+    client
+        .post("/v1/device/token", None, poll(slow_code))
+        .await
+        .error(428, "authorization_pending");
+    let err = client
+        .post("/v1/device/token", None, poll(slow_code))
+        .await
+        .error(429, "slow_down");
+    assert!(
+        err.message.contains("6 s"),
+        "the interval grew by 5 s: {err:?}"
+    );
+    client
+        .post(
+            "/v1/device/token",
+            None,
+            json!({"device_code": device_code, "grant_type": "password"}),
+        )
+        .await
+        .error(400, "unsupported_grant_type");
+    client
+        .post("/v1/device/token", None, poll("no-such-code"))
+        .await
+        .error(400, "invalid_grant");
+
+    // The operator's side: admin only, the code in any case and without the dash.
+    let typed = user_code.replace('-', "").to_lowercase();
+    let view_path = format!("/v1/admin/device/{typed}");
+    client
+        .get(&view_path, None)
+        .await
+        .error(401, "unauthorized");
+    client
+        .get(&view_path, Some(&tenant))
+        .await
+        .error(403, "insufficient_scope");
+    let view = client.get(&view_path, admin).await.json();
+    assert_eq!(view["user_code"], user_code.as_str());
+    assert_eq!(view["state"], "pending");
+    assert_eq!(view["scopes"], json!(["peers:read", "peers:add"]));
+    assert_eq!(view["source"], "127.0.0.1");
+    assert_eq!(
+        view["expires"].as_u64().unwrap() - view["created"].as_u64().unwrap(),
+        3
+    );
+    client
+        .post(
+            &format!("/v1/admin/device/{user_code}/approve"),
+            Some(&tenant),
+            json!({}),
+        )
+        .await
+        .error(403, "insufficient_scope");
+    let r = client
+        .post(
+            &format!("/v1/admin/device/{user_code}/approve"),
+            admin,
+            json!({"name": "bad\u{0007}name"}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    let approve = json!({"name": "ci-runner", "max_peers": 2, "bind_machine": false});
+    let r = client
+        .post(
+            &format!("/v1/admin/device/{user_code}/approve"),
+            admin,
+            approve.clone(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["state"], "approved");
+    client
+        .post(
+            &format!("/v1/admin/device/{user_code}/approve"),
+            admin,
+            approve,
+        )
+        .await
+        .error(409, "conflict");
+    let r = client
+        .raw(
+            "POST",
+            &format!(
+                "/v1/admin/device/{}/deny",
+                denied["user_code"].as_str().unwrap()
+            ),
+            &[("Authorization", format!("Bearer {}", relay.admin))],
+            b"",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["state"], "denied");
+    client
+        .post(
+            "/v1/device/token",
+            None,
+            poll(denied["device_code"].as_str().unwrap()),
+        )
+        .await
+        .error(400, "access_denied");
+
+    // Collected once, as the RFC's form body, after the interval.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let form = format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code&device_code={device_code}"
+    );
+    let r = post_form(&client, "/v1/device/token", &form).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let issued = r.json();
+    assert_eq!(issued["token_type"], "bearer");
+    assert_eq!(issued["scope"], "peers:read peers:add");
+    let token = issued["access_token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("sct_live_"), "{issued}");
+    let status: Status = client.get("/v1/status", Some(&token)).await.parse();
+    assert_eq!(status.name, "ci-runner");
+    assert_eq!(status.limits.max_peers, 2, "the approval's limit");
+    assert_eq!(status.limits.max_ipv4, 0, "[device_login]'s default");
+    let r = client
+        .post("/v1/peers", Some(&token), register_body(&new_key(), false))
+        .await;
+    assert_eq!(r.status, 201, "the device token registers: {r:?}");
+    client
+        .post(
+            "/v1/admin/tokens",
+            Some(&token),
+            json!({"name": "x", "max_peers": 1, "max_ipv4": 0}),
+        )
+        .await
+        .error(403, "insufficient_scope");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client
+        .post("/v1/device/token", None, poll(&device_code))
+        .await
+        .error(400, "invalid_grant");
+    client.get(&view_path, admin).await.error(404, "not_found");
+
+    // Three logins still wait from this address (the collected one is gone); two
+    // more fill its five, and a sixth is refused until one ends.
+    for _ in 0..2 {
+        let r = client.post("/v1/device/authorize", None, json!({})).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    client
+        .post("/v1/device/authorize", None, json!({}))
+        .await
+        .error(429, "rate_limited");
+
+    // Past the lifetime: expired for the client and for the operator.
+    if let Some(left) = Duration::from_secs(3).checked_sub(started.elapsed()) {
+        tokio::time::sleep(left + Duration::from_millis(100)).await;
+    }
+    client
+        .post(
+            "/v1/device/token",
+            None,
+            poll(expiring["device_code"].as_str().unwrap()),
+        )
+        .await
+        .error(400, "expired_token");
+    client
+        .post(
+            &format!(
+                "/v1/admin/device/{}/approve",
+                expiring["user_code"].as_str().unwrap()
+            ),
+            admin,
+            json!({}),
+        )
+        .await
+        .error(410, "expired_token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -51,7 +51,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub(crate) const ALL: [DropReason; 16] = [
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::Unauthenticated,

@@ -52,6 +52,8 @@ pub struct Peer {
     pub(crate) last_sent_ns: AtomicU64,
     /// When the latest handshake completed (device clock, ns + 1; 0 = never).
     pub(crate) last_handshake_ns: AtomicU64,
+    /// Handshakes completed with this peer since it was added.
+    pub(crate) handshakes: AtomicU64,
     /// Set when a keepalive (and so a handshake, if needed) should go out at the next
     /// timer run.
     pub(crate) kick: AtomicBool,
@@ -80,6 +82,7 @@ impl Peer {
             endpoint: RwLock::new(None),
             last_sent_ns: AtomicU64::new(0),
             last_handshake_ns: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
             kick: AtomicBool::new(false),
             releasing: AtomicBool::new(false),
             rx_bytes: AtomicU64::new(0),
@@ -122,6 +125,7 @@ impl Peer {
     pub(crate) fn note_handshake(&self, now_ns: u64) {
         self.last_handshake_ns
             .store(now_ns.saturating_add(1), Ordering::Relaxed);
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether an initiation stamped `stamp` is newer than the latest one accepted
@@ -148,6 +152,11 @@ impl Peer {
 
     pub fn tx_bytes(&self) -> u64 {
         self.tx_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes completed with this peer since it was added (each one confirmed).
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes.load(Ordering::Relaxed)
     }
 
     pub fn rx_dropped_source(&self) -> u64 {

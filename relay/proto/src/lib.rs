@@ -19,6 +19,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 use sidecar::{Endpoint, Key};
 
+pub mod device;
 mod host;
 pub mod pin;
 pub mod pq;
@@ -33,8 +34,11 @@ pub const TOKEN_PREFIX: &str = "sct_live_";
 pub mod codes {
     /// 401: missing, malformed, unknown or revoked bearer token.
     pub const UNAUTHORIZED: &str = "unauthorized";
-    /// 403: the token is valid but lacks the admin scope.
+    /// 403: the request is not allowed for reasons other than the token's scopes.
     pub const FORBIDDEN: &str = "forbidden";
+    /// 403: the token is valid but lacks the scope the route needs (named in the
+    /// message and in the `WWW-Authenticate` challenge, as RFC 6750 section 3.1 says).
+    pub const INSUFFICIENT_SCOPE: &str = "insufficient_scope";
     /// 403: registering would exceed the token's `max_peers` or `max_ipv4`.
     pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
     /// 404: no such route, peer or token.
@@ -73,6 +77,22 @@ pub mod codes {
     pub const MACHINE_MISMATCH: &str = "machine_mismatch";
     /// 403: the token is bound to a machine and the registration named none.
     pub const MACHINE_REQUIRED: &str = "machine_required";
+    /// 400: a device login asked for a scope that does not exist.
+    pub const INVALID_SCOPE: &str = "invalid_scope";
+    /// 428: the device login is not decided yet; poll again after the interval.
+    pub const AUTHORIZATION_PENDING: &str = "authorization_pending";
+    /// 429: polled faster than the interval, which has now grown by 5 seconds.
+    pub const SLOW_DOWN: &str = "slow_down";
+    /// 400: the device code expired; start over.
+    pub const EXPIRED_TOKEN: &str = "expired_token";
+    /// 400: the operator denied the device login.
+    pub const ACCESS_DENIED: &str = "access_denied";
+    /// 400: the device code is unknown or was already used.
+    pub const INVALID_GRANT: &str = "invalid_grant";
+    /// 400: a `grant_type` other than the device code grant.
+    pub const UNSUPPORTED_GRANT_TYPE: &str = "unsupported_grant_type";
+    /// 503: too many device logins are waiting for an operator.
+    pub const DEVICE_LOGINS_FULL: &str = "device_logins_full";
 }
 
 /// `POST /v1/peers`: register a WireGuard public key and get addresses for it.
@@ -324,6 +344,57 @@ pub struct DeletePeer {
     pub pubkey: Key,
 }
 
+/// What a token may do; every authenticated route needs one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Scope {
+    /// Read the token's own peers and status.
+    #[serde(rename = "peers:read")]
+    PeersRead,
+    /// Register and remove the token's own peers (and read its machine key).
+    #[serde(rename = "peers:add")]
+    PeersAdd,
+    /// Manage tokens and approve device logins; see every peer. Implies
+    /// `peers:read` and `peers:add`.
+    #[serde(rename = "admin")]
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::PeersRead, Scope::PeersAdd, Scope::Admin];
+
+    /// The name on the wire, as in OAuth scope strings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::PeersRead => "peers:read",
+            Scope::PeersAdd => "peers:add",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// `scopes` sorted and without repeats, so equal sets compare equal.
+    pub fn normalize(mut scopes: Vec<Scope>) -> Vec<Scope> {
+        scopes.sort();
+        scopes.dedup();
+        scopes
+    }
+
+    /// The space-separated form of `scopes` (RFC 6749 section 3.3).
+    pub fn join(scopes: &[Scope]) -> String {
+        scopes
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `POST /v1/admin/tokens` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -361,6 +432,11 @@ pub struct CreateToken {
     /// for CI runners and other hosts that are new machines each time.
     #[serde(default = "yes")]
     pub bind_machine: bool,
+    /// What the token may do, at least one; left out: `peers:read` and `peers:add`,
+    /// what an agent needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
+    pub scopes: Option<Vec<Scope>>,
 }
 
 fn yes() -> bool {
@@ -428,6 +504,10 @@ pub struct UpdateToken {
     /// Applies to live peers at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolate_peers: Option<bool>,
+    /// Replaces the token's scopes (at least one); takes effect at its next request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
+    pub scopes: Option<Vec<Scope>>,
 }
 
 /// `DELETE /v1/admin/tokens` request.
@@ -489,8 +569,10 @@ pub struct Status {
 pub struct TokenInfo {
     pub id: String,
     pub name: String,
-    /// May manage tokens and sees every peer.
+    /// May manage tokens and sees every peer (it has the `admin` scope).
     pub admin: bool,
+    /// What the token may do, sorted.
+    pub scopes: Vec<Scope>,
     pub limits: Limits,
     pub usage: Usage,
     /// Peers of this token cannot reach each other through the relay.
@@ -789,6 +871,23 @@ mod tests {
                 ..create
             }),
             json!({"name": "n", "max_peers": 5, "max_ipv4": 1, "bandwidth_mbps": 100, "isolate_peers": true, "bind_machine": true})
+        );
+        let scoped: CreateToken = serde_json::from_str(
+            r#"{"name":"n","max_peers":5,"max_ipv4":1,"scopes":["peers:read","admin"]}"#,
+        )
+        .unwrap();
+        assert_eq!(scoped.scopes, Some(vec![Scope::PeersRead, Scope::Admin]));
+        assert!(serde_json::from_str::<CreateToken>(
+            r#"{"name":"n","max_peers":5,"max_ipv4":1,"scopes":["root"]}"#
+        )
+        .is_err());
+        assert_eq!(
+            Scope::join(&Scope::normalize(vec![
+                Scope::Admin,
+                Scope::PeersAdd,
+                Scope::Admin
+            ])),
+            "peers:add admin"
         );
         let created = CreatedToken {
             id: "i".into(),

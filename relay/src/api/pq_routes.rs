@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use sidecar_proto::{codes, ApiError, MachineKey, PqGrant, PqInfo, RegisterRequest, UnbindMachine};
 
-use super::{Admin, ApiJson, ApiState, Caller, ErrorResponse};
+use super::{Admin, ApiJson, ApiState, ErrorResponse, PeersAdder};
 use crate::store::{PeerRecord, RegisterExtras, StoreError};
 
 /// The post-quantum and machine fields of a registration, checked.
@@ -116,16 +116,17 @@ pub(super) async fn pq_info(
 #[utoipa::path(
     get, path = "/v1/machine", tag = "relay",
     summary = "The calling token's machine key and binding",
-    security(("bearer" = [])),
+    security(("bearer" = ["peers:add"])),
     responses(
         (status = 200, description = "Fingerprint the host with this key", body = MachineKey),
         (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the peers:add scope", body = ApiError),
         (status = 404, description = "This relay does not bind tokens to machines", body = ApiError),
     ),
 )]
 pub(super) async fn machine_key(
     State(state): State<Arc<ApiState>>,
-    Caller(token): Caller,
+    PeersAdder(token): PeersAdder,
 ) -> Result<Json<MachineKey>, ErrorResponse> {
     let keys = state.machine_keys().ok_or_else(|| {
         ErrorResponse::new(
@@ -144,13 +145,17 @@ pub(super) async fn machine_key(
 #[utoipa::path(
     post, path = "/v1/admin/tokens/unbind-machine", tag = "admin",
     summary = "Forget the machine a token is bound to; its next registration binds it again",
-    security(("bearer" = [])),
+    security(("bearer" = ["admin"])),
     request_body = UnbindMachine,
     responses(
         (status = 204, description = "Unbound"),
+        (status = 400, description = "Malformed JSON", body = ApiError),
         (status = 401, description = "Missing or invalid token", body = ApiError),
-        (status = 403, description = "Not an admin token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
         (status = 404, description = "No such token", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 415, description = "Body is not application/json", body = ApiError),
+        (status = 422, description = "Missing or invalid field", body = ApiError),
     ),
 )]
 pub(super) async fn unbind_machine(

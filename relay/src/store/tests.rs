@@ -1137,3 +1137,106 @@ async fn the_pq_counter_moves_on_with_each_ciphertext_and_none_clears_it() {
         (Some("ct3"), 3)
     );
 }
+
+#[test]
+fn tokens_stored_before_scopes_keep_what_they_could_do() {
+    // A record as the store wrote it before scopes existed: no `scopes` field.
+    let legacy = |admin: bool| -> TokenRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": "tok_000000000001", "name": "old", "max_peers": 1, "max_ipv4": 0,
+            "bandwidth_mbps": null, "admin": admin, "created": 1
+        }))
+        .unwrap()
+    };
+    assert_eq!(legacy(false).scopes, None);
+    assert_eq!(
+        legacy(false).scopes(),
+        vec![Scope::PeersRead, Scope::PeersAdd]
+    );
+    assert!(!legacy(false).has_scope(Scope::Admin));
+    assert_eq!(legacy(true).scopes(), Scope::ALL.to_vec());
+    // And such a record is written back without the field, as before.
+    assert!(serde_json::to_value(legacy(true))
+        .unwrap()
+        .get("scopes")
+        .is_none());
+}
+
+#[tokio::test]
+async fn scopes_are_stored_changed_and_kept_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader_id, reader_secret, ops_id) = {
+        let store = Store::open(dir.path(), plan()).unwrap();
+        let (reader, secret) = store
+            .create_scoped_token(
+                TokenSpec::tenant("reader", 1, 0),
+                false,
+                Some(vec![Scope::PeersRead, Scope::PeersRead]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(reader.scopes(), vec![Scope::PeersRead]);
+        assert!(!reader.admin);
+        let err = store
+            .create_scoped_token(TokenSpec::tenant("none", 1, 0), false, Some(vec![]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+
+        let (ops, _) = store
+            .create_scoped_token(
+                TokenSpec::tenant("ops", 1, 0),
+                false,
+                Some(vec![Scope::Admin]),
+            )
+            .await
+            .unwrap();
+        assert!(ops.admin, "the admin flag follows the admin scope");
+        assert!(
+            ops.has_scope(Scope::PeersRead) && ops.has_scope(Scope::PeersAdd),
+            "admin implies the agent's scopes"
+        );
+        assert!(!reader.has_scope(Scope::PeersAdd) && !reader.has_scope(Scope::Admin));
+
+        let changed = store
+            .update_token(
+                &reader.id,
+                TokenChange {
+                    scopes: Some(vec![Scope::PeersAdd, Scope::PeersRead]),
+                    ..TokenChange::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(changed.scopes(), vec![Scope::PeersRead, Scope::PeersAdd]);
+        let err = store
+            .update_token(
+                &reader.id,
+                TokenChange {
+                    scopes: Some(vec![]),
+                    ..TokenChange::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+        let demoted = store
+            .update_token(
+                &ops.id,
+                TokenChange {
+                    scopes: Some(vec![Scope::PeersRead]),
+                    ..TokenChange::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!demoted.admin, "taking the admin scope clears the flag");
+        (reader.id, secret, ops.id)
+    };
+    let store = Store::open(dir.path(), plan()).unwrap();
+    let reader = store.authenticate(&reader_secret).unwrap().unwrap();
+    assert_eq!(reader.id, reader_id);
+    assert_eq!(reader.scopes(), vec![Scope::PeersRead, Scope::PeersAdd]);
+    let ops = store.token(&ops_id).unwrap().unwrap();
+    assert_eq!((ops.admin, ops.scopes()), (false, vec![Scope::PeersRead]));
+}
