@@ -42,6 +42,7 @@ use sidecar_proto::{
 mod canary_route;
 mod common_responses;
 mod device_routes;
+mod discovery_routes;
 mod pq_routes;
 mod scopes;
 pub use device_routes::DeviceLogin;
@@ -90,6 +91,8 @@ pub struct ApiState {
     machine_keys: Option<Arc<MachineKeys>>,
     /// Where the signed warrant canary is (`GET /v1/canary`).
     canary: Option<PathBuf>,
+    /// The relay's public URL and pin, for `/.well-known/` and the 401 challenge.
+    discovery: Option<Arc<crate::discovery::Discovery>>,
     /// When each token last authenticated (Unix seconds), since this start. Only
     /// valid tokens get an entry, so it is bounded by the number of tokens.
     last_used: parking_lot::Mutex<foldhash::HashMap<String, u64>>,
@@ -110,6 +113,7 @@ impl ApiState {
             prober: None,
             machine_keys: None,
             canary: None,
+            discovery: None,
             last_used: Default::default(),
             device: DeviceLogin::default(),
         }
@@ -161,6 +165,14 @@ impl ApiState {
     /// the verification URL from each request's `Host`).
     pub fn with_device_login(self, device: DeviceLogin) -> ApiState {
         ApiState { device, ..self }
+    }
+
+    /// Serves the discovery documents and names the resource metadata in every 401.
+    pub fn with_discovery(self, discovery: crate::discovery::Discovery) -> ApiState {
+        ApiState {
+            discovery: Some(Arc::new(discovery)),
+            ..self
+        }
     }
 
     /// Answers by-container's `externally_reachable` with `prober`.
@@ -918,6 +930,7 @@ async fn not_found(uri: Uri) -> ErrorResponse {
         (name = "peers", description = "WireGuard peers and their addresses"),
         (name = "device", description = "Device login (RFC 8628): ask for a token, an admin approves it"),
         (name = "admin", description = "Token management and device approvals (admin tokens only)"),
+        (name = "discovery", description = "Documents for automated installers and OAuth clients"),
     ),
 )]
 struct ApiDoc;
@@ -972,6 +985,10 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(device_routes::approve))
         .routes(routes!(device_routes::deny))
         .routes(routes!(openapi_json))
+        .routes(routes!(discovery_routes::authorization_server))
+        .routes(routes!(discovery_routes::protected_resource))
+        .routes(routes!(discovery_routes::onboarding))
+        .routes(routes!(discovery_routes::agent_card))
 }
 
 /// The control API with all its middleware and the default [`ApiLimits`], ready for
@@ -1008,7 +1025,7 @@ pub fn router_with_metrics(
             limits.requests.clone(),
             limits::enforce,
         ))
-        .layer(middleware::from_fn(outcome))
+        .layer(middleware::from_fn_with_state(state.clone(), outcome))
         .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(state)
 }
@@ -1041,7 +1058,7 @@ async fn count(State(metrics): State<Arc<ApiMetrics>>, mut req: Request, next: N
 
 /// Outermost layer: gives every error the JSON shape and the bearer challenge,
 /// and logs one line per request (never the token secret, only its id).
-async fn outcome(mut req: Request, next: Next) -> Response {
+async fn outcome(State(state): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let slot = TokenSlot::default();
@@ -1051,9 +1068,11 @@ async fn outcome(mut req: Request, next: Next) -> Response {
     let mut response = json_errors(next.run(req).await).await;
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED {
-        response
-            .headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_CHALLENGE));
+        let challenge = state.discovery.as_ref().map_or_else(
+            || HeaderValue::from_static(BEARER_CHALLENGE),
+            |d| d.challenge().clone(),
+        );
+        response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
     }
 
     let token_id = slot.0.get().map_or("-", String::as_str);

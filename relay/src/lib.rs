@@ -6,6 +6,7 @@ pub mod canary;
 pub mod config;
 pub mod dataplane;
 pub mod device;
+pub mod discovery;
 pub mod install;
 pub mod limits;
 pub mod machine;

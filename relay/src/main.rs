@@ -442,7 +442,15 @@ async fn run(config_path: Option<&Path>, data_dir: &Path) -> Result<()> {
         .with_device_login(api::DeviceLogin::new(
             config.device_login.clone(),
             Some(api_url(&config)),
-        )),
+        ))
+        .with_discovery(
+            sidecar_relay::discovery::Discovery::new(
+                &api_url(&config),
+                &setup.identity.pin()?,
+                env!("CARGO_PKG_VERSION"),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
     );
     let listener = std::net::TcpListener::bind(config.api.listen)
         .with_context(|| format!("cannot listen on {} for the control API", config.api.listen))?;

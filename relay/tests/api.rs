@@ -1041,6 +1041,10 @@ async fn openapi_document_is_generated_for_every_route() {
         ("/v1/admin/device/{user_code}/approve", &["post"]),
         ("/v1/admin/device/{user_code}/deny", &["post"]),
         ("/api/openapi.json", &["get"]),
+        ("/.well-known/oauth-authorization-server", &["get"]),
+        ("/.well-known/oauth-protected-resource", &["get"]),
+        ("/.well-known/agent-onboarding.json", &["get"]),
+        ("/.well-known/agent-card.json", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
     assert_eq!(
@@ -1064,6 +1068,7 @@ async fn openapi_document_is_generated_for_every_route() {
                     | "/v1/device/token",
                     _,
                 ) => None,
+                (p, _) if p.starts_with("/.well-known/") => None,
                 ("/v1/status" | "/v1/peers/by-container/{id}", _) | ("/v1/peers", "get") => {
                     Some("peers:read")
                 }

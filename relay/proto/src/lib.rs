@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sidecar::{Endpoint, Key};
 
 pub mod device;
+pub mod discovery;
 mod host;
 pub mod pin;
 pub mod pq;
