@@ -39,7 +39,12 @@ fn every_answer_of_the_relay_matches_its_openapi_document() {
 
     let scratch = TempDir::new();
     let mut cmd = topo.router.program(&bin);
-    cmd.arg("run")
+    cmd.arg("--config-file")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/relay_api_conformance.toml"
+        ))
+        .arg("run")
         .arg(relay.url("/api/openapi.json"))
         // The relay's certificate is self-signed and pinned; schemathesis cannot pin,
         // and the connection never leaves the test's own namespaces.

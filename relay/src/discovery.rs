@@ -5,12 +5,12 @@
 //! the installer and compare its messages with the errors listed here.
 
 use axum::http::HeaderValue;
+use sidecar_proto::device::DEVICE_CODE_GRANT;
 use sidecar_proto::discovery::{
     AgentCapabilities, AgentCard, AgentInterface, AgentProvider, AgentSkill,
     AuthorizationServerMetadata, Onboarding, OnboardingCheck, OnboardingError, OnboardingFile,
     OnboardingRelay, OnboardingStep, OnboardingVariable, ProtectedResourceMetadata,
 };
-use sidecar_proto::device::DEVICE_CODE_GRANT;
 use sidecar_proto::Scope;
 
 pub const PROTECTED_RESOURCE_PATH: &str = "/.well-known/oauth-protected-resource";

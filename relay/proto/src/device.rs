@@ -10,14 +10,31 @@ use crate::Scope;
 /// The `grant_type` of a device token request (RFC 8628 section 3.4).
 pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
+/// An optional string field that, when present, must be a string: the form encoding
+/// has no null, so JSON gets none either and both bodies mean the same.
+fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
+
 /// `POST /v1/device/authorize` request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceAuthorizeRequest {
     /// Space-separated scopes the token should have (`peers:read`, `peers:add`,
     /// `admin`); left out: `peers:read peers:add`, what an agent needs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(example = "peers:add peers:read"))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_string"
+    )]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            example = "peers:add peers:read",
+            nullable = false,
+            pattern = "^((peers:read|peers:add|admin)( (peers:read|peers:add|admin))*)?$"
+        )
+    )]
     pub scope: Option<String>,
 }
 
@@ -69,9 +86,21 @@ impl fmt::Debug for DeviceAuthorization {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceTokenRequest {
     /// Must be `urn:ietf:params:oauth:grant-type:device_code` when given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_string"
+    )]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            nullable = false,
+            pattern = "^urn:ietf:params:oauth:grant-type:device_code$"
+        )
+    )]
     pub grant_type: Option<String>,
     /// The `device_code` from `/v1/device/authorize`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_-]{43}$"))]
     pub device_code: String,
 }
 
@@ -144,13 +173,36 @@ pub struct DeviceLoginView {
 pub struct ApproveDevice {
     /// The token's name; left out: `device-XXXX-XXXX`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u200b-\\u200f\\u202a-\\u202e\\u2060-\\u2064\\u2066-\\u2069\\ufeff]+$"
+        )
+    )]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub max_peers: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub max_ipv4: Option<u32>,
     /// Per-peer cap in Mbit/s; 0: none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole_number::option_u32"
+    )]
+    #[cfg_attr(feature = "openapi", schema(format = Int64, maximum = 4294967295_u64))]
     pub bandwidth_mbps: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolate_peers: Option<bool>,
