@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh Debian machine with a Rust toolchain: installs the
 # tools the end-to-end tests drive (wireguard-go, wg, iperf3, nftables, iproute2, ping,
 # curl, Docker, gVisor's runsc, setpriv, sysctl, openssl, jq, systemd-analyze,
-# shellcheck), checks formatting and lints, then runs every test in the workspace. A test
+# shellcheck, chromium and chromedriver for the web page test), checks formatting and lints, then runs every test in the workspace. A test
 # whose tool is missing fails; none skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,8 @@ for tool in wireguard-go:wireguard-go wg:wireguard-tools wg-quick:wireguard-tool
             ip:iproute2 ping:iputils-ping curl:curl dockerd:docker.io nsenter:util-linux \
             setpriv:util-linux sysctl:procps ss:iproute2 timeout:coreutils \
             systemd-analyze:systemd shellcheck:shellcheck sha256sum:coreutils \
-            unshare:util-linux runsc:runsc openssl:openssl jq:jq base64:coreutils; do
+            unshare:util-linux runsc:runsc openssl:openssl jq:jq base64:coreutils \
+            chromium:chromium chromedriver:chromium-driver; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
