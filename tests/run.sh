@@ -2,8 +2,8 @@
 # The whole test suite, from a fresh Debian machine with a Rust toolchain: installs the
 # tools the end-to-end tests drive (wireguard-go, wg, iperf3, nftables, iproute2, ping,
 # curl, Docker, gVisor's runsc, setpriv, sysctl, openssl, jq, systemd-analyze,
-# shellcheck, chromium and chromedriver for the web page test), checks formatting and lints, then runs every test in the workspace. A test
-# whose tool is missing fails; none skips.
+# shellcheck, chromium and chromedriver), checks formatting and lints, then runs every
+# test in the workspace. A test whose tool is missing fails; none skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
