@@ -114,6 +114,24 @@ fn operator_signs_in_manages_tokens_and_watches_a_peer() {
         "the unticked box: {made}"
     );
     assert_eq!(made["limits"]["bandwidth_mbps"], json!(50), "{made}");
+    // Scopes are shown, and offered when creating, exactly when the relay has them.
+    match made["scopes"].as_array() {
+        Some(scopes) => {
+            let mut words: Vec<&str> = scopes.iter().filter_map(Value::as_str).collect();
+            assert_eq!(browser.text(&format!("{row} .scopes")), words.join(" "));
+            assert!(browser.is_visible("#create-scopes"));
+            words.sort_unstable();
+            assert_eq!(
+                words,
+                ["peers:add", "peers:read"],
+                "the boxes ticked by default"
+            );
+        }
+        None => {
+            assert!(!browser.is_visible(&format!("{row} .scopes")));
+            assert!(!browser.is_visible("#create-scopes"));
+        }
+    }
     browser.click("#created-dismiss");
     assert!(browser.text("#created-secret").is_empty());
 

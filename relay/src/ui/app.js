@@ -11,6 +11,10 @@ const POLL_MS = 2000;
 
 const $ = (id) => document.getElementById(id);
 
+// Seconds the relay's clock is ahead of this browser's, from the `Date` of its last
+// answer, so "12 s ago" is measured on the relay's clock.
+let skew = 0;
+
 // ---- the API -------------------------------------------------------------------
 
 class ApiError extends Error {
@@ -34,6 +38,8 @@ async function api(method, path, body) {
   } catch (e) {
     throw new ApiError(0, "", `the relay did not answer (${e.message})`);
   }
+  const date = Date.parse(response.headers.get("Date") || "");
+  if (!Number.isNaN(date)) skew = (date - Date.now()) / 1000;
   const text = await response.text();
   let data = null;
   if (text) {
@@ -78,7 +84,7 @@ function timestamp(secs) {
 
 function ago(secs) {
   if (secs === undefined || secs === null) return "never";
-  const d = Math.max(0, Math.round(Date.now() / 1000 - secs));
+  const d = Math.max(0, Math.round(Date.now() / 1000 + skew - secs));
   if (d < 60) return `${d} s ago`;
   if (d < 3600) return `${Math.floor(d / 60)} min ${d % 60} s ago`;
   if (d < 86400) return `${Math.floor(d / 3600)} h ${Math.floor((d % 3600) / 60)} min ago`;
@@ -130,9 +136,13 @@ function optionalNumber(id) {
 
 let current = null;
 let pollTimer = null;
+// Bumped on every change of view: an answer that arrives for an earlier view (or
+// after sign-out) is dropped instead of drawn or polled again.
+let generation = 0;
 
 function show(view) {
   current = view;
+  generation += 1;
   for (const section of document.querySelectorAll(".view")) {
     section.hidden = section.id !== `view-${view}`;
   }
@@ -216,13 +226,15 @@ function stopPolling() {
 
 async function pollPeers() {
   stopPolling();
+  const gen = generation;
   try {
     const data = await api("GET", "/v1/peers");
+    if (gen !== generation) return;
     showError("peers-error", null);
     renderPeers(data.peers || []);
     $("peers-updated").textContent = `Last update ${new Date().toLocaleTimeString("en-GB")}.`;
   } catch (e) {
-    if (handleAuth(e)) return;
+    if (gen !== generation || handleAuth(e)) return;
     showError("peers-error", e);
   }
   if (current === "peers" && signedIn()) pollTimer = setTimeout(pollPeers, POLL_MS);
@@ -273,8 +285,10 @@ function renderPeers(peers) {
 // ---- tokens --------------------------------------------------------------------
 
 async function loadTokens() {
+  const gen = generation;
   try {
     const data = await api("GET", "/v1/admin/tokens");
+    if (gen !== generation) return;
     showError("tokens-error", null);
     renderTokens(data.tokens || []);
   } catch (e) {
