@@ -2,18 +2,18 @@
 # The whole test suite, from a fresh Debian machine with a Rust toolchain: installs the
 # tools the end-to-end tests drive (wireguard-go, wg, iperf3, nftables, iproute2, ping,
 # curl, Docker, gVisor's runsc, setpriv, sysctl, openssl, jq, systemd-analyze,
-# shellcheck, chromium and chromedriver), checks formatting and lints, then runs every
-# test in the workspace. A test whose tool is missing fails; none skips.
+# shellcheck), checks formatting and lints, then runs every test in the workspace. A test
+# whose tool is missing fails; none skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 for tool in wireguard-go:wireguard-go wg:wireguard-tools wg-quick:wireguard-tools iperf3:iperf3 nft:nftables \
             ip:iproute2 ping:iputils-ping curl:curl dockerd:docker.io nsenter:util-linux \
+            chromium:chromium chromedriver:chromium-driver \
             setpriv:util-linux sysctl:procps ss:iproute2 timeout:coreutils \
             systemd-analyze:systemd shellcheck:shellcheck sha256sum:coreutils \
-            unshare:util-linux runsc:runsc openssl:openssl jq:jq base64:coreutils \
-            chromium:chromium chromedriver:chromium-driver; do
+            unshare:util-linux runsc:runsc openssl:openssl jq:jq base64:coreutils; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
