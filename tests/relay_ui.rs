@@ -235,6 +235,13 @@ fn operator_signs_in_manages_tokens_and_watches_a_peer() {
     browser.goto(&relay.url("/ui"));
     browser.wait_visible("#signin-token");
     assert!(!browser.is_visible("#nav"));
+
+    // Following the device link while signed out: sign in first, then the approval
+    // view opens with the code still filled in.
+    browser.goto(&relay.url(&format!("/device?code={code}")));
+    sign_in(&browser, &admin);
+    browser.wait_visible("#view-device");
+    assert_eq!(browser.value("#device-code"), code);
 }
 
 #[test]

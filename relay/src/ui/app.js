@@ -306,7 +306,8 @@ function renderTokens(tokens) {
   const rows = tokens.map((t) => {
     const tr = el("tr");
     tr.dataset.id = t.id;
-    const kind = t.admin ? " (admin)" : "";
+    // Relays without scopes mark admin tokens by this flag alone.
+    const kind = t.admin && !scoped ? " (admin)" : "";
     const revoke = el("button", "Revoke", "danger revoke");
     revoke.type = "button";
     revoke.addEventListener("click", () => revokeToken(t, revoke));
