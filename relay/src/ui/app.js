@@ -392,21 +392,27 @@ function devicePath(suffix) {
   return `/v1/admin/device/${encodeURIComponent(deviceCode())}${suffix}`;
 }
 
+// The login as the relay last described it (GET, approve and deny all answer it).
+function renderDevice(login) {
+  const scopes = Array.isArray(login.scopes) ? login.scopes.join(" ") : login.scope;
+  $("device-show-code").textContent = login.user_code || deviceCode();
+  $("device-scope").textContent = scopes || "(none)";
+  $("device-state").textContent = login.state || "";
+  $("device-source").textContent = login.source || "";
+  $("device-created").textContent = timestamp(login.created);
+  $("device-expires").textContent = timestamp(login.expires);
+  // Only a pending login can still be decided.
+  $("device-approve-form").hidden = login.state !== undefined && login.state !== "pending";
+  $("device-request").hidden = false;
+}
+
 async function lookUpDevice(event) {
   if (event) event.preventDefault();
   showError("device-error", null);
   $("device-result").hidden = true;
   $("device-request").hidden = true;
   try {
-    const req = await api("GET", devicePath(""));
-    const scope = Array.isArray(req.scope) ? req.scope.join(" ") : req.scope;
-    $("device-show-code").textContent = req.user_code || deviceCode();
-    $("device-scope").textContent = scope || "(none)";
-    $("device-created").textContent = timestamp(req.created);
-    $("device-expires").textContent = req.expires !== undefined
-      ? timestamp(req.expires)
-      : `in ${req.expires_in} s`;
-    $("device-request").hidden = false;
+    renderDevice(await api("GET", devicePath("")));
   } catch (e) {
     if (handleAuth(e)) return;
     showError("device-error", e);
@@ -415,30 +421,28 @@ async function lookUpDevice(event) {
 
 async function decideDevice(approve) {
   showError("device-error", null);
+  $("device-result").hidden = true;
+  // Every field is optional: what is left out comes from the relay's defaults, and
+  // no field at all sends no body.
   let body;
   if (approve) {
-    const limits = {};
-    const maxPeers = optionalNumber("device-max-peers");
-    const maxIpv4 = optionalNumber("device-max-ipv4");
-    const bandwidth = optionalNumber("device-bandwidth");
-    if (maxPeers !== undefined) limits.max_peers = maxPeers;
-    if (maxIpv4 !== undefined) limits.max_ipv4 = maxIpv4;
-    if (bandwidth !== undefined) limits.bandwidth_mbps = bandwidth;
-    const name = $("device-name").value.trim();
-    if (name || Object.keys(limits).length) {
-      body = {};
-      if (name) body.name = name;
-      if (Object.keys(limits).length) body.limits = limits;
-    }
+    const fields = {
+      name: $("device-name").value.trim() || undefined,
+      max_peers: optionalNumber("device-max-peers"),
+      max_ipv4: optionalNumber("device-max-ipv4"),
+      bandwidth_mbps: optionalNumber("device-bandwidth"),
+    };
+    const given = Object.entries(fields).filter(([, v]) => v !== undefined);
+    if (given.length) body = Object.fromEntries(given);
   }
   try {
-    const answer = await api("POST", devicePath(approve ? "/approve" : "/deny"), body);
-    $("device-request").hidden = true;
+    const login = await api("POST", devicePath(approve ? "/approve" : "/deny"), body);
+    if (login) renderDevice(login);
+    const code = (login && login.user_code) || deviceCode();
     const result = $("device-result");
-    const id = answer && answer.id ? ` as token ${answer.id}` : "";
     result.textContent = approve
-      ? `Approved ${deviceCode()}${id}: the device receives its token at its next poll.`
-      : `Denied ${deviceCode()}: the device is told so at its next poll.`;
+      ? `Approved ${code}: the device receives its token at its next poll.`
+      : `Denied ${code}: the device is told so at its next poll.`;
     result.hidden = false;
   } catch (e) {
     if (handleAuth(e)) return;
