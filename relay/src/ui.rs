@@ -84,6 +84,14 @@ mod tests {
         assert_eq!(INDEX_HTML.matches("<script").count(), 1);
         assert!(!INDEX_HTML.contains("style="));
         assert!(!INDEX_HTML.contains(" onclick=") && !INDEX_HTML.contains(" onsubmit="));
+        let field = INDEX_HTML
+            .lines()
+            .find(|l| l.contains(r#"id="signin-token""#))
+            .expect("the token field");
+        assert!(
+            !field.contains("name="),
+            "a named token field could be submitted: {field}"
+        );
         for file in [INDEX_HTML, APP_JS, APP_CSS] {
             assert!(!file.contains("http://") && !file.contains("https://"));
         }
