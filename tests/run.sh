@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in wireguard-go:wireguard-go wg:wireguard-tools wg-quick:wireguard-tools iperf3:iperf3 nft:nftables \
             ip:iproute2 ping:iputils-ping curl:curl dockerd:docker.io nsenter:util-linux \
+            chromium:chromium chromedriver:chromium-driver \
             setpriv:util-linux sysctl:procps ss:iproute2 timeout:coreutils \
             systemd-analyze:systemd shellcheck:shellcheck sha256sum:coreutils \
             unshare:util-linux runsc:runsc openssl:openssl jq:jq base64:coreutils \

@@ -1018,6 +1018,7 @@ pub fn router_with_metrics(
     let doc = serde_json::to_vec(&doc).expect("the OpenAPI document serializes");
     router
         .merge(crate::install::routes())
+        .merge(crate::ui::routes())
         .fallback(not_found)
         .layer(Extension(OpenApiJson(Bytes::from(doc))))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

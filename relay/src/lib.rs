@@ -18,3 +18,4 @@ pub mod probe;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod ui;

@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod browser;
 pub mod docker;
 pub mod flood;
 pub mod netns;
