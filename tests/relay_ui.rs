@@ -292,3 +292,102 @@ fn the_page_is_served_with_strict_security_headers() {
     assert_eq!(r.status, 404, "{r:?}");
     assert_eq!(r.error(), "not_found");
 }
+
+/// `POST /v1/device/authorize` from `from` for `scope`, as `sidecar-agent login` does.
+fn authorize(relay: &Relay, from: &support::Netns, scope: &str) -> Value {
+    let r = relay.request(
+        from,
+        "POST",
+        "/v1/device/authorize",
+        None,
+        Some(&json!({ "scope": scope })),
+    );
+    assert_eq!(r.status, 200, "device authorize: {r:?}");
+    r.json
+}
+
+#[test]
+fn operator_approves_and_denies_device_logins_on_the_page() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let admin = relay.creds.admin_token.clone();
+    let browser = Browser::start(&topo.remote, "relay_ui_device");
+    let site = topo.client_site();
+
+    // The link the device prints opens the approval view, after sign-in, on its code.
+    let login = authorize(&relay, &site.ns, "peers:add peers:read");
+    let code = login["user_code"].as_str().expect("user_code").to_owned();
+    let link = login["verification_uri_complete"]
+        .as_str()
+        .expect("verification_uri_complete")
+        .to_owned();
+    assert!(link.ends_with(&format!("/device?code={code}")), "{link}");
+    browser.goto(&link);
+    sign_in(&browser, &admin);
+    browser.wait_visible("#view-device");
+    assert_eq!(browser.value("#device-code"), code);
+    browser.wait_text("#device-state", "a pending login", |t| t == "pending");
+    assert_eq!(browser.text("#device-show-code"), code);
+    let scopes = browser.text("#device-scope");
+    let mut words: Vec<&str> = scopes.split_whitespace().collect();
+    words.sort_unstable();
+    assert_eq!(words, ["peers:add", "peers:read"], "the scopes asked for");
+    assert!(!browser.text("#device-source").is_empty());
+    browser.screenshot("01-device-pending");
+
+    // Approve with a name: the device's next poll gets a token with that name and the
+    // scopes it asked for; the page shows the login approved, with nothing to decide.
+    browser.type_into("#device-name", "laptop");
+    browser.type_into("#device-max-peers", "4");
+    browser.click("#device-approve");
+    let result = browser.wait_text("#device-result", "the approval", |t| !t.is_empty());
+    assert!(result.starts_with(&format!("Approved {code}")), "{result}");
+    assert_eq!(browser.text("#device-state"), "approved");
+    assert!(!browser.is_visible("#device-approve"));
+    browser.screenshot("02-device-approved");
+    let poll = relay.request(
+        &site.ns,
+        "POST",
+        "/v1/device/token",
+        None,
+        Some(&json!({"device_code": login["device_code"]})),
+    );
+    assert_eq!(poll.status, 200, "the approved device's poll: {poll:?}");
+    let token = poll.json["access_token"].as_str().expect("access_token");
+    let status = relay.call(&site.ns, "GET", "/v1/status", token, None);
+    assert_eq!(status.status, 200, "{status:?}");
+    assert_eq!(status.json["name"], "laptop");
+    assert_eq!(status.json["limits"]["max_peers"], 4);
+
+    // Deny another: the device is told access_denied.
+    let login = authorize(&relay, &site.ns, "peers:read");
+    let code = login["user_code"].as_str().expect("user_code").to_owned();
+    browser.goto(&relay.url(&format!("/device?code={code}")));
+    browser.wait_text("#device-state", "a pending login", |t| t == "pending");
+    browser.click("#device-deny");
+    let result = browser.wait_text("#device-result", "the denial", |t| !t.is_empty());
+    assert!(result.starts_with(&format!("Denied {code}")), "{result}");
+    assert_eq!(browser.text("#device-state"), "denied");
+    let poll = relay.request(
+        &site.ns,
+        "POST",
+        "/v1/device/token",
+        None,
+        Some(&json!({"device_code": login["device_code"]})),
+    );
+    assert_eq!(poll.status, 400, "{poll:?}");
+    assert_eq!(poll.error(), "access_denied");
+
+    // An unknown code shows the API's error.
+    browser.type_into("#device-code", "BCDF-BCDF");
+    browser.click("#device-form button[type=submit]");
+    let expected = shown_error(&relay.call(
+        &topo.remote,
+        "GET",
+        "/v1/admin/device/BCDF-BCDF",
+        &admin,
+        None,
+    ));
+    browser.wait_text("#device-error", "the API's 404", |t| t == expected);
+}
