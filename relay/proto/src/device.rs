@@ -157,3 +157,40 @@ pub struct ApproveDevice {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_machine: Option<bool>,
 }
+
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414): where a client finds
+/// the device login endpoints of this relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuthorizationServerMetadata {
+    /// `https://HOST:PORT` of this relay.
+    #[cfg_attr(feature = "openapi", schema(format = "uri"))]
+    pub issuer: String,
+    #[cfg_attr(feature = "openapi", schema(format = "uri"))]
+    pub device_authorization_endpoint: String,
+    #[cfg_attr(feature = "openapi", schema(format = "uri"))]
+    pub token_endpoint: String,
+    /// Only the device code grant.
+    pub grant_types_supported: Vec<String>,
+    /// Empty: this relay has no authorization endpoint, only device login.
+    pub response_types_supported: Vec<String>,
+    /// `none`: device clients are public clients.
+    pub token_endpoint_auth_methods_supported: Vec<String>,
+    pub scopes_supported: Vec<Scope>,
+}
+
+/// `GET /.well-known/oauth-protected-resource` (RFC 9728): what the API accepts and
+/// where its tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProtectedResourceMetadata {
+    /// `https://HOST:PORT` of this relay.
+    #[cfg_attr(feature = "openapi", schema(format = "uri"))]
+    pub resource: String,
+    /// The issuers whose tokens the API takes: this relay.
+    pub authorization_servers: Vec<String>,
+    pub scopes_supported: Vec<Scope>,
+    /// `header`: `Authorization: Bearer sct_live_...` only.
+    pub bearer_methods_supported: Vec<String>,
+    pub resource_name: String,
+}
