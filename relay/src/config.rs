@@ -642,6 +642,26 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_with_the_default_device_login() {
+        let example: RelayConfig =
+            toml::from_str(include_str!("../../config/relay.toml.example")).unwrap();
+        example.validate().unwrap();
+        assert_eq!(example.device_login, DeviceLoginSection::default());
+        let settings = example.device_login.settings();
+        assert_eq!(settings, crate::device::DeviceSettings::default());
+    }
+
+    #[test]
+    fn device_login_timing_is_checked() {
+        let mut config = sample();
+        config.device_login.interval_secs = 0;
+        assert!(config.validate().is_err());
+        config.device_login.interval_secs = 1800;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("interval_secs"), "{err}");
+    }
+
+    #[test]
     fn a_file_without_a_pq_section_does_not_require_pq() {
         let text = sample().to_commented_toml();
         let cut = text.find("[pq]").expect("init writes a [pq] section");
