@@ -221,11 +221,15 @@ fn main() -> std::process::ExitCode {
                     Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
                 }
                 // Neither given: the file `login` writes.
-                let token_file = match (&token_file, &token) {
-                    (None, None) => Some(PathBuf::from(sidecar_agent::login::DEFAULT_TOKEN_FILE)),
-                    _ => token_file,
+                let defaulted = token_file.is_none() && token.is_none();
+                let token_file = if defaulted {
+                    Some(PathBuf::from(sidecar_agent::login::DEFAULT_TOKEN_FILE))
+                } else {
+                    token_file
                 };
                 let token = match (&token_file, token) {
+                    (Some(path), _) if defaulted => sidecar_agent::secrets::read_token_file(path)
+                        .with_context(|| format!("no --token-file or --token given, and the default {} is unusable; `sidecar-agent login` writes it", path.display()))?,
                     (Some(path), _) => sidecar_agent::secrets::read_token_file(path)?,
                     (None, Some(token)) => {
                         if token_in_argv {
