@@ -24,8 +24,9 @@ use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Parser
         Labels: sidecar.enable=true, sidecar.ipv4=true, sidecar.relay=URL (pin one relay), \
         sidecar.bandwidth=MBPS.\n\n\
         The agent token belongs in a file only root can read (--token-file or \
-        SIDECAR_TOKEN_FILE) or in SIDECAR_TOKEN: a --token on the command line is visible to \
-        every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
+        SIDECAR_TOKEN_FILE; by default /etc/sidecar/agent.token, which `login` writes after an \
+        admin of the relay approves it) or in SIDECAR_TOKEN: a --token on the command line is \
+        visible to every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
 )]
 struct Cli {
     /// text: readable log lines; codes: each event an operator acts on as its stable
