@@ -107,6 +107,14 @@ impl DeviceLoginSection {
                 )));
             }
         }
+        // A login is meant to be approved while someone waits for it; a bound also
+        // keeps expiry times far from the clock's limits.
+        if self.expires_in_secs > 86_400 {
+            return Err(ConfigError::Invalid(format!(
+                "device_login.expires_in_secs {} is over a day (86400)",
+                self.expires_in_secs
+            )));
+        }
         if self.interval_secs >= self.expires_in_secs {
             return Err(ConfigError::Invalid(format!(
                 "device_login.interval_secs {} must be shorter than expires_in_secs {}",
@@ -659,6 +667,10 @@ mod tests {
         config.device_login.interval_secs = 1800;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("interval_secs"), "{err}");
+        config.device_login.interval_secs = 5;
+        config.device_login.expires_in_secs = u64::MAX;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("expires_in_secs"), "{err}");
     }
 
     #[test]
