@@ -359,13 +359,13 @@ impl DeviceLogins {
 
     /// Every login held, oldest first (expired ones until they are forgotten).
     pub fn list(&self, now: SystemTime) -> Vec<DeviceLoginView> {
-        let mut views: Vec<DeviceLoginView> = self
-            .by_user
-            .keys()
-            .filter_map(|code| self.view(code, now))
-            .collect();
-        views.sort_by(|a, b| (a.created, &a.user_code).cmp(&(b.created, &b.user_code)));
-        views
+        // By the full creation time: the views' whole seconds would tie.
+        let mut logins: Vec<&Login> = self.by_device.values().collect();
+        logins.sort_by(|a, b| (a.created, &a.user_code).cmp(&(b.created, &b.user_code)));
+        logins
+            .into_iter()
+            .filter_map(|l| self.view(&l.user_code, now))
+            .collect()
     }
 
     /// Approves a pending login; the client's next poll collects the token.
