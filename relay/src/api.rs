@@ -41,7 +41,6 @@ use sidecar_proto::{
 
 mod canary_route;
 mod device_routes;
-mod discovery;
 mod pq_routes;
 mod scopes;
 pub use device_routes::DeviceLogin;
@@ -966,8 +965,6 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(device_routes::view))
         .routes(routes!(device_routes::approve))
         .routes(routes!(device_routes::deny))
-        .routes(routes!(discovery::authorization_server))
-        .routes(routes!(discovery::protected_resource))
         .routes(routes!(openapi_json))
 }
 
@@ -1005,7 +1002,7 @@ pub fn router_with_metrics(
             limits.requests.clone(),
             limits::enforce,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), outcome))
+        .layer(middleware::from_fn(outcome))
         .layer(middleware::from_fn_with_state(metrics, count))
         .with_state(state)
 }
@@ -1038,21 +1035,7 @@ async fn count(State(metrics): State<Arc<ApiMetrics>>, mut req: Request, next: N
 
 /// Outermost layer: gives every error the JSON shape and the bearer challenge,
 /// and logs one line per request (never the token secret, only its id).
-async fn outcome(State(state): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
-    // The challenge points at the protected resource metadata (RFC 9728 section 5.1),
-    // where a client learns how to get a token.
-    let challenge = state
-        .device
-        .base_url(req.headers())
-        .ok()
-        .map(|base| {
-            format!(
-                r#"{BEARER_CHALLENGE}, resource_metadata="{base}{}""#,
-                discovery::PROTECTED_RESOURCE_PATH
-            )
-        })
-        .and_then(|c| HeaderValue::from_str(&c).ok())
-        .unwrap_or(HeaderValue::from_static(BEARER_CHALLENGE));
+async fn outcome(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let slot = TokenSlot::default();
@@ -1062,7 +1045,9 @@ async fn outcome(State(state): State<Arc<ApiState>>, mut req: Request, next: Nex
     let mut response = json_errors(next.run(req).await).await;
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static(BEARER_CHALLENGE));
     }
 
     let token_id = slot.0.get().map_or("-", String::as_str);

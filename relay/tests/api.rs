@@ -215,12 +215,9 @@ impl Response {
         assert_eq!(err.error, code, "{err:?}");
         assert!(!err.message.is_empty());
         if status == 401 {
-            // The challenge names the relay's protected resource metadata (RFC 9728).
-            let challenge = self.header("www-authenticate").unwrap_or_default();
-            assert!(
-                challenge.starts_with(r#"Bearer realm="sidecar", resource_metadata="https://"#)
-                    && challenge.ends_with(r#"/.well-known/oauth-protected-resource""#),
-                "{challenge:?}"
+            assert_eq!(
+                self.header("www-authenticate"),
+                Some(r#"Bearer realm="sidecar""#)
             );
         }
         err
@@ -1044,8 +1041,6 @@ async fn openapi_document_is_generated_for_every_route() {
         ("/v1/admin/device/{user_code}", &["get"]),
         ("/v1/admin/device/{user_code}/approve", &["post"]),
         ("/v1/admin/device/{user_code}/deny", &["post"]),
-        ("/.well-known/oauth-authorization-server", &["get"]),
-        ("/.well-known/oauth-protected-resource", &["get"]),
         ("/api/openapi.json", &["get"]),
     ];
     let paths = doc["paths"].as_object().unwrap();
@@ -1067,9 +1062,7 @@ async fn openapi_document_is_generated_for_every_route() {
                     | "/v1/pq"
                     | "/v1/canary"
                     | "/v1/device/authorize"
-                    | "/v1/device/token"
-                    | "/.well-known/oauth-authorization-server"
-                    | "/.well-known/oauth-protected-resource",
+                    | "/v1/device/token",
                     _,
                 ) => None,
                 ("/v1/status" | "/v1/peers/by-container/{id}", _) | ("/v1/peers", "get") => {
@@ -1129,8 +1122,6 @@ async fn openapi_document_is_generated_for_every_route() {
         "DeviceLoginState",
         "ApproveDevice",
         "DeviceLoginList",
-        "AuthorizationServerMetadata",
-        "ProtectedResourceMetadata",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
@@ -1446,69 +1437,6 @@ async fn device_login_over_http() {
         )
         .await
         .error(410, "expired_token");
-}
-
-/// The discovery documents describe this relay (its URL, from the request's Host
-/// here) and point at endpoints that answer; every 401 points at the protected
-/// resource document.
-#[tokio::test]
-async fn discovery_documents_point_at_endpoints_that_answer() {
-    let relay = Relay::start().await;
-    let client = relay.client();
-    let base = "https://localhost";
-    let path_of = |url: &Value| {
-        url.as_str()
-            .and_then(|u| u.strip_prefix(base))
-            .unwrap_or_else(|| panic!("{url} is not under {base}"))
-            .to_owned()
-    };
-
-    let r = client
-        .get("/.well-known/oauth-authorization-server", None)
-        .await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let server = r.json();
-    assert_eq!(server["issuer"], base);
-    assert_eq!(
-        server["grant_types_supported"],
-        json!(["urn:ietf:params:oauth:grant-type:device_code"])
-    );
-    assert_eq!(
-        server["scopes_supported"],
-        json!(["peers:read", "peers:add", "admin"])
-    );
-    let r = client
-        .post(
-            &path_of(&server["device_authorization_endpoint"]),
-            None,
-            json!({}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "the device endpoint answers: {r:?}");
-    let code = r.json()["device_code"].as_str().unwrap().to_owned();
-    client
-        .post(
-            &path_of(&server["token_endpoint"]),
-            None,
-            json!({"device_code": code}),
-        )
-        .await
-        .error(428, "authorization_pending");
-
-    let r = client.get("/v1/status", None).await;
-    r.error(401, "unauthorized");
-    let challenge = r.header("www-authenticate").unwrap();
-    let metadata_url = challenge
-        .split_once(r#"resource_metadata=""#)
-        .and_then(|(_, rest)| rest.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("no resource_metadata in {challenge}"));
-    let r = client.get(&path_of(&json!(metadata_url)), None).await;
-    assert_eq!(r.status, 200, "{r:?}");
-    let resource = r.json();
-    assert_eq!(resource["resource"], base);
-    assert_eq!(resource["authorization_servers"], json!([base]));
-    assert_eq!(resource["bearer_methods_supported"], json!(["header"]));
-    assert_eq!(resource["scopes_supported"], server["scopes_supported"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

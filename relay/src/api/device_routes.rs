@@ -50,17 +50,6 @@ impl DeviceLogin {
     }
 }
 
-impl DeviceLogin {
-    /// `https://HOST:PORT` of this relay as clients reach it: the configured URL,
-    /// else the request's `Host`.
-    pub fn base_url(&self, headers: &HeaderMap) -> Result<String, ErrorResponse> {
-        match &self.public_url {
-            Some(url) => Ok(url.clone()),
-            None => url_from_host(headers),
-        }
-    }
-}
-
 impl Default for DeviceLogin {
     fn default() -> DeviceLogin {
         DeviceLogin::new(DeviceLoginSection::default(), None)
@@ -221,7 +210,10 @@ pub(super) async fn authorize(
 ) -> Result<Response, ErrorResponse> {
     let device = enabled(&state)?;
     let scopes = parse_scopes(req.scope.as_deref())?;
-    let base = device.base_url(&headers)?;
+    let base = match &device.public_url {
+        Some(url) => url.clone(),
+        None => url_from_host(&headers)?,
+    };
     let started = device
         .logins
         .lock()
