@@ -177,8 +177,8 @@ fn a_denied_login_exits_non_zero_with_the_reason() {
     assert!(!token_file.exists(), "a denied login wrote a token");
 }
 
-/// The flow as a generic OAuth client drives it: form bodies, pending, slow_down
-/// with the grown interval, an approval and the token exactly once.
+/// The flow as a generic OAuth client drives it: discovery, form bodies, pending,
+/// slow_down with the grown interval, an approval and the token exactly once.
 #[test]
 fn the_raw_flow_with_curl() {
     require();
@@ -194,6 +194,44 @@ fn the_raw_flow_with_curl() {
             Some(("application/x-www-form-urlencoded", body)),
         )
     };
+    // Discovery first, as an automated installer would: the documents name this
+    // relay's own URL, and a 401 points at them.
+    let server = relay.request(
+        from,
+        "GET",
+        "/.well-known/oauth-authorization-server",
+        None,
+        None,
+    );
+    assert_eq!(server.status, 200, "{server:?}");
+    assert_eq!(server.json["issuer"], relay.url(""), "{server:?}");
+    assert_eq!(
+        server.json["device_authorization_endpoint"],
+        relay.url("/v1/device/authorize"),
+        "{server:?}"
+    );
+    assert_eq!(server.json["token_endpoint"], relay.url("/v1/device/token"));
+    let denied = relay.request(from, "GET", "/v1/peers", None, None);
+    assert_eq!(denied.status, 401, "{denied:?}");
+    let metadata = relay.url("/.well-known/oauth-protected-resource");
+    assert_eq!(
+        denied.header("www-authenticate"),
+        Some(format!(r#"Bearer realm="sidecar", resource_metadata="{metadata}""#).as_str()),
+        "{denied:?}"
+    );
+    let resource = relay.request(
+        from,
+        "GET",
+        "/.well-known/oauth-protected-resource",
+        None,
+        None,
+    );
+    assert_eq!(resource.status, 200, "{resource:?}");
+    assert_eq!(
+        resource.json["authorization_servers"],
+        json!([relay.url("")])
+    );
+
     let r = form("/v1/device/authorize", "scope=peers%3Aread+admin");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json["interval"], 5, "{r:?}");

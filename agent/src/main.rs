@@ -24,8 +24,9 @@ use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Parser
         Labels: sidecar.enable=true, sidecar.ipv4=true, sidecar.relay=URL (pin one relay), \
         sidecar.bandwidth=MBPS.\n\n\
         The agent token belongs in a file only root can read (--token-file or \
-        SIDECAR_TOKEN_FILE) or in SIDECAR_TOKEN: a --token on the command line is visible to \
-        every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
+        SIDECAR_TOKEN_FILE; by default /etc/sidecar/agent.token, which `login` writes after an \
+        admin of the relay approves it) or in SIDECAR_TOKEN: a --token on the command line is \
+        visible to every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
 )]
 struct Cli {
     /// text: readable log lines; codes: each event an operator acts on as its stable
@@ -221,11 +222,15 @@ fn main() -> std::process::ExitCode {
                     Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
                 }
                 // Neither given: the file `login` writes.
-                let token_file = match (&token_file, &token) {
-                    (None, None) => Some(PathBuf::from(sidecar_agent::login::DEFAULT_TOKEN_FILE)),
-                    _ => token_file,
+                let defaulted = token_file.is_none() && token.is_none();
+                let token_file = if defaulted {
+                    Some(PathBuf::from(sidecar_agent::login::DEFAULT_TOKEN_FILE))
+                } else {
+                    token_file
                 };
                 let token = match (&token_file, token) {
+                    (Some(path), _) if defaulted => sidecar_agent::secrets::read_token_file(path)
+                        .with_context(|| format!("no --token-file or --token given, and the default {} is unusable; `sidecar-agent login` writes it", path.display()))?,
                     (Some(path), _) => sidecar_agent::secrets::read_token_file(path)?,
                     (None, Some(token)) => {
                         if token_in_argv {

@@ -981,6 +981,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(canary_route::canary))
         .routes(routes!(device_routes::authorize))
         .routes(routes!(device_routes::token))
+        .routes(routes!(device_routes::list))
         .routes(routes!(device_routes::view))
         .routes(routes!(device_routes::approve))
         .routes(routes!(device_routes::deny))

@@ -107,6 +107,14 @@ impl DeviceLoginSection {
                 )));
             }
         }
+        // A login is meant to be approved while someone waits for it; a bound also
+        // keeps expiry times far from the clock's limits.
+        if self.expires_in_secs > 86_400 {
+            return Err(ConfigError::Invalid(format!(
+                "device_login.expires_in_secs {} is over a day (86400)",
+                self.expires_in_secs
+            )));
+        }
         if self.interval_secs >= self.expires_in_secs {
             return Err(ConfigError::Invalid(format!(
                 "device_login.interval_secs {} must be shorter than expires_in_secs {}",
@@ -639,6 +647,30 @@ mod tests {
                 ..DeviceLoginSection::default()
             },
         }
+    }
+
+    #[test]
+    fn the_example_file_parses_with_the_default_device_login() {
+        let example: RelayConfig =
+            toml::from_str(include_str!("../../config/relay.toml.example")).unwrap();
+        example.validate().unwrap();
+        assert_eq!(example.device_login, DeviceLoginSection::default());
+        let settings = example.device_login.settings();
+        assert_eq!(settings, crate::device::DeviceSettings::default());
+    }
+
+    #[test]
+    fn device_login_timing_is_checked() {
+        let mut config = sample();
+        config.device_login.interval_secs = 0;
+        assert!(config.validate().is_err());
+        config.device_login.interval_secs = 1800;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("interval_secs"), "{err}");
+        config.device_login.interval_secs = 5;
+        config.device_login.expires_in_secs = u64::MAX;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("expires_in_secs"), "{err}");
     }
 
     #[test]

@@ -357,6 +357,17 @@ impl DeviceLogins {
         })
     }
 
+    /// Every login held, oldest first (expired ones until they are forgotten).
+    pub fn list(&self, now: SystemTime) -> Vec<DeviceLoginView> {
+        // By the full creation time: the views' whole seconds would tie.
+        let mut logins: Vec<&Login> = self.by_device.values().collect();
+        logins.sort_by(|a, b| (a.created, &a.user_code).cmp(&(b.created, &b.user_code)));
+        logins
+            .into_iter()
+            .filter_map(|l| self.view(&l.user_code, now))
+            .collect()
+    }
+
     /// Approves a pending login; the client's next poll collects the token.
     pub fn approve(
         &mut self,
@@ -488,6 +499,9 @@ mod tests {
             Err(DecideError::Decided)
         );
         assert_eq!(logins.deny(&s.user_code, at(13)), Err(DecideError::Decided));
+        let listed = logins.list(at(13));
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].state, DeviceLoginState::Approved);
         let grant = logins.poll(&s.device_code, at(15)).unwrap();
         assert_eq!(grant.scopes, vec![Scope::PeersRead, Scope::PeersAdd]);
         assert_eq!(grant.approval, approval);

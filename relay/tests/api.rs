@@ -1037,6 +1037,7 @@ async fn openapi_document_is_generated_for_every_route() {
         ("/v1/canary", &["get"]),
         ("/v1/device/authorize", &["post"]),
         ("/v1/device/token", &["post"]),
+        ("/v1/admin/device", &["get"]),
         ("/v1/admin/device/{user_code}", &["get"]),
         ("/v1/admin/device/{user_code}/approve", &["post"]),
         ("/v1/admin/device/{user_code}/deny", &["post"]),
@@ -1125,6 +1126,7 @@ async fn openapi_document_is_generated_for_every_route() {
         "DeviceLoginView",
         "DeviceLoginState",
         "ApproveDevice",
+        "DeviceLoginList",
     ] {
         assert!(schemas.contains_key(name), "schema {name} missing");
     }
@@ -1291,6 +1293,19 @@ async fn device_login_over_http() {
         .get(&view_path, Some(&tenant))
         .await
         .error(403, "insufficient_scope");
+    client
+        .get("/v1/admin/device", Some(&tenant))
+        .await
+        .error(403, "insufficient_scope");
+    let listed = client.get("/v1/admin/device", admin).await.json();
+    let codes: Vec<&str> = listed["logins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["user_code"].as_str())
+        .collect();
+    assert_eq!(codes.len(), 4, "{listed}");
+    assert_eq!(codes[0], user_code, "oldest first: {listed}");
     let view = client.get(&view_path, admin).await.json();
     assert_eq!(view["user_code"], user_code.as_str());
     assert_eq!(view["state"], "pending");

@@ -452,7 +452,7 @@ pub fn sample_relay_config() -> sidecar_relay::config::RelayConfig {
         limits: LimitsSection::default(),
         pq: PqSection::for_new_relay(),
         metrics: MetricsSection::default(),
-        device_login: DeviceLoginSection::default(),
+        device_login: Default::default(),
     }
 }
 

@@ -165,6 +165,13 @@ pub struct DeviceLoginView {
     pub expires: u64,
 }
 
+/// `GET /v1/admin/device` response: every device login the relay holds, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceLoginList {
+    pub logins: Vec<DeviceLoginView>,
+}
+
 /// `POST /v1/admin/device/{user_code}/approve` request; every field is optional,
 /// and what is left out comes from `[device_login]` in relay.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

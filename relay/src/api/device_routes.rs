@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Form, Json};
 use serde::de::DeserializeOwned;
 use sidecar_proto::device::{
-    ApproveDevice, DeviceAccessToken, DeviceAuthorization, DeviceAuthorizeRequest, DeviceLoginView,
-    DeviceTokenRequest, DEVICE_CODE_GRANT,
+    ApproveDevice, DeviceAccessToken, DeviceAuthorization, DeviceAuthorizeRequest, DeviceLoginList,
+    DeviceLoginView, DeviceTokenRequest, DEVICE_CODE_GRANT,
 };
 use sidecar_proto::{codes, ApiError, Scope};
 
@@ -331,6 +331,26 @@ fn decide_error(e: DecideError) -> ErrorResponse {
         DecideError::Decided => (StatusCode::CONFLICT, codes::CONFLICT),
     };
     ErrorResponse::new(status, code, e.to_string())
+}
+
+#[utoipa::path(
+    get, path = "/v1/admin/device", tag = "admin",
+    summary = "Every device login waiting for (or past) a decision, oldest first",
+    security(("bearer" = ["admin"])),
+    responses(
+        (status = 200, description = "The logins", body = DeviceLoginList),
+        (status = 401, description = "Missing or invalid token", body = ApiError),
+        (status = 403, description = "insufficient_scope: the token lacks the admin scope", body = ApiError),
+        (status = 404, description = "Device login is off", body = ApiError),
+    ),
+)]
+pub(super) async fn list(
+    State(state): State<Arc<ApiState>>,
+    Admin(_admin): Admin,
+) -> Result<Json<DeviceLoginList>, ErrorResponse> {
+    let device = enabled(&state)?;
+    let logins = device.logins.lock().list(SystemTime::now());
+    Ok(Json(DeviceLoginList { logins }))
 }
 
 #[utoipa::path(
