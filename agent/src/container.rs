@@ -110,6 +110,8 @@ struct Running {
     alloc: Allocation,
     peer: PeerConfig,
     bandwidth_mbps: Option<u32>,
+    /// The emulated conditions the labels ask for (`shape` may override them).
+    label_conditions: Option<sidecar::netem::Conditions>,
     /// Kept open so the namespace outlives a racing container exit until we notice;
     /// also tells whether the container still lives in it.
     netns: Option<File>,
@@ -203,6 +205,10 @@ impl Task {
                         reregistrations,
                         ..row
                     };
+                    // Again under the rows' lock: a `shape` that came in during
+                    // setup found no tunnel to change and left its wish here.
+                    live.0
+                        .set_peer_conditions(&live.1, e.conditions(running.label_conditions));
                     e.live = Some(live);
                 });
                 self.running = Some(running);
@@ -393,6 +399,10 @@ impl Task {
         if let Some(mbps) = labels.bandwidth_mbps {
             device.set_peer_rate(&alloc.relay_public_key, Some(mbps));
         }
+        device.set_peer_conditions(
+            &alloc.relay_public_key,
+            shared.conditions_for(&id, labels.conditions),
+        );
         let socket = UdpTransport::bind(0)
             .map_err(|e| fail(false, format!("cannot open a UDP socket: {e}")))?;
 
@@ -473,6 +483,7 @@ impl Task {
                 alloc,
                 peer,
                 bandwidth_mbps: labels.bandwidth_mbps,
+                label_conditions: labels.conditions,
                 netns: Some(netns),
                 since: Instant::now(),
                 _rotation: rotation,
@@ -609,6 +620,10 @@ impl Task {
                 if let Some(mbps) = r.bandwidth_mbps {
                     device.set_peer_rate(&r.peer.public_key, Some(mbps));
                 }
+                device.set_peer_conditions(
+                    &r.peer.public_key,
+                    self.shared.conditions_for(&self.id, r.label_conditions),
+                );
                 r.since = Instant::now();
             }
             tracing::info!(container = %short(&self.id), name = %self.name, ipv6 = %alloc.ipv6, "registered again; tunnel rebuilt");

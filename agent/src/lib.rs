@@ -1,5 +1,6 @@
 //! Sidecar agent library: what the `sidecar-agent` binary is made of.
 
+pub mod conditions;
 pub mod container;
 pub mod container_net;
 pub mod daemon;
