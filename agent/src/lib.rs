@@ -3,6 +3,7 @@
 pub mod conditions;
 pub mod container;
 pub mod container_net;
+pub mod control;
 pub mod daemon;
 pub mod fd_budget;
 pub mod full_tunnel;
