@@ -6,7 +6,9 @@
 //! - `sidecar-agent shape --latency 80ms`: 160 ms more, on the pings sent within a
 //!   second of the command returning;
 //! - `shape --loss 5%`: of 10,000 pings, 9.75 ±1 % get no answer (5 % each way);
-//! - `shape --clear`: the round trip is the unshaped container's again.
+//! - `shape --clear`: the round trip is the unshaped container's again;
+//! - in netstack mode (the agent's userspace stack in place of a TUN device) the
+//!   same label and `shape` add the same delay.
 
 mod support;
 
@@ -32,8 +34,15 @@ fn require() {
     require_tools(DOCKER_TOOLS);
 }
 
-/// `sidecar-agent run` in `ns`, ready once its first reconcile wrote the status.
-fn start_agent(ns: &Netns, relay: &Relay, docker: &Dockerd, state_dir: &Path) -> ChildGuard {
+/// `sidecar-agent run --mode MODE` in `ns`, ready once its first reconcile wrote
+/// the status.
+fn start_agent(
+    ns: &Netns,
+    relay: &Relay,
+    docker: &Dockerd,
+    state_dir: &Path,
+    mode: &str,
+) -> ChildGuard {
     let mut cmd = ns.program(agent_bin());
     cmd.args(["run", "--relay", &relay.url("")])
         .env("SIDECAR_TOKEN", &relay.creds.default_token)
@@ -42,7 +51,7 @@ fn start_agent(ns: &Netns, relay: &Relay, docker: &Dockerd, state_dir: &Path) ->
         .arg(&docker.socket)
         .arg("--state-dir")
         .arg(state_dir)
-        .args(["--mode", "auto"]);
+        .args(["--mode", mode]);
     let mut child = ChildGuard::spawn("sidecar-agent run", cmd);
     let ready = wait_until(Duration::from_secs(30), || {
         !child.is_running() || agent_status(state_dir).is_some()
@@ -55,8 +64,15 @@ fn start_agent(ns: &Netns, relay: &Relay, docker: &Dockerd, state_dir: &Path) ->
     child
 }
 
-/// `name`'s public IPv6 once `status` shows it active, reachable from `remote`.
-fn wait_reachable(agent: &ChildGuard, state: &Path, remote: &Netns, name: &str) -> IpAddr {
+/// `name`'s public IPv6 once `status` shows it active in `mode`, reachable from
+/// `remote`.
+fn wait_reachable(
+    agent: &ChildGuard,
+    state: &Path,
+    remote: &Netns,
+    name: &str,
+    mode: &str,
+) -> IpAddr {
     let mut ip = None;
     wait_until(Duration::from_secs(30), || {
         ip = agent_status(state).and_then(|text| {
@@ -67,7 +83,7 @@ fn wait_reachable(agent: &ChildGuard, state: &Path, remote: &Netns, name: &str) 
                 .map(str::to_owned)
                 .collect();
             let addr = cols.get(2)?.split('/').next()?;
-            (cols.get(1)? == "active").then(|| addr.parse().ok())?
+            (cols.get(1)? == "active" && cols.get(4)? == mode).then(|| addr.parse().ok())?
         });
         ip.is_some()
     });
@@ -140,7 +156,7 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
     let site = topo.client_site();
     let docker = Dockerd::new(&site.ns);
     let state = TempDir::new();
-    let agent = start_agent(&site.ns, &relay, &docker, state.path());
+    let agent = start_agent(&site.ns, &relay, &docker, state.path(), "tun");
 
     let plain_name = unique_name("plain");
     let slow_name = unique_name("slow");
@@ -155,8 +171,8 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
         ],
         IDLE,
     );
-    let plain_ip = wait_reachable(&agent, state.path(), &topo.remote, &plain_name);
-    let slow_ip = wait_reachable(&agent, state.path(), &topo.remote, &slow_name);
+    let plain_ip = wait_reachable(&agent, state.path(), &topo.remote, &plain_name, "tun");
+    let slow_ip = wait_reachable(&agent, state.path(), &topo.remote, &slow_name, "tun");
 
     // From the label: 50 ms each way.
     let (base, _) = rtt_ms(&topo.remote, plain_ip, "unshaped");
@@ -209,6 +225,11 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
     // The unshaped container, measured the same way, loses nothing: the losses above
     // are the emulation's, not the host's.
     let q = ping_with(&topo.remote, plain_ip, "-c 2000 -i 0.002 -W 1 -q");
+    eprintln!(
+        "unshaped: {} of {} pings unanswered",
+        q.transmitted - q.received,
+        q.transmitted
+    );
     assert!(
         q.received + 10 >= q.transmitted,
         "the unshaped container lost pings too:\n{}",
@@ -229,6 +250,15 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
         "after --clear the round trip is {cleared:.2} ms, unshaped {base:.2} ms"
     );
 
+    // The control socket is the administrator's alone.
+    let sock = state.path().join("control.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&sock)
+            .expect("control.sock in the state directory")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{sock:?} has mode {mode:o}");
+
     // Mistakes are named, and change nothing.
     let e = shape(state.path(), "no-such-container", &["--latency", "5ms"]).unwrap_err();
     assert!(e.contains("no container"), "{e}");
@@ -236,4 +266,32 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
     assert!(e.contains("expected a duration"), "{e}");
     let e = shape(state.path(), &slow_name, &[]).unwrap_err();
     assert!(e.contains("--latency"), "{e}");
+}
+
+#[test]
+fn netstack_mode_gets_the_same_latency() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions { ipv4_pool: false });
+    let site = topo.client_site();
+    let docker = Dockerd::new(&site.ns);
+    let state = TempDir::new();
+    let agent = start_agent(&site.ns, &relay, &docker, state.path(), "netstack");
+
+    let plain_name = unique_name("plain");
+    let slow_name = unique_name("slow");
+    docker.run_named(&plain_name, &[ENABLE], IDLE);
+    docker.run_named(&slow_name, &[ENABLE, ("sidecar.latency", "50ms")], IDLE);
+    let plain_ip = wait_reachable(&agent, state.path(), &topo.remote, &plain_name, "netstack");
+    let slow_ip = wait_reachable(&agent, state.path(), &topo.remote, &slow_name, "netstack");
+
+    let (base, _) = rtt_ms(&topo.remote, plain_ip, "unshaped, netstack");
+    let (shaped, _) = rtt_ms(&topo.remote, slow_ip, "sidecar.latency=50ms, netstack");
+    assert_added(base, shaped, 100.0, "sidecar.latency=50ms in netstack mode");
+
+    shape(state.path(), &slow_name, &["--latency", "20ms"])
+        .unwrap_or_else(|e| panic!("shape failed: {e}"));
+    let (base, _) = rtt_ms(&topo.remote, plain_ip, "unshaped, netstack");
+    let (shaped, _) = rtt_ms(&topo.remote, slow_ip, "shape --latency 20ms, netstack");
+    assert_added(base, shaped, 40.0, "shape --latency 20ms in netstack mode");
 }
