@@ -433,7 +433,7 @@ impl Device {
         let Some(peer) = self.peer(key) else {
             return false;
         };
-        peer.netem.set(key, conditions);
+        peer.netem.set(self.public_key().as_ref(), key, conditions);
         true
     }
 

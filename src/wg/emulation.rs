@@ -46,16 +46,16 @@ pub(crate) fn ingress(l: &Lines) -> &Mutex<Line> {
 impl PeerNetem {
     /// Gives both directions `conditions` (`None` clears them). Packets already
     /// waiting keep their release times; once a cleared line is empty every packet
-    /// passes at once. The random draws start from a seed taken from the peer's key,
-    /// so a peer sees the same losses and delays on every run.
-    pub(crate) fn set(&self, key: &Key, conditions: Option<Conditions>) {
+    /// passes at once. The random draws start from a seed taken from both ends'
+    /// keys (see [`seed`]), so a tunnel sees the same losses and delays on every
+    /// run.
+    pub(crate) fn set(&self, own: Option<&Key>, peer: &Key, conditions: Option<Conditions>) {
         let wanted = conditions.unwrap_or(Conditions::NONE);
         let lines = match self.0.get() {
             Some(lines) => lines,
             None if wanted.is_none() => return,
             None => self.0.get_or_init(|| {
-                let seed = u64::from_le_bytes(key.0[..8].try_into().unwrap_or_default());
-                let Emulation { egress, ingress } = Emulation::new(wanted, seed);
+                let Emulation { egress, ingress } = Emulation::new(wanted, seed(own, peer));
                 let line = |line| {
                     Mutex::new(Line {
                         line,
@@ -83,6 +83,28 @@ impl PeerNetem {
     fn side(&self, side: Side) -> Option<&Mutex<Line>> {
         self.0.get().map(|l| side(l))
     }
+}
+
+/// The emulation's seed for the tunnel between `own` and `peer`: every byte of
+/// both keys goes in. Many devices share one peer (every container an agent serves
+/// talks to the same relay), so a seed from the peer's key alone would give all of
+/// them the same losses at the same packets.
+pub(crate) fn seed(own: Option<&Key>, peer: &Key) -> u64 {
+    let own = own.map_or([0; 32], |k| k.0);
+    own.chunks_exact(8)
+        .chain(peer.0.chunks_exact(8))
+        .fold(0, |acc: u64, chunk| {
+            let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            splitmix64(acc ^ word)
+        })
+}
+
+/// SplitMix64's finaliser: spreads every input bit over the whole output.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// What became of an offered packet.

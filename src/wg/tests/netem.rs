@@ -230,3 +230,81 @@ fn delay_and_shaping_together_release_everything() {
         .iter()
         .all(|(t, _)| *t - start >= Duration::from_millis(20)));
 }
+
+/// Ping-like round trips through one tunnel's emulation: a request offered on the
+/// way in and, if it got through, its reply on the way out. How many of `pings`
+/// got no answer.
+fn round_trips_lost(seed: u64, c: Conditions, pings: u32) -> u32 {
+    let mut e = crate::netem::Emulation::new(c, seed);
+    let packet = [0u8; 64];
+    (0..pings)
+        .filter(|i| {
+            let t = u64::from(*i) * 2_000_000;
+            let verdict = e.ingress.offer(t, &packet);
+            verdict == crate::netem::Verdict::Lost
+                || e.egress.offer(t, &packet) == crate::netem::Verdict::Lost
+        })
+        .count() as u32
+}
+
+#[test]
+fn tunnels_to_one_peer_lose_different_packets() {
+    // Every container an agent serves has the same peer, the relay.
+    let relay = Key::generate_private().public_key();
+    let a = Key::generate_private().public_key();
+    let b = Key::generate_private().public_key();
+    let seed_a = super::emulation::seed(Some(&a), &relay);
+    let seed_b = super::emulation::seed(Some(&b), &relay);
+    assert_ne!(seed_a, seed_b);
+    assert_eq!(
+        seed_a,
+        super::emulation::seed(Some(&a), &relay),
+        "runs repeat"
+    );
+    let c = conditions(0, 0, 0.05);
+    let lost = |seed| {
+        let mut line = crate::netem::DelayLine::new(c, seed);
+        (0..2_000u32)
+            .map(|i| line.offer(u64::from(i), &[0; 64]) == crate::netem::Verdict::Lost)
+            .collect::<Vec<_>>()
+    };
+    let (la, lb) = (lost(seed_a), lost(seed_b));
+    let both = la.iter().zip(&lb).filter(|(x, y)| **x && **y).count();
+    // Independent at 5 %: 0.25 % of 2,000 (5) lost by both; the same pattern
+    // would be about 100.
+    assert!(both < 25, "{both} packets lost by both tunnels");
+}
+
+#[test]
+fn round_trip_loss_over_many_tunnels_is_binomial() {
+    // 5 % each way: a ping is lost with 1 - 0.95² = 9.75 %. Over 10,000 pings the
+    // count is binomial (mean 975, deviation 29.7) only if the draws are
+    // independent per packet and per direction; correlated draws would widen or
+    // narrow the spread across tunnels, and a bias would move the mean.
+    let relay = Key::generate_private().public_key();
+    let c = conditions(0, 0, 0.05);
+    let counts: Vec<f64> = (0..200)
+        .map(|_| {
+            let own = Key::generate_private().public_key();
+            f64::from(round_trips_lost(
+                super::emulation::seed(Some(&own), &relay),
+                c,
+                10_000,
+            ))
+        })
+        .collect();
+    let n = counts.len() as f64;
+    let mean = counts.iter().sum::<f64>() / n;
+    let var = counts.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let p = 1.0 - 0.95f64.powi(2);
+    let (want_mean, want_var) = (10_000.0 * p, 10_000.0 * p * (1.0 - p));
+    // The mean of 200 counts deviates by 2.1; the sample variance by 10 %.
+    assert!(
+        (mean - want_mean).abs() < 10.0,
+        "mean {mean}, want {want_mean}"
+    );
+    assert!(
+        (0.6..1.5).contains(&(var / want_var)),
+        "variance {var:.0}, binomial {want_var:.0}"
+    );
+}
