@@ -123,6 +123,22 @@ fn shape(state: &Path, container: &str, args: &[&str]) -> Result<String, String>
     }
 }
 
+/// Container `name`'s emulation drops so far, from the agent's `/metrics` (on
+/// loopback in `ns`, the default `--health-listen`): (netem_loss, netem_full).
+fn netem_drops(ns: &Netns, name: &str) -> (u64, u64) {
+    let metrics = ns.exec("curl -sf http://127.0.0.1:9531/metrics");
+    let count = |reason: &str| {
+        let tail = format!(",name=\"{name}\",reason=\"{reason}\"}}");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sidecar_agent_container_dropped_total{"))
+            .find_map(|l| l.split_once(&tail))
+            .and_then(|(_, n)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {reason} count for {name} in /metrics:\n{metrics}"))
+    };
+    (count("netem_loss"), count("netem_full"))
+}
+
 /// 40 pings 25 ms apart: the median round trip, in ms.
 fn rtt_ms(remote: &Netns, ip: IpAddr, what: &str) -> (f64, Ping) {
     let p = ping_with(remote, ip, "-c 40 -i 0.025 -W 2");
@@ -213,14 +229,32 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
         said.contains("loss=5%") && said.contains("latency=0ms"),
         "{said}"
     );
+    // Beside what ping saw, what the container's tunnel itself dropped: every
+    // unanswered ping should be one of its netem_loss drops, and none netem_full.
+    let before = netem_drops(&site.ns, &slow_name);
     let p = ping_with(&topo.remote, slow_ip, "-c 10000 -i 0.002 -W 1 -q");
+    let after = netem_drops(&site.ns, &slow_name);
     assert_eq!(p.transmitted, 10_000, "{}", p.output);
-    let lost = 100.0 * f64::from(p.transmitted - p.received) / f64::from(p.transmitted);
-    eprintln!("shape --loss 5%: {lost:.2}% of 10000 pings unanswered (want 9.75 ± 1)");
+    let unanswered = p.transmitted - p.received;
+    let lost = 100.0 * f64::from(unanswered) / f64::from(p.transmitted);
+    let (emulated, full) = (after.0 - before.0, after.1 - before.1);
+    let device = format!(
+        "the tunnel dropped {emulated} as netem_loss ({:.2}%) and {full} as netem_full; \
+         {} unanswered pings are not the emulation's",
+        100.0 * emulated as f64 / f64::from(p.transmitted),
+        i64::from(unanswered) - emulated as i64,
+    );
+    eprintln!(
+        "shape --loss 5%: {unanswered} of 10000 pings unanswered, {lost:.2}% (want 9.75 ± 1); {device}"
+    );
     assert!(
         (lost - 9.75).abs() <= 1.0,
-        "{lost:.2}% of pings lost, not 9.75% ± 1:\n{}",
+        "{lost:.2}% of pings lost, not 9.75% ± 1; {device}:\n{}",
         p.output
+    );
+    assert_eq!(
+        full, 0,
+        "the delay line was full with no delay asked; {device}"
     );
     // The unshaped container, measured the same way, loses nothing: the losses above
     // are the emulation's, not the host's.

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use sidecar::netem::Conditions;
 use sidecar::netstack::ProxyProtocol;
 
-use crate::container_net::Egress;
 use crate::conditions;
+use crate::container_net::Egress;
 
 pub const ENABLE: &str = "sidecar.enable";
 pub const IPV4: &str = "sidecar.ipv4";
