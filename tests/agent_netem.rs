@@ -238,9 +238,11 @@ fn latency_and_loss_per_container_from_labels_and_at_run_time() {
     let unanswered = p.transmitted - p.received;
     let lost = 100.0 * f64::from(unanswered) / f64::from(p.transmitted);
     let (emulated, full) = (after.0 - before.0, after.1 - before.1);
+    // A positive difference is pings lost outside the emulation; a negative one,
+    // other packets (the container's own) it dropped.
     let device = format!(
         "the tunnel dropped {emulated} as netem_loss ({:.2}%) and {full} as netem_full; \
-         {} unanswered pings are not the emulation's",
+         ping missed {:+} beyond those",
         100.0 * emulated as f64 / f64::from(p.transmitted),
         i64::from(unanswered) - emulated as i64,
     );
