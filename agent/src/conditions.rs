@@ -84,13 +84,20 @@ pub fn build(
 pub fn describe(c: Option<&Conditions>) -> String {
     match c {
         None => "none".into(),
-        Some(c) => format!(
-            "latency={} jitter={} loss={}%",
-            millis(c.latency()),
-            millis(c.jitter()),
-            trim(c.loss() * 100.0)
-        ),
+        Some(c) => {
+            let [latency, jitter, loss] = fields(c);
+            format!("latency={latency} jitter={jitter} loss={loss}")
+        }
     }
+}
+
+/// Latency, jitter and loss written as they are read: `80ms`, `1.5ms`, `0.5%`.
+pub fn fields(c: &Conditions) -> [String; 3] {
+    [
+        millis(c.latency()),
+        millis(c.jitter()),
+        format!("{}%", trim(c.loss() * 100.0)),
+    ]
 }
 
 fn millis(d: Duration) -> String {

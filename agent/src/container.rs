@@ -112,6 +112,8 @@ struct Running {
     bandwidth_mbps: Option<u32>,
     /// The emulated conditions the labels ask for (`shape` may override them).
     label_conditions: Option<sidecar::netem::Conditions>,
+    /// The container's own endpoint, while the tunnel runs.
+    _api: Option<crate::container_api::ContainerApi>,
     /// Kept open so the namespace outlives a racing container exit until we notice;
     /// also tells whether the container still lives in it.
     netns: Option<File>,
@@ -465,6 +467,23 @@ impl Task {
                 (Driver::start(device, netstack, socket), "netstack")
             }
         };
+        let api = if labels.api {
+            match crate::container_api::start(&netns, shared.clone(), id.clone()) {
+                Ok(api) => Some(api),
+                Err(e) => {
+                    let why = format!(
+                        "{}: cannot listen on 127.0.0.1:{} in the container: {e}",
+                        labels::API,
+                        crate::container_api::PORT
+                    );
+                    tracing::warn!(container = %short(&id), "{why}");
+                    note = Some(note.map_or(why.clone(), |n| format!("{n}; {why}")));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let row = StatusRow {
             container: id.clone(),
             name,
@@ -484,6 +503,7 @@ impl Task {
                 peer,
                 bandwidth_mbps: labels.bandwidth_mbps,
                 label_conditions: labels.conditions,
+                _api: api,
                 netns: Some(netns),
                 since: Instant::now(),
                 _rotation: rotation,

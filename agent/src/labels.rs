@@ -17,6 +17,7 @@ pub const EGRESS: &str = "sidecar.egress";
 pub const LATENCY: &str = "sidecar.latency";
 pub const JITTER: &str = "sidecar.jitter";
 pub const LOSS: &str = "sidecar.loss";
+pub const API: &str = "sidecar.api";
 
 /// Highest per-container rate a label may ask for, in Mbit/s.
 const MAX_BANDWIDTH_MBPS: u32 = 100_000;
@@ -37,6 +38,8 @@ pub struct Labels {
     /// Emulated latency and jitter (each direction) and loss; `None` when the
     /// labels ask for none.
     pub conditions: Option<Conditions>,
+    /// Serve the container's own endpoint inside it (`crate::container_api`).
+    pub api: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,6 +72,9 @@ impl Labels {
         }
         if let Some(v) = labels.get(IPV4) {
             out.ipv4 = boolean(IPV4, v)?;
+        }
+        if let Some(v) = labels.get(API) {
+            out.api = boolean(API, v)?;
         }
         if let Some(v) = labels.get(RELAY) {
             let v = v.trim();
@@ -191,6 +197,7 @@ mod tests {
             ("sidecar.latency", "50ms"),
             ("sidecar.jitter", "10ms"),
             ("sidecar.loss", "1%"),
+            ("sidecar.api", "true"),
             ("com.example.other", "x"),
         ]))
         .unwrap();
@@ -212,6 +219,7 @@ mod tests {
                     )
                     .unwrap()
                 ),
+                api: true,
             }
         );
         assert!(l.accepts_relay("https://relay.example:8443"));

@@ -2,6 +2,7 @@
 
 pub mod conditions;
 pub mod container;
+pub mod container_api;
 pub mod container_net;
 pub mod control;
 pub mod daemon;

@@ -159,7 +159,7 @@ impl Shared {
         name_or_id: &str,
         conditions: Option<Conditions>,
     ) -> Result<String, String> {
-        let mut rows = self.rows.lock();
+        let rows = self.rows.lock();
         let by_name: Vec<&String> = rows
             .iter()
             .filter(|(id, e)| {
@@ -176,12 +176,22 @@ impl Shared {
             }
             _ => return Err(format!("{name_or_id:?} names more than one container")),
         };
-        let entry = rows.get_mut(&id).ok_or("container gone")?;
+        drop(rows);
+        self.shape_id(&id, conditions)?;
+        Ok(id)
+    }
+
+    /// [`Shared::shape`] for exactly container `id`.
+    pub fn shape_id(&self, id: &str, conditions: Option<Conditions>) -> Result<(), String> {
+        let mut rows = self.rows.lock();
+        let entry = rows
+            .get_mut(id)
+            .ok_or_else(|| format!("container {} is not served any more", short(id)))?;
         entry.shaped = Some(conditions);
         if let Some((device, key)) = &entry.live {
             device.set_peer_conditions(key, conditions);
         }
-        Ok(id)
+        Ok(())
     }
 
     pub fn forget(&self, id: &str) {
