@@ -23,7 +23,8 @@ use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Parser
         WireGuard userspace API, so the stock `wg` tool can inspect and change it.\n\n\
         Labels: sidecar.enable=true, sidecar.ipv4=true, sidecar.relay=URL (pin one relay), \
         sidecar.bandwidth=MBPS, sidecar.latency=50ms, sidecar.jitter=10ms, sidecar.loss=1% \
-        (`shape` changes the last three at run time).\n\n\
+        (`shape` changes the last three at run time), sidecar.api=true (the container reads \
+        its addresses and changes those three itself at http://127.0.0.1:9530 inside it).\n\n\
         The agent token belongs in a file only root can read (--token-file or \
         SIDECAR_TOKEN_FILE) or in SIDECAR_TOKEN: a --token on the command line is visible to \
         every user in `ps`.\n\nLogging follows RUST_LOG (default: info)."
