@@ -64,6 +64,13 @@ impl Drop for ContainerApi {
 
 /// Binds 127.0.0.1:[`PORT`] in the namespace `netns` and serves container `id`.
 pub fn start(netns: &File, shared: Arc<Shared>, id: String) -> io::Result<ContainerApi> {
+    if same_namespace(netns, &File::open("/proc/self/ns/net")?)? {
+        // Host networking: the loopback there is every host process's, and each of
+        // them could change this container's network.
+        return Err(io::Error::other(
+            "the container shares the agent's network namespace (host networking), where any process could reach the endpoint",
+        ));
+    }
     let listener = bind_in(netns, SocketAddr::from((Ipv4Addr::LOCALHOST, PORT)))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -107,6 +114,13 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, id: Strin
             }
         });
     }
+}
+
+/// Whether two namespace files name the same namespace.
+fn same_namespace(a: &File, b: &File) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (a, b) = (a.metadata()?, b.metadata()?);
+    Ok((a.dev(), a.ino()) == (b.dev(), b.ino()))
 }
 
 /// A listening socket made on a thread of its own that enters `netns` (setns
@@ -374,6 +388,14 @@ mod tests {
                 other => panic!("{}: {other:?}", String::from_utf8_lossy(bad)),
             }
         }
+    }
+
+    #[test]
+    fn the_agents_own_namespace_is_recognised() {
+        let own = File::open("/proc/self/ns/net").unwrap();
+        assert!(same_namespace(&own, &File::open("/proc/self/ns/net").unwrap()).unwrap());
+        let mount = File::open("/proc/self/ns/mnt").unwrap();
+        assert!(!same_namespace(&own, &mount).unwrap());
     }
 
     #[tokio::test]
