@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod icmp;
 pub mod key;
 pub mod neighbor_reply;
+pub mod netem;
 pub mod netstack;
 pub mod prefix;
 pub mod route;

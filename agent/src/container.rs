@@ -110,6 +110,10 @@ struct Running {
     alloc: Allocation,
     peer: PeerConfig,
     bandwidth_mbps: Option<u32>,
+    /// The emulated conditions the labels ask for (`shape` may override them).
+    label_conditions: Option<sidecar::netem::Conditions>,
+    /// The container's own endpoint, while the tunnel runs.
+    _api: Option<crate::container_api::ContainerApi>,
     /// Kept open so the namespace outlives a racing container exit until we notice;
     /// also tells whether the container still lives in it.
     netns: Option<File>,
@@ -203,6 +207,10 @@ impl Task {
                         reregistrations,
                         ..row
                     };
+                    // Again under the rows' lock: a `shape` that came in during
+                    // setup found no tunnel to change and left its wish here.
+                    live.0
+                        .set_peer_conditions(&live.1, e.conditions(running.label_conditions));
                     e.live = Some(live);
                 });
                 self.running = Some(running);
@@ -393,6 +401,10 @@ impl Task {
         if let Some(mbps) = labels.bandwidth_mbps {
             device.set_peer_rate(&alloc.relay_public_key, Some(mbps));
         }
+        device.set_peer_conditions(
+            &alloc.relay_public_key,
+            shared.conditions_for(&id, labels.conditions),
+        );
         let socket = UdpTransport::bind(0)
             .map_err(|e| fail(false, format!("cannot open a UDP socket: {e}")))?;
 
@@ -455,6 +467,23 @@ impl Task {
                 (Driver::start(device, netstack, socket), "netstack")
             }
         };
+        let api = if labels.api {
+            match crate::container_api::start(&netns, shared.clone(), id.clone()) {
+                Ok(api) => Some(api),
+                Err(e) => {
+                    let why = format!(
+                        "{}: cannot listen on 127.0.0.1:{} in the container: {e}",
+                        labels::API,
+                        crate::container_api::PORT
+                    );
+                    tracing::warn!(container = %short(&id), "{why}");
+                    note = Some(note.map_or(why.clone(), |n| format!("{n}; {why}")));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let row = StatusRow {
             container: id.clone(),
             name,
@@ -473,6 +502,8 @@ impl Task {
                 alloc,
                 peer,
                 bandwidth_mbps: labels.bandwidth_mbps,
+                label_conditions: labels.conditions,
+                _api: api,
                 netns: Some(netns),
                 since: Instant::now(),
                 _rotation: rotation,
@@ -609,6 +640,10 @@ impl Task {
                 if let Some(mbps) = r.bandwidth_mbps {
                     device.set_peer_rate(&r.peer.public_key, Some(mbps));
                 }
+                device.set_peer_conditions(
+                    &r.peer.public_key,
+                    self.shared.conditions_for(&self.id, r.label_conditions),
+                );
                 r.since = Instant::now();
             }
             tracing::info!(container = %short(&self.id), name = %self.name, ipv6 = %alloc.ipv6, "registered again; tunnel rebuilt");

@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 
+use sidecar::netem::Conditions;
 use sidecar::netstack::ProxyProtocol;
 
+use crate::conditions;
 use crate::container_net::Egress;
 
 pub const ENABLE: &str = "sidecar.enable";
@@ -12,6 +14,10 @@ pub const RELAY: &str = "sidecar.relay";
 pub const BANDWIDTH: &str = "sidecar.bandwidth";
 pub const PROXY_PROTOCOL: &str = "sidecar.proxy_protocol";
 pub const EGRESS: &str = "sidecar.egress";
+pub const LATENCY: &str = "sidecar.latency";
+pub const JITTER: &str = "sidecar.jitter";
+pub const LOSS: &str = "sidecar.loss";
+pub const API: &str = "sidecar.api";
 
 /// Highest per-container rate a label may ask for, in Mbit/s.
 const MAX_BANDWIDTH_MBPS: u32 = 100_000;
@@ -29,6 +35,11 @@ pub struct Labels {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Where the container's own outgoing IPv4 leaves when it has a public /32.
     pub egress: Egress,
+    /// Emulated latency and jitter (each direction) and loss; `None` when the
+    /// labels ask for none.
+    pub conditions: Option<Conditions>,
+    /// Serve the container's own endpoint inside it (`crate::container_api`).
+    pub api: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,6 +72,9 @@ impl Labels {
         }
         if let Some(v) = labels.get(IPV4) {
             out.ipv4 = boolean(IPV4, v)?;
+        }
+        if let Some(v) = labels.get(API) {
+            out.api = boolean(API, v)?;
         }
         if let Some(v) = labels.get(RELAY) {
             let v = v.trim();
@@ -112,6 +126,35 @@ impl Labels {
                 }
             };
         }
+        let read = |label: &'static str, parse: fn(&str) -> Result<_, String>| {
+            labels
+                .get(label)
+                .map(|v| {
+                    parse(v).map_err(|reason| LabelError {
+                        label,
+                        value: v.to_string(),
+                        reason,
+                    })
+                })
+                .transpose()
+        };
+        let latency = read(LATENCY, conditions::parse_delay)?;
+        let jitter = read(JITTER, conditions::parse_delay)?;
+        let loss = labels
+            .get(LOSS)
+            .map(|v| {
+                conditions::parse_loss(v).map_err(|reason| LabelError {
+                    label: LOSS,
+                    value: v.to_string(),
+                    reason,
+                })
+            })
+            .transpose()?;
+        out.conditions = conditions::build(latency, jitter, loss).map_err(|reason| LabelError {
+            label: LATENCY,
+            value: labels.get(LATENCY).cloned().unwrap_or_default(),
+            reason,
+        })?;
         Ok(out)
     }
 
@@ -151,6 +194,10 @@ mod tests {
             ("sidecar.bandwidth", "50"),
             ("sidecar.proxy_protocol", "V2"),
             ("sidecar.egress", "Docker"),
+            ("sidecar.latency", "50ms"),
+            ("sidecar.jitter", "10ms"),
+            ("sidecar.loss", "1%"),
+            ("sidecar.api", "true"),
             ("com.example.other", "x"),
         ]))
         .unwrap();
@@ -163,6 +210,16 @@ mod tests {
                 bandwidth_mbps: Some(50),
                 proxy_protocol: Some(ProxyProtocol::V2),
                 egress: Egress::Docker,
+                conditions: Some(
+                    Conditions::new(
+                        std::time::Duration::from_millis(50),
+                        std::time::Duration::from_millis(10),
+                        sidecar::netem::Spread::Uniform,
+                        0.01,
+                    )
+                    .unwrap()
+                ),
+                api: true,
             }
         );
         assert!(l.accepts_relay("https://relay.example:8443"));
@@ -192,5 +249,19 @@ mod tests {
         let off = Labels::parse(&map(&[("sidecar.proxy_protocol", "off")])).unwrap();
         assert_eq!(off.proxy_protocol, None);
         assert!(!Labels::parse(&map(&[])).unwrap().enable);
+        for (label, bad) in [
+            ("sidecar.latency", "50"),
+            ("sidecar.latency", "fast"),
+            ("sidecar.latency", "11s"),
+            ("sidecar.jitter", "-1ms"),
+            ("sidecar.loss", "1"),
+            ("sidecar.loss", "150%"),
+        ] {
+            let e = Labels::parse(&map(&[(label, bad)])).unwrap_err();
+            assert_eq!(e.label, label, "{bad}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        let zero = Labels::parse(&map(&[("sidecar.latency", "0ms"), ("sidecar.loss", "0%")]));
+        assert_eq!(zero.unwrap().conditions, None, "zero conditions are none");
     }
 }

@@ -1,7 +1,10 @@
 //! Sidecar agent library: what the `sidecar-agent` binary is made of.
 
+pub mod conditions;
 pub mod container;
+pub mod container_api;
 pub mod container_net;
+pub mod control;
 pub mod daemon;
 pub mod fd_budget;
 pub mod full_tunnel;

@@ -22,7 +22,9 @@ use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _, Parser
         `up` brings up a plain wg-quick configuration file in userspace and serves the standard \
         WireGuard userspace API, so the stock `wg` tool can inspect and change it.\n\n\
         Labels: sidecar.enable=true, sidecar.ipv4=true, sidecar.relay=URL (pin one relay), \
-        sidecar.bandwidth=MBPS.\n\n\
+        sidecar.bandwidth=MBPS, sidecar.latency=50ms, sidecar.jitter=10ms, sidecar.loss=1% \
+        (`shape` changes the last three at run time), sidecar.api=true (the container reads \
+        its addresses and changes those three itself at http://127.0.0.1:9530 inside it).\n\n\
         The agent token belongs in a file only root can read (--token-file or \
         SIDECAR_TOKEN_FILE; by default /etc/sidecar/agent.token, which `login` writes after an \
         admin of the relay approves it) or in SIDECAR_TOKEN: a --token on the command line is \
@@ -165,6 +167,34 @@ enum Command {
         /// The code, e.g. SC1201.
         code: String,
     },
+    /// Change a running container's emulated network at once, without a restart:
+    /// latency and jitter are added to each direction (a ping's round trip grows
+    /// by twice the latency), loss is drawn in each direction independently.
+    /// Options left out are zero. Lasts until the container is removed or the
+    /// agent restarts; --clear goes back to none (the labels count again only at
+    /// the next start of the agent). Talks to `run` over control.sock in its
+    /// state directory (root only).
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["latency", "jitter", "loss", "clear"])))]
+    Shape {
+        /// The container's name or ID (at least 4 characters of it).
+        container: String,
+        /// One-way delay added in each direction: 80ms, 1.5ms, 2s (at most 10s).
+        #[arg(long, value_name = "DURATION", value_parser = sidecar_agent::conditions::parse_delay)]
+        latency: Option<std::time::Duration>,
+        /// Each packet's delay spreads evenly within latency ± jitter; packets may
+        /// then overtake each other, as on a real path with jitter.
+        #[arg(long, value_name = "DURATION", value_parser = sidecar_agent::conditions::parse_delay)]
+        jitter: Option<std::time::Duration>,
+        /// Share of packets lost in each direction: 0.5%, 5%.
+        #[arg(long, value_name = "PERCENT", value_parser = sidecar_agent::conditions::parse_loss)]
+        loss: Option<f64>,
+        /// Remove every emulated condition.
+        #[arg(long, conflicts_with_all = ["latency", "jitter", "loss"])]
+        clear: bool,
+        /// The running agent's --state-dir (its control.sock is there).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Print a running interface's counters in Prometheus text format.
     Metrics {
         /// Interface name, as given to `up`.
@@ -281,6 +311,29 @@ fn main() -> std::process::ExitCode {
             Command::Health { listen } => sidecar_agent::health::probe(listen).await,
             Command::Status { state_dir } => sidecar_agent::manager::print_status(&state_dir),
             Command::Metrics { interface } => metrics(&interface).await,
+            Command::Shape {
+                container,
+                latency,
+                jitter,
+                loss,
+                clear,
+                state_dir,
+            } => {
+                let wanted = if clear {
+                    None
+                } else {
+                    sidecar_agent::conditions::build(latency, jitter, loss)
+                        .map_err(anyhow::Error::msg)?
+                };
+                let spec = sidecar_agent::conditions::describe(wanted.as_ref());
+                let reply = sidecar_agent::control::request(
+                    &state_dir,
+                    &format!("shape {container} {spec}"),
+                )
+                .await?;
+                println!("{reply}");
+                Ok(())
+            }
             Command::Psk {
                 relay,
                 token,

@@ -68,6 +68,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         docker,
         settings.max_in_flight.max(1),
     );
+    let control = crate::control::serve(&settings.state_dir, shared.clone())?;
     let health = match settings.health_listen {
         Some(addr) => Some(crate::health::serve(addr, shared.clone()).await?),
         None => None,
@@ -136,6 +137,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     if let Some(h) = health {
         h.abort();
     }
+    control.abort();
+    let _ = std::fs::remove_file(crate::control::socket_path(&settings.state_dir));
     result
 }
 

@@ -10,7 +10,7 @@ use sidecar::wg::DropReason;
 use crate::shared::{unix_now, Shared};
 
 /// Drop reasons an agent's device can meet (the others are the relay's policy).
-const DROPS: [DropReason; 10] = [
+const DROPS: [DropReason; 12] = [
     DropReason::Malformed,
     DropReason::UnknownPeer,
     DropReason::Unauthenticated,
@@ -21,6 +21,8 @@ const DROPS: [DropReason; 10] = [
     DropReason::BufferTooSmall,
     DropReason::Protocol,
     DropReason::RateLimited,
+    DropReason::EmulatedLoss,
+    DropReason::EmulationFull,
 ];
 
 const STATES: [&str; 3] = ["active", "error", "stopped"];

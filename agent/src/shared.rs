@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
 use parking_lot::{Mutex, RwLock};
+use sidecar::netem::Conditions;
 use sidecar::wg::Device;
 use sidecar::Key;
 use tokio::sync::{watch, Semaphore};
@@ -52,9 +53,17 @@ pub type Live = (Arc<Device>, Key);
 pub struct Entry {
     pub row: StatusRow,
     pub live: Option<Live>,
+    /// Emulated conditions set at run time (`sidecar-agent shape`), in place of
+    /// the labels' until the container is removed; `Some(None)` cleared them.
+    pub shaped: Option<Option<Conditions>>,
 }
 
 impl Entry {
+    /// The conditions in force: a run-time change, else what the labels ask.
+    pub fn conditions(&self, labels: Option<Conditions>) -> Option<Conditions> {
+        self.shaped.unwrap_or(labels)
+    }
+
     /// The row with the live counters folded in.
     pub fn snapshot(&self) -> StatusRow {
         let mut row = self.row.clone();
@@ -129,8 +138,60 @@ impl Shared {
                 ..StatusRow::default()
             },
             live: None,
+            shaped: None,
         });
         f(entry);
+    }
+
+    /// The conditions container `id` should have (see [`Entry::conditions`]).
+    pub fn conditions_for(&self, id: &str, labels: Option<Conditions>) -> Option<Conditions> {
+        match self.rows.lock().get(id) {
+            Some(e) => e.conditions(labels),
+            None => labels,
+        }
+    }
+
+    /// Sets container `name_or_id`'s emulated conditions at run time (`None`
+    /// clears them), on its running tunnel at once and on every later one; the
+    /// container's id, or why not.
+    pub fn shape(
+        &self,
+        name_or_id: &str,
+        conditions: Option<Conditions>,
+    ) -> Result<String, String> {
+        let rows = self.rows.lock();
+        let by_name: Vec<&String> = rows
+            .iter()
+            .filter(|(id, e)| {
+                e.row.name == name_or_id || (name_or_id.len() >= 4 && id.starts_with(name_or_id))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let id = match by_name[..] {
+            [id] => id.clone(),
+            [] => {
+                return Err(format!(
+                    "no container {name_or_id:?} is served by this agent"
+                ))
+            }
+            _ => return Err(format!("{name_or_id:?} names more than one container")),
+        };
+        drop(rows);
+        self.shape_id(&id, conditions)?;
+        Ok(id)
+    }
+
+    /// [`Shared::shape`] for exactly container `id`.
+    pub fn shape_id(&self, id: &str, conditions: Option<Conditions>) -> Result<(), String> {
+        let mut rows = self.rows.lock();
+        let entry = rows
+            .get_mut(id)
+            .ok_or_else(|| format!("container {} is not served any more", short(id)))?;
+        entry.shaped = Some(conditions);
+        if let Some((device, key)) = &entry.live {
+            device.set_peer_conditions(key, conditions);
+        }
+        Ok(())
     }
 
     pub fn forget(&self, id: &str) {

@@ -31,6 +31,7 @@ use super::clock::{Deadline, FedClock};
 use super::config::{
     DeviceConfig, DeviceUpdate, NoiseBackend, PeerConfig, PeerInfo, PeerUpdate, UpdateError,
 };
+use super::emulation::NetemQueue;
 use super::metrics::{Counters, DropReason};
 use super::outbox::Outbox;
 use super::peer::{Peer, PeerRef};
@@ -38,6 +39,7 @@ use super::policy::Policy;
 use super::session::StaticKeys;
 use super::shaping::ShapeQueue;
 use crate::key::Key;
+use crate::netem::Conditions;
 use crate::shape::Shaper;
 
 /// Destination unreachable answers to packets for unallocated addresses: enough for
@@ -93,6 +95,9 @@ pub struct Device {
     /// Shaped packets towards peers and from them.
     pub(crate) egress: ShapeQueue,
     pub(crate) ingress: ShapeQueue,
+    /// Packets an emulated delay holds, towards peers and from them.
+    pub(crate) netem_egress: NetemQueue,
+    pub(crate) netem_ingress: NetemQueue,
     /// When [`Device::handle_timeout`] is next due for the protocol's timers.
     pub(crate) timers_due: Deadline,
     /// Destination unreachable answers, shared by all peers.
@@ -140,6 +145,8 @@ impl Device {
             outbox: Outbox::default(),
             egress: ShapeQueue::default(),
             ingress: ShapeQueue::default(),
+            netem_egress: NetemQueue::default(),
+            netem_ingress: NetemQueue::default(),
             timers_due: Deadline::default(),
             noise_backend: config.noise_backend,
             wall: config.wall,
@@ -416,5 +423,22 @@ impl Device {
             *peer.shaper.write() = mbps.map(|m| Arc::new(Shaper::from_mbps(m, &self.clock)));
         }
         true
+    }
+
+    /// Emulates a network between us and `key` (latency and jitter added to each
+    /// direction, loss drawn in each direction independently), or stops doing so
+    /// (`None`). Takes effect for the next packet; packets already held keep their
+    /// release times. Returns false if there is no such peer.
+    pub fn set_peer_conditions(&self, key: &Key, conditions: Option<Conditions>) -> bool {
+        let Some(peer) = self.peer(key) else {
+            return false;
+        };
+        peer.netem.set(self.public_key().as_ref(), key, conditions);
+        true
+    }
+
+    /// The conditions emulated for `key`, if any.
+    pub fn peer_conditions(&self, key: &Key) -> Option<Conditions> {
+        self.peer(key)?.netem.conditions()
     }
 }

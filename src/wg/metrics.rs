@@ -48,11 +48,15 @@ pub enum DropReason {
     /// For an address of the peers' prefix that no peer holds (answered with
     /// destination unreachable where the rate limit allows).
     Unallocated,
+    /// Lost on purpose: the peer's emulated network conditions ask for this loss rate.
+    EmulatedLoss,
+    /// The peer's emulated delay line held as much as it may.
+    EmulationFull,
 }
 
 impl DropReason {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::Unauthenticated,
@@ -69,6 +73,8 @@ impl DropReason {
         DropReason::HostAddress,
         DropReason::PrivateNetwork,
         DropReason::Unallocated,
+        DropReason::EmulatedLoss,
+        DropReason::EmulationFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +95,8 @@ impl DropReason {
             DropReason::HostAddress => "host",
             DropReason::PrivateNetwork => "private",
             DropReason::Unallocated => "unallocated",
+            DropReason::EmulatedLoss => "netem_loss",
+            DropReason::EmulationFull => "netem_full",
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! One concern per file: `device` (the table and its configuration), `send` and
 //! `receive` (the two directions of the data path), `timers`, `outbox` (what the
-//! polls drain), `shaping` (the device's shaping queues), `peer`, `allowed_ips`,
+//! polls drain), `shaping` (the device's shaping queues), `emulation` (its delay lines), `peer`, `allowed_ips`,
 //! `metrics`, `clock` (time as fed), `states` (making and installing peers' noise
 //! states), `session`, the seam to the noise protocols, and `noise`, our own.
 
@@ -11,6 +11,7 @@ mod allowed_ips;
 mod clock;
 pub mod config;
 mod device;
+mod emulation;
 mod metrics;
 pub mod noise;
 mod outbox;

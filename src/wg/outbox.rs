@@ -1,6 +1,6 @@
 //! What the device has to send or deliver beyond an input's immediate result, and
-//! the polls that drain it: timer datagrams, packets a new session releases, shaped
-//! packets whose time came, and ICMP answers. Each poll is a few atomic loads when
+//! the polls that drain it: timer datagrams, packets a new session releases, delayed
+//! and shaped packets whose time came, and ICMP answers. Each poll is a few atomic loads when
 //! there is nothing, because the driver drains after every batch.
 
 use std::collections::VecDeque;
@@ -11,6 +11,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use super::device::{Device, Output, Transmit};
+use super::emulation;
 use super::peer::PeerRef;
 use super::shaping;
 
@@ -110,7 +111,8 @@ impl Outbox {
 impl Device {
     /// The next datagram to send, written into `out` (at least the link's MTU plus
     /// [`super::DATA_OVERHEAD`]): timer datagrams first, then packets released by a
-    /// new session, then shaped packets whose time has come. Call until `None` after
+    /// new session, then packets an emulated delay held, then shaped packets whose
+    /// time has come. Call until `None` after
     /// every batch of inputs and whenever [`Device::poll_timeout`] is reached.
     pub fn poll_transmit(&self, now: Instant, out: &mut [u8]) -> Option<Transmit> {
         let now_ns = self.clock.feed(now);
@@ -125,6 +127,19 @@ impl Device {
         if outbox.has(RELEASING) {
             if let Some(t) = self.poll_released(now, now_ns, out) {
                 return Some(t);
+            }
+        }
+        while let Some((peer, packet)) = self.netem_egress.next_due(now_ns, emulation::egress) {
+            let result = match self.shape_and_seal(&peer, now, now_ns, &packet, out) {
+                Output::Transmit { to, datagram } => Some(Transmit {
+                    to,
+                    len: datagram.len(),
+                }),
+                _ => None,
+            };
+            emulation::recycle(&peer, emulation::egress, packet);
+            if result.is_some() {
+                return result;
             }
         }
         while let Some((peer, shaper, packet)) = self.egress.next_due(now_ns, shaping::egress) {
@@ -165,8 +180,8 @@ impl Device {
     }
 
     /// The next packet for the link (TUN device or userspace stack), written into
-    /// `out`; its length. ICMP answers first, then shaped packets from peers whose
-    /// time has come. Call until `None` after every batch of inputs and whenever
+    /// `out`; its length. ICMP answers first, then packets an emulated delay held,
+    /// then shaped packets from peers whose time has come. Call until `None` after every batch of inputs and whenever
     /// [`Device::poll_timeout`] is reached.
     pub fn poll_deliver(&self, now: Instant, out: &mut [u8]) -> Option<usize> {
         let now_ns = self.clock.feed(now);
@@ -175,6 +190,23 @@ impl Device {
             match q.pop_into(out) {
                 Some(((), len)) => return Some(len),
                 None => self.outbox.settle(ANSWERS),
+            }
+        }
+        while let Some((peer, packet)) = self.netem_ingress.next_due(now_ns, emulation::ingress) {
+            let delivered = match self.shape_in(&peer, &packet, now_ns) {
+                Output::Deliver(p) => {
+                    let n = p.len();
+                    let fits = out.get_mut(..n).map(|dst| dst.copy_from_slice(p));
+                    if fits.is_none() {
+                        self.counters.count(super::DropReason::BufferTooSmall);
+                    }
+                    fits.map(|()| n)
+                }
+                _ => None,
+            };
+            emulation::recycle(&peer, emulation::ingress, packet);
+            if delivered.is_some() {
+                return delivered;
             }
         }
         while let Some((_, shaper, packet)) = self.ingress.next_due(now_ns, shaping::ingress) {

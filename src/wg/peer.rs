@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use super::clock::{nanos, FedClock};
+use super::emulation::PeerNetem;
 use super::session::NoiseState;
 use crate::key::Key;
 use crate::shape::Shaper;
@@ -70,6 +71,8 @@ pub struct Peer {
     pub(crate) last_initiation: Mutex<[u8; 12]>,
     /// Rate limit for both directions, when the peer has one.
     pub(crate) shaper: RwLock<Option<Arc<Shaper>>>,
+    /// Emulated latency, jitter and loss, when the peer has them.
+    pub(crate) netem: PeerNetem,
 }
 
 impl Peer {
@@ -91,6 +94,7 @@ impl Peer {
             preshared_key: RwLock::new(None),
             last_initiation: Mutex::new([0; 12]),
             shaper: RwLock::new(None),
+            netem: PeerNetem::default(),
         }
     }
 

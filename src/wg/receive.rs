@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::clock::nanos;
 use super::device::{Device, Output, MIN_OUT_BUF};
+use super::emulation::{self, Offered};
 use super::metrics::DropReason;
 use super::peer::PeerRef;
 use super::policy::{PacketInfo, Verdict};
@@ -208,6 +209,19 @@ impl Device {
             }
         }
         drop(state);
+        match self
+            .netem_ingress
+            .offer(peer, emulation::ingress, packet, now_ns, &self.counters)
+        {
+            Offered::Pass => {}
+            Offered::Held => return Output::Consumed,
+            Offered::Dropped(reason) => return Output::Dropped(reason),
+        }
+        self.shape_in(peer, packet, now_ns)
+    }
+
+    /// Past the emulated delay: the shaper says whether `packet` goes to the link now.
+    pub(crate) fn shape_in<'a>(&self, peer: &PeerRef, packet: &'a [u8], now_ns: u64) -> Output<'a> {
         if let Some(shaper) = peer.shaper() {
             match self.ingress.offer(peer, &shaper.ingress, packet, now_ns) {
                 Admit::Now => {}

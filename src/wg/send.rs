@@ -1,11 +1,12 @@
 //! Outbound: a packet from the link is routed to the peer whose allowed IPs hold its
-//! destination, checked by the policy, shaped, and encrypted.
+//! destination, checked by the policy, delayed (network emulation), shaped, and encrypted.
 
 use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
 use super::device::{Device, Output, DATA_OVERHEAD, MIN_OUT_BUF};
+use super::emulation::{self, Offered};
 use super::metrics::DropReason;
 use super::peer::PeerRef;
 use super::policy::{PacketInfo, Verdict};
@@ -48,14 +49,35 @@ impl Device {
             }
         }
         drop(state);
+        match self
+            .netem_egress
+            .offer(&peer, emulation::egress, packet, now_ns, &self.counters)
+        {
+            Offered::Pass => {}
+            Offered::Held => return Output::Consumed,
+            Offered::Dropped(reason) => return Output::Dropped(reason),
+        }
+        self.shape_and_seal(&peer, now, now_ns, packet, out)
+    }
+
+    /// Past the emulated delay: the shaper says whether now, then `packet` is
+    /// encrypted for `peer`.
+    pub(crate) fn shape_and_seal<'a>(
+        &self,
+        peer: &PeerRef,
+        now: Instant,
+        now_ns: u64,
+        packet: &[u8],
+        out: &'a mut [u8],
+    ) -> Output<'a> {
         if let Some(shaper) = peer.shaper() {
-            match self.egress.offer(&peer, &shaper.egress, packet, now_ns) {
+            match self.egress.offer(peer, &shaper.egress, packet, now_ns) {
                 Admit::Now => {}
                 Admit::Queued => return Output::Consumed,
                 Admit::Dropped => return self.dropped_now(DropReason::RateLimited),
             }
         }
-        self.seal_for(&peer, now, now_ns, packet, out)
+        self.seal_for(peer, now, now_ns, packet, out)
     }
 
     /// Counts a drop and says so.

@@ -1491,3 +1491,5 @@ fn answering_an_initiation_completes_no_handshake_until_data_confirms_it() {
         "{age:?}"
     );
 }
+
+mod netem;

@@ -121,13 +121,16 @@ impl Device {
     }
 
     /// When [`Device::handle_timeout`] or the polls next have work: the earliest of
-    /// the protocol's timers and the shaping queues' next release. `None` when
+    /// the protocol's timers and the next release of the shaping queues and the
+    /// emulated delay lines. `None` when
     /// nothing is scheduled.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let at = [
             self.timers_due.get(),
             self.egress.due.get(),
             self.ingress.due.get(),
+            self.netem_egress.due.get(),
+            self.netem_ingress.due.get(),
         ]
         .into_iter()
         .flatten()
