@@ -107,6 +107,12 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// How early a held packet may leave. Drivers wake on tokio's timer, which rounds
+/// every deadline up to its next 1 ms tick; asking for half a tick early centres the
+/// actual release on the wanted one (within ±0.5 ms plus the wake-up's own latency)
+/// instead of adding up to 1 ms to each direction's delay.
+pub(crate) const RELEASE_SLACK_NS: u64 = 500_000;
+
 /// What became of an offered packet.
 pub(crate) enum Offered {
     /// Not delayed and not lost: it goes on now.
@@ -154,7 +160,7 @@ impl NetemQueue {
                     self.listed.lock().push(peer.clone());
                 }
                 if let Some(at) = next {
-                    self.due.lower(at);
+                    self.due.lower(at.saturating_sub(RELEASE_SLACK_NS));
                 }
                 Offered::Held
             }
@@ -167,6 +173,7 @@ impl NetemQueue {
         if !self.due.is_due(now_ns) {
             return None;
         }
+        let release_ns = now_ns + RELEASE_SLACK_NS;
         // Cleared first and only ever lowered below, so a release an offer brings
         // forward while this runs is kept.
         self.due.set(None);
@@ -180,7 +187,7 @@ impl NetemQueue {
                 continue;
             };
             let mut l = line.lock();
-            if let Some(packet) = l.line.pop_due(now_ns) {
+            if let Some(packet) = l.line.pop_due(release_ns) {
                 drop(l);
                 // More may be due: the next call looks again.
                 self.due.lower(now_ns);
@@ -200,7 +207,7 @@ impl NetemQueue {
             }
         }
         if let Some(at) = wait {
-            self.due.lower(at);
+            self.due.lower(at.saturating_sub(RELEASE_SLACK_NS));
         }
         None
     }

@@ -148,6 +148,7 @@ impl Iperf {
             .unwrap_or(0);
         let arrived = packets.saturating_sub(lost);
         let loss = self.udp_loss_percent();
+        eprintln!("{what}: {arrived}/{sent} datagrams of {len} bytes arrived, {loss:.2}% lost");
         assert!(
             arrived > 0
                 && arrived <= sent
