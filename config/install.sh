@@ -150,10 +150,11 @@ chmod 0755 "$tmp"
 
 # No token given: the checked agent (not yet installed, so a denied or expired login
 # leaves no agent behind) runs its device login against this relay. It prints the code
-# and URL to approve, and writes the token 0600 beside its final name.
+# and URL to approve, and writes the token 0600 beside its final name. Its stdin is
+# closed: under `curl | sh` it is the rest of this script.
 if [ -z "$token" ]; then
     say "no SIDECAR_TOKEN: starting a device login with $RELAY_URL"
-    "$tmp" login --relay "$RELAY_URL" --pin "$RELAY_PIN" --token-file "$token_file.login" ||
+    "$tmp" login --relay "$RELAY_URL" --pin "$RELAY_PIN" --token-file "$token_file.login" </dev/null ||
         die "the device login did not issue a token (denied, expired or unreachable): nothing was installed; run the installer again, or set SIDECAR_TOKEN"
     token=$(cat "$token_file.login")
     case $token in

@@ -340,11 +340,14 @@ fn installer_from_the_relay() {
     assert!(version.starts_with("sidecar-agent "), "{version}");
 }
 
-/// The installer saved at `script`, run as root in the relay's namespace into the
-/// scratch root `root` without SIDECAR_TOKEN, as a process the test watches.
+/// The installer saved at `script`, fed to `sh -s` on its stdin as `curl | sh` does,
+/// run as root in the relay's namespace into the scratch root `root` without
+/// SIDECAR_TOKEN, as a process the test watches.
 fn start_tokenless_install(relay: &Relay, script: &Path, root: &Path) -> ChildGuard {
     let mut cmd = relay.ns().program("sh");
-    cmd.arg(script).arg("--root").arg(root);
+    cmd.args(["-c", r#"exec sh -s -- --root "$1" <"$2""#, "install"])
+        .arg(root)
+        .arg(script);
     cmd.env_remove("SIDECAR_TOKEN")
         .env_remove("SIDECAR_TOKEN_FILE");
     ChildGuard::spawn("install.sh (device login)", cmd)
