@@ -4,6 +4,10 @@
 #
 #   curl -fsSL --pinnedpubkey 'PIN' -k https://RELAY:8443/install | SIDECAR_TOKEN=sct_live_... sh
 #
+# or, without SIDECAR_TOKEN, the installer runs the agent's device login against this
+# relay: it prints a code and a URL for an admin of the relay to approve, and installs
+# with the token the approval issues.
+#
 # Options (after `sh -s --` when piped):
 #   --print-only  print every file it would write and every unit it would enable, then
 #                 exit; needs neither root nor a token and changes nothing
@@ -11,7 +15,8 @@
 #
 # It refuses a token without the sct_live_ prefix before changing anything, checks the
 # host (root, Docker 24 or newer, /dev/net/tun), downloads the agent from the same relay
-# with the same pin, checks its SHA-256, writes the token 0600 under /etc/sidecar and the
+# with the same pin, checks its SHA-256, gets a token by device login when none was
+# given, writes the token 0600 under /etc/sidecar and the
 # systemd unit, then enables and starts sidecar-agent.service.
 set -eu
 
@@ -38,6 +43,7 @@ while [ $# -gt 0 ]; do
             cat <<'HELP'
 Installs the Sidecar agent from this relay as a systemd service.
   SIDECAR_TOKEN=sct_live_... sh install.sh [--root DIR]
+  sh install.sh [--root DIR]    (no token: device login, an admin of the relay approves)
   sh install.sh --print-only [--root DIR]
 --print-only  print every file it would write and every unit it would enable; changes nothing
 --root DIR    install into DIR instead of / (a scratch root); starts nothing
@@ -83,16 +89,18 @@ if [ "$print_only" = 1 ]; then
     exit 0
 fi
 
-# The token first: a wrong one must be refused before anything changes.
+# The token first: a wrong one must be refused before anything changes. Without one,
+# the device login runs once the agent is downloaded and checked.
 token=${SIDECAR_TOKEN:-}
-[ -n "$token" ] || die "set SIDECAR_TOKEN to an agent token from the relay (sct_live_...)"
-case $token in
-    sct_live_*) ;;
-    *) die "SIDECAR_TOKEN does not start with sct_live_: not an agent token from a Sidecar relay" ;;
-esac
-case $token in
-    *[!A-Za-z0-9_-]*) die "SIDECAR_TOKEN holds characters no Sidecar token has" ;;
-esac
+if [ -n "$token" ]; then
+    case $token in
+        sct_live_*) ;;
+        *) die "SIDECAR_TOKEN does not start with sct_live_: not an agent token from a Sidecar relay" ;;
+    esac
+    case $token in
+        *[!A-Za-z0-9_-]*) die "SIDECAR_TOKEN holds characters no Sidecar token has" ;;
+    esac
+fi
 
 # Preflight: only what the host that will run the agent needs; a scratch root is
 # written for another machine (or an image) and starts nothing here.
@@ -130,23 +138,41 @@ umask 077
 # The binary goes to a temporary name beside its target and is renamed only once its
 # checksum matches, so a failed download never leaves a half-written agent.
 bin=$root/usr/local/bin/sidecar-agent
+token_file=$root/etc/sidecar/agent.token
 tmp=$(mktemp "$bin.XXXXXX")
-trap 'rm -f "$tmp"' EXIT
+trap 'rm -f "$tmp" "$token_file.login"' EXIT
 say "downloading the agent from $RELAY_URL"
 curl -fsS -k --pinnedpubkey "$RELAY_PIN" -o "$tmp" "$RELAY_URL/install/sidecar-agent" ||
     die "cannot download the agent from $RELAY_URL"
 got=$(sha256 "$tmp")
 [ "$got" = "$AGENT_SHA256" ] || die "the downloaded agent has SHA-256 $got, expected $AGENT_SHA256"
 chmod 0755 "$tmp"
+
+# No token given: the checked agent (not yet installed, so a denied or expired login
+# leaves no agent behind) runs its device login against this relay. It prints the code
+# and URL to approve, and writes the token 0600 beside its final name. Its stdin is
+# closed: under `curl | sh` it is the rest of this script.
+if [ -z "$token" ]; then
+    say "no SIDECAR_TOKEN: starting a device login with $RELAY_URL"
+    "$tmp" login --relay "$RELAY_URL" --pin "$RELAY_PIN" --token-file "$token_file.login" </dev/null ||
+        die "the device login did not issue a token (denied, expired or unreachable): nothing was installed; run the installer again, or set SIDECAR_TOKEN"
+    token=$(cat "$token_file.login")
+    case $token in
+        sct_live_*) ;;
+        *) die "the device login wrote no agent token" ;;
+    esac
+fi
+
 mv -f "$tmp" "$bin"
-trap - EXIT
 
 write() { # MODE PATH: stdin to PATH, replacing it whole
     cat >"$2.new"
     chmod "$1" "$2.new"
     mv -f "$2.new" "$2"
 }
-printf '%s\n' "$token" | write 0600 "$root/etc/sidecar/agent.token"
+printf '%s\n' "$token" | write 0600 "$token_file"
+rm -f "$token_file.login"
+trap - EXIT
 printf 'SIDECAR_RELAY=%s\nSIDECAR_PIN=%s\n' "$RELAY_URL" "$RELAY_PIN" |
     write 0600 "$root/etc/sidecar/agent.env"
 write 0644 "$root/etc/systemd/system/$UNIT" <<'SIDECAR_UNIT'

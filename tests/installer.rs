@@ -1,7 +1,8 @@
 //! The agent installer a relay serves at `/install`, as a Docker host's operator runs
 //! it: fetched with curl pinned to the relay's key, checked with `sh -n` and
 //! shellcheck, its `--print-only` plan against what a full install into a scratch root
-//! lays down, and a token that is not an agent token refused before anything is written.
+//! lays down, and a token that is not an agent token refused before anything is written;
+//! without a token, the device login it runs, approved or denied by the relay's admin.
 
 mod support;
 
@@ -9,12 +10,15 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
+use serde_json::json;
 use support::agent::agent_bin;
 use support::netns::Netns;
-use support::process::{output_with_stdin, run_ok, TempDir};
+use support::process::{output_with_stdin, run_ok, ChildGuard, TempDir};
 use support::relay::{Relay, RelayOptions, Topology, RELAY_TOOLS};
-use support::require_tools;
+use support::wg::KeyPair;
+use support::{require_tools, wait_until};
 
 const TOOLS: &[&str] = &["sh", "shellcheck", "sha256sum", "setpriv", "ip"];
 
@@ -334,4 +338,138 @@ fn installer_from_the_relay() {
         c
     });
     assert!(version.starts_with("sidecar-agent "), "{version}");
+}
+
+/// The installer saved at `script`, fed to `sh -s` on its stdin as `curl | sh` does,
+/// run as root in the relay's namespace into the scratch root `root` without
+/// SIDECAR_TOKEN, as a process the test watches.
+fn start_tokenless_install(relay: &Relay, script: &Path, root: &Path) -> ChildGuard {
+    let mut cmd = relay.ns().program("sh");
+    cmd.args(["-c", r#"exec sh -s -- --root "$1" <"$2""#, "install"])
+        .arg(root)
+        .arg(script);
+    cmd.env_remove("SIDECAR_TOKEN")
+        .env_remove("SIDECAR_TOKEN_FILE");
+    ChildGuard::spawn("install.sh (device login)", cmd)
+}
+
+/// The user code the installer's device login printed, once it has.
+fn printed_code(install: &mut ChildGuard) -> String {
+    let mut code = None;
+    wait_until(Duration::from_secs(60), || {
+        code = install
+            .stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("user code: "))
+            .map(|c| c.trim().to_owned());
+        code.is_some() || !install.is_running()
+    });
+    code.unwrap_or_else(|| {
+        panic!(
+            "the installer printed no user code:\n{}\n{}",
+            install.stdout(),
+            install.stderr_tail(20)
+        )
+    })
+}
+
+#[test]
+fn installer_without_a_token_runs_the_device_login() {
+    require_tools(RELAY_TOOLS);
+    require_tools(TOOLS);
+    let agent = agent_bin();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let admin = &relay.creds.admin_token;
+    let dir = TempDir::new();
+    let script = dir.join("install.sh");
+    std::fs::write(&script, fetch_installer(&relay)).expect("save the script");
+
+    // Approved: the token the relay issues is installed 0600, and it works.
+    let root = dir.join("approved");
+    std::fs::create_dir(&root).expect("scratch root");
+    let mut install = start_tokenless_install(&relay, &script, &root);
+    let code = printed_code(&mut install);
+    assert!(
+        install
+            .stdout()
+            .contains(&relay.url(&format!("/device?code={code}"))),
+        "the installer shows where to approve the login:\n{}",
+        install.stdout()
+    );
+    assert!(
+        !root.join("etc/sidecar/agent.token").exists(),
+        "a token was installed before the approval"
+    );
+    assert!(
+        !root.join("usr/local/bin/sidecar-agent").exists(),
+        "the agent was installed before the login was approved"
+    );
+    // Unbound, so that the check below (curl, no machine fingerprint) can register.
+    let approved = relay.call(
+        relay.ns(),
+        "POST",
+        &format!("/v1/admin/device/{code}/approve"),
+        admin,
+        Some(&json!({"name": "installed-host", "bind_machine": false})),
+    );
+    assert_eq!(approved.status, 200, "{approved:?}");
+    let status = install.wait_timeout(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the installer did not finish after the approval ({status:?}):\n{}\n{}",
+        install.stdout(),
+        install.stderr_tail(20)
+    );
+    let token_file = root.join("etc/sidecar/agent.token");
+    let meta = std::fs::metadata(&token_file).expect("the token file exists");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    let token = std::fs::read_to_string(&token_file).expect("read the token");
+    assert!(token.ends_with('\n'), "{token:?}");
+    let token = token.trim();
+    assert!(token.starts_with("sct_live_"), "{token:?}");
+    assert!(
+        !root.join("etc/sidecar/agent.token.login").exists(),
+        "the login's temporary token file was left behind"
+    );
+    assert_eq!(
+        sha256_of(&root.join("usr/local/bin/sidecar-agent")),
+        sha256_of(&agent),
+        "the installed agent is not the relay's"
+    );
+    let r = relay.register(&topo.router, token, &KeyPair::generate().public, false);
+    assert_eq!(r.status, 201, "the installed token registers a peer: {r:?}");
+
+    // Denied: the installer stops with the reason and installs neither agent nor token.
+    let root = dir.join("denied");
+    std::fs::create_dir(&root).expect("scratch root");
+    let mut install = start_tokenless_install(&relay, &script, &root);
+    let code = printed_code(&mut install);
+    let denied = relay.call(
+        relay.ns(),
+        "POST",
+        &format!("/v1/admin/device/{code}/deny"),
+        admin,
+        None,
+    );
+    assert_eq!(denied.status, 200, "{denied:?}");
+    let status = install.wait_timeout(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "a denied login must stop the installer ({status:?}):\n{}",
+        install.stderr_tail(20)
+    );
+    let stderr = install.stderr();
+    assert!(
+        stderr.contains("denied") && stderr.contains("the device login did not issue a token"),
+        "the installer says why it stopped:\n{stderr}"
+    );
+    let left: Vec<String> = tree(&root)
+        .into_keys()
+        .filter(|p| !p.ends_with('/'))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a denied login left files behind: {left:?}"
+    );
 }

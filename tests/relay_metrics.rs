@@ -68,6 +68,25 @@ fn metrics_count_a_peer_its_traffic_and_the_api() {
     let topo = Topology::new();
     let relay = Relay::start(&topo, &RelayOptions::default());
     let (token_id, secret) = relay.create_token("metered", 5, 0, None);
+    // Store commits before the registration: the token's, and none for registering.
+    let commits = "sidecar_relay_store_commit_duration_seconds";
+    let commit_count = |text: &str, operation: &str| {
+        sample(
+            text,
+            &format!("{commits}_count{{operation=\"{operation}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let before = scrape(&relay);
+    assert!(
+        before.contains(&format!("# TYPE {commits} histogram")),
+        "{before}"
+    );
+    assert!(
+        commit_count(&before, "create_token") >= 1.0,
+        "creating the token was a durable commit:\n{before}"
+    );
+    let registrations_before = commit_count(&before, "register");
     let site = topo.client_site();
     let client = site.connect(&relay, &secret, false);
     let me = client.ipv6();
@@ -190,6 +209,26 @@ fn metrics_count_a_peer_its_traffic_and_the_api() {
     );
     assert!(
         sample(&text, &format!("{histogram}_sum{{{labels}}}")).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
+
+    // The registration was committed durably, and timed.
+    let registrations = commit_count(&text, "register");
+    assert!(
+        registrations > registrations_before,
+        "the store commit count for register did not grow ({registrations_before} -> {registrations}):\n{text}"
+    );
+    let operation = "operation=\"register\"";
+    assert_eq!(
+        sample(
+            &text,
+            &format!("{commits}_bucket{{{operation},le=\"+Inf\"}}")
+        ),
+        Some(registrations),
+        "{text}"
+    );
+    assert!(
+        sample(&text, &format!("{commits}_sum{{{operation}}}")).is_some_and(|s| s > 0.0),
         "{text}"
     );
 }

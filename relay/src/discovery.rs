@@ -123,9 +123,10 @@ impl Discovery {
             print_only_command: format!("{fetch} | sh -s -- --print-only"),
             environment: vec![OnboardingVariable {
                 name: "SIDECAR_TOKEN".to_owned(),
-                required: true,
+                required: false,
                 description: "An agent token from this relay (sct_live_...), with the \
-                              peers:add and peers:read scopes; written 0600, never logged"
+                              peers:add and peers:read scopes; written 0600, never logged. \
+                              Unset, the installer runs the device login instead"
                     .to_owned(),
             }],
             preflight: vec![
@@ -158,15 +159,29 @@ impl Discovery {
             steps: vec![
                 step(
                     "check_token",
-                    "SIDECAR_TOKEN is checked before anything changes: it must start with \
-                     sct_live_ and hold only the characters a token has",
+                    "SIDECAR_TOKEN, when set, is checked before anything changes: it must \
+                     start with sct_live_ and hold only the characters a token has",
                     Vec::new(),
                 ),
                 step(
                     "download_agent",
                     "The agent binary is downloaded from the relay over the pinned \
-                     connection and its SHA-256 compared with the one in the installer \
-                     before it replaces any installed agent",
+                     connection and its SHA-256 compared with the one in the installer; \
+                     it is put in place only after the device login, if one runs",
+                    Vec::new(),
+                ),
+                step(
+                    "device_login",
+                    "Only without SIDECAR_TOKEN: the downloaded agent runs `sidecar-agent \
+                     login` against this relay, printing a user code and the URL where an \
+                     admin approves it, and polls until the relay issues a token; denied \
+                     or expired, the installer stops before installing the agent or any \
+                     token",
+                    Vec::new(),
+                ),
+                step(
+                    "install_agent",
+                    "The checked agent replaces any installed one (rename)",
                     vec![file("/usr/local/bin/sidecar-agent", "0755")],
                 ),
                 step(
@@ -197,12 +212,6 @@ impl Discovery {
                     "usage",
                     "--root needs a directory",
                     "Give --root a directory",
-                ),
-                error(
-                    "token_missing",
-                    "set SIDECAR_TOKEN",
-                    "Create an agent token on the relay (or approve a device login) and \
-                     export it as SIDECAR_TOKEN",
                 ),
                 error(
                     "token_invalid",
@@ -265,6 +274,19 @@ impl Discovery {
                     "the downloaded agent has SHA-256",
                     "Download the installer again: the relay was upgraded in between, or \
                      something on the path changed the download",
+                ),
+                error(
+                    "login_failed",
+                    "the device login did not issue a token",
+                    "Have an admin of the relay approve the printed code (at the URL shown, \
+                     or with POST /v1/admin/device/CODE/approve) before it expires, then run \
+                     the installer again; or create an agent token and set SIDECAR_TOKEN",
+                ),
+                error(
+                    "login_failed",
+                    "the device login wrote no agent token",
+                    "Run the installer again; if it persists, the relay and the installer \
+                     disagree on the token format (download the installer again)",
                 ),
             ],
             resume: "Every step replaces its files whole and the installer starts again from \

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataplane;
 pub mod device;
 pub mod discovery;
+pub mod histogram;
 pub mod install;
 pub mod limits;
 pub mod machine;

@@ -22,14 +22,10 @@ use parking_lot::Mutex;
 use sidecar::wg::DropReason;
 
 use crate::dataplane::RelayDataPlane;
+use crate::histogram::Histogram;
 use crate::limits::ApiLimits;
 use crate::neighbor::NeighborResponder;
-use crate::store::Store;
-
-/// Upper bounds (seconds) of the API latency histogram's buckets.
-const LATENCY_BUCKETS: [f64; 11] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+use crate::store::{CommitLatency, Store};
 
 /// The route label of a request no route matched (404s, and requests refused
 /// before routing): one series for all of them, whatever path a client sent.
@@ -47,24 +43,6 @@ pub struct ApiMetrics {
 struct ApiCounts {
     requests: BTreeMap<(String, String, u16), u64>,
     latency: BTreeMap<(String, String), Histogram>,
-}
-
-#[derive(Default, Clone)]
-struct Histogram {
-    /// Not cumulative: `buckets[i]` counts observations in (bound i-1, bound i].
-    buckets: [u64; LATENCY_BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| seconds <= *b) {
-            self.buckets[i] += 1;
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
 }
 
 impl ApiMetrics {
@@ -162,6 +140,7 @@ pub fn render(s: &Sources) -> String {
     }
 
     write_api(&mut out, &s.api);
+    write_store_commits(&mut out, s.store.commit_latency());
 
     let requests = &s.limits.requests;
     let connections = &s.limits.connections;
@@ -309,14 +288,20 @@ fn write_api(out: &mut String, api: &ApiMetrics) {
     );
     for ((method, route), h) in &inner.latency {
         let labels = format!("method=\"{method}\",route=\"{}\"", escape(route));
-        let mut cumulative = 0;
-        for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
-            cumulative += n;
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+        h.write(out, name, &labels);
+    }
+}
+
+fn write_store_commits(out: &mut String, commits: &CommitLatency) {
+    let name = "sidecar_relay_store_commit_duration_seconds";
+    header(
+        out,
+        name,
+        "histogram",
+        "Time for a durable store commit (transaction and flush), by operation.",
+    );
+    for (operation, h) in commits.snapshot() {
+        h.write(out, name, &format!("operation=\"{operation}\""));
     }
 }
 

@@ -82,6 +82,7 @@
 //! plan (dropping an IPv4 that no longer fits unless a new one is requested); no
 //! allocation ever hands out an address outside the current plan.
 
+mod commit_latency;
 mod plan;
 
 use std::collections::{HashMap, HashSet};
@@ -90,7 +91,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -103,6 +104,7 @@ pub use sidecar_proto::Scope;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
+pub use commit_latency::CommitLatency;
 use plan::Plan;
 
 /// Prefix of every token secret, so leaked secrets are easy to recognise and scan for.
@@ -375,6 +377,7 @@ struct Inner {
     plan: Plan,
     /// Kept in memory because `Tree::len` walks the whole tree.
     peer_count: AtomicUsize,
+    commits: CommitLatency,
 }
 
 type TxError = ConflictableTransactionError<StoreError>;
@@ -504,6 +507,7 @@ impl Store {
                 trees,
                 plan,
                 peer_count: AtomicUsize::new(0),
+                commits: CommitLatency::default(),
             }),
         };
 
@@ -589,52 +593,54 @@ impl Store {
         }
         let this = self.clone();
         blocking(move || {
-            // A clash of 48 random bits is unlikely; retrying keeps it harmless.
-            for _ in 0..8 {
-                let id = format!("tok_{}", hex(&random_bytes::<6>()?));
-                let secret = format!(
-                    "{SECRET_PREFIX}{}",
-                    URL_SAFE_NO_PAD.encode(random_bytes::<32>()?)
-                );
-                let hash = sha256(secret.as_bytes());
-                let record = TokenRecord {
-                    id: id.clone(),
-                    name: spec.name.clone(),
-                    max_peers: spec.max_peers,
-                    max_ipv4: spec.max_ipv4,
-                    bandwidth_mbps: spec.bandwidth_mbps,
-                    isolate_peers: spec.isolate_peers,
-                    admin: spec.admin,
-                    created: now_secs(),
-                    bind_machine,
-                    machine: None,
-                    scopes: scopes.clone(),
-                };
-                let value = encode(&StoredToken {
-                    token: record.clone(),
-                    secret_sha256: STANDARD.encode(hash),
-                })?;
-                let inserted = this.txn(|tx| {
-                    if tx.tokens.get(id.as_bytes())?.is_some()
-                        || tx.revoking.get(id.as_bytes())?.is_some()
-                        || tx.token_hashes.get(hash)?.is_some()
-                    {
-                        return Ok(false);
+            this.durably("create_token", || {
+                // A clash of 48 random bits is unlikely; retrying keeps it harmless.
+                for _ in 0..8 {
+                    let id = format!("tok_{}", hex(&random_bytes::<6>()?));
+                    let secret = format!(
+                        "{SECRET_PREFIX}{}",
+                        URL_SAFE_NO_PAD.encode(random_bytes::<32>()?)
+                    );
+                    let hash = sha256(secret.as_bytes());
+                    let record = TokenRecord {
+                        id: id.clone(),
+                        name: spec.name.clone(),
+                        max_peers: spec.max_peers,
+                        max_ipv4: spec.max_ipv4,
+                        bandwidth_mbps: spec.bandwidth_mbps,
+                        isolate_peers: spec.isolate_peers,
+                        admin: spec.admin,
+                        created: now_secs(),
+                        bind_machine,
+                        machine: None,
+                        scopes: scopes.clone(),
+                    };
+                    let value = encode(&StoredToken {
+                        token: record.clone(),
+                        secret_sha256: STANDARD.encode(hash),
+                    })?;
+                    let inserted = this.txn(|tx| {
+                        if tx.tokens.get(id.as_bytes())?.is_some()
+                            || tx.revoking.get(id.as_bytes())?.is_some()
+                            || tx.token_hashes.get(hash)?.is_some()
+                        {
+                            return Ok(false);
+                        }
+                        tx.tokens.insert(id.as_bytes(), value.as_slice())?;
+                        tx.token_hashes.insert(&hash[..], id.as_bytes())?;
+                        tx.token_usage
+                            .insert(id.as_bytes(), &encode_usage(TokenUsage::default())[..])?;
+                        Ok(true)
+                    })?;
+                    if inserted {
+                        this.inner.db.flush()?;
+                        return Ok((record, secret));
                     }
-                    tx.tokens.insert(id.as_bytes(), value.as_slice())?;
-                    tx.token_hashes.insert(&hash[..], id.as_bytes())?;
-                    tx.token_usage
-                        .insert(id.as_bytes(), &encode_usage(TokenUsage::default())[..])?;
-                    Ok(true)
-                })?;
-                if inserted {
-                    this.inner.db.flush()?;
-                    return Ok((record, secret));
                 }
-            }
-            Err(StoreError::Backend(
-                "could not generate a unique token id".into(),
-            ))
+                Err(StoreError::Backend(
+                    "could not generate a unique token id".into(),
+                ))
+            })
         })
         .await
     }
@@ -654,38 +660,40 @@ impl Store {
         let this = self.clone();
         let id = id.to_owned();
         blocking(move || {
-            let record = this.txn(|tx| {
-                let Some(v) = tx.tokens.get(id.as_bytes())? else {
-                    return Ok(None);
-                };
-                let mut stored = decode::<StoredToken>("token", &v).map_err(abort)?;
-                let t = &mut stored.token;
-                if let Some(name) = &change.name {
-                    t.name = name.clone();
-                }
-                if let Some(n) = change.max_peers {
-                    t.max_peers = n;
-                }
-                if let Some(n) = change.max_ipv4 {
-                    t.max_ipv4 = n;
-                }
-                if let Some(mbps) = change.bandwidth_mbps {
-                    t.bandwidth_mbps = (mbps > 0).then_some(mbps);
-                }
-                if let Some(isolate) = change.isolate_peers {
-                    t.isolate_peers = isolate;
-                }
-                if let Some(scopes) = &scopes {
-                    t.admin = scopes.contains(&Scope::Admin);
-                    t.scopes = Some(scopes.clone());
-                }
-                let value = encode(&stored).map_err(abort)?;
-                tx.tokens.insert(id.as_bytes(), value.as_slice())?;
-                Ok(Some(stored.token))
-            })?;
-            let record = record.ok_or(StoreError::NotFound)?;
-            this.inner.db.flush()?;
-            Ok(record)
+            this.durably("update_token", || {
+                let record = this.txn(|tx| {
+                    let Some(v) = tx.tokens.get(id.as_bytes())? else {
+                        return Ok(None);
+                    };
+                    let mut stored = decode::<StoredToken>("token", &v).map_err(abort)?;
+                    let t = &mut stored.token;
+                    if let Some(name) = &change.name {
+                        t.name = name.clone();
+                    }
+                    if let Some(n) = change.max_peers {
+                        t.max_peers = n;
+                    }
+                    if let Some(n) = change.max_ipv4 {
+                        t.max_ipv4 = n;
+                    }
+                    if let Some(mbps) = change.bandwidth_mbps {
+                        t.bandwidth_mbps = (mbps > 0).then_some(mbps);
+                    }
+                    if let Some(isolate) = change.isolate_peers {
+                        t.isolate_peers = isolate;
+                    }
+                    if let Some(scopes) = &scopes {
+                        t.admin = scopes.contains(&Scope::Admin);
+                        t.scopes = Some(scopes.clone());
+                    }
+                    let value = encode(&stored).map_err(abort)?;
+                    tx.tokens.insert(id.as_bytes(), value.as_slice())?;
+                    Ok(Some(stored.token))
+                })?;
+                let record = record.ok_or(StoreError::NotFound)?;
+                this.inner.db.flush()?;
+                Ok(record)
+            })
         })
         .await
     }
@@ -732,29 +740,31 @@ impl Store {
         let this = self.clone();
         let id = id.to_owned();
         blocking(move || {
-            // Step 1 removes the token, so no registration can add a peer to it;
-            // then its peer list is stable and step 2 can remove them all. The
-            // marker lets `open` finish step 2 after a crash.
-            let exists = this.txn(|tx| match tx.tokens.get(id.as_bytes())? {
-                Some(v) => {
-                    let stored: StoredToken = decode("token", &v).abort()?;
-                    let hash = STANDARD
-                        .decode(&stored.secret_sha256)
-                        .map_err(|e| StoreError::Corrupt(format!("token hash of {id}: {e}")))
-                        .abort()?;
-                    tx.tokens.remove(id.as_bytes())?;
-                    tx.token_hashes.remove(hash)?;
-                    tx.revoking.insert(id.as_bytes(), &[][..])?;
-                    Ok(true)
+            this.durably("revoke_token", || {
+                // Step 1 removes the token, so no registration can add a peer to it;
+                // then its peer list is stable and step 2 can remove them all. The
+                // marker lets `open` finish step 2 after a crash.
+                let exists = this.txn(|tx| match tx.tokens.get(id.as_bytes())? {
+                    Some(v) => {
+                        let stored: StoredToken = decode("token", &v).abort()?;
+                        let hash = STANDARD
+                            .decode(&stored.secret_sha256)
+                            .map_err(|e| StoreError::Corrupt(format!("token hash of {id}: {e}")))
+                            .abort()?;
+                        tx.tokens.remove(id.as_bytes())?;
+                        tx.token_hashes.remove(hash)?;
+                        tx.revoking.insert(id.as_bytes(), &[][..])?;
+                        Ok(true)
+                    }
+                    None => Ok(tx.revoking.get(id.as_bytes())?.is_some()),
+                })?;
+                if !exists {
+                    return Err(StoreError::NotFound);
                 }
-                None => Ok(tx.revoking.get(id.as_bytes())?.is_some()),
-            })?;
-            if !exists {
-                return Err(StoreError::NotFound);
-            }
-            let removed = this.finish_revocation(&id, now_secs())?;
-            this.inner.db.flush()?;
-            Ok(removed)
+                let removed = this.finish_revocation(&id, now_secs())?;
+                this.inner.db.flush()?;
+                Ok(removed)
+            })
         })
         .await
     }
@@ -788,17 +798,19 @@ impl Store {
         let this = self.clone();
         let id = id.to_owned();
         blocking(move || {
-            let record = this.txn(|tx| {
-                let Some(v) = tx.tokens.get(id.as_bytes())? else {
-                    return Err(abort(StoreError::NotFound));
-                };
-                let mut stored: StoredToken = decode("token", &v).abort()?;
-                stored.token.machine = None;
-                tx.tokens.insert(id.as_bytes(), encode(&stored).abort()?)?;
-                Ok(stored.token)
-            })?;
-            this.inner.db.flush()?;
-            Ok(record)
+            this.durably("unbind_machine", || {
+                let record = this.txn(|tx| {
+                    let Some(v) = tx.tokens.get(id.as_bytes())? else {
+                        return Err(abort(StoreError::NotFound));
+                    };
+                    let mut stored: StoredToken = decode("token", &v).abort()?;
+                    stored.token.machine = None;
+                    tx.tokens.insert(id.as_bytes(), encode(&stored).abort()?)?;
+                    Ok(stored.token)
+                })?;
+                this.inner.db.flush()?;
+                Ok(record)
+            })
         })
         .await
     }
@@ -853,17 +865,20 @@ impl Store {
         let this = self.clone();
         let token_id = token.id.clone();
         blocking(move || {
-            let now = now_secs();
-            let plan = &this.inner.plan;
-            let outcome = this.txn(|tx| register_tx(tx, plan, &token_id, &reg, &extras, now))?;
-            // Flush even for an existing peer: its registration may be another
-            // caller's that has not been flushed yet, and we are about to confirm it.
-            this.inner.db.flush()?;
-            let (rec, created) = outcome?;
-            if created {
-                this.inner.peer_count.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok((rec, created))
+            this.durably("register", || {
+                let now = now_secs();
+                let plan = &this.inner.plan;
+                let outcome =
+                    this.txn(|tx| register_tx(tx, plan, &token_id, &reg, &extras, now))?;
+                // Flush even for an existing peer: its registration may be another
+                // caller's that has not been flushed yet, and we are about to confirm it.
+                this.inner.db.flush()?;
+                let (rec, created) = outcome?;
+                if created {
+                    this.inner.peer_count.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((rec, created))
+            })
         })
         .await
     }
@@ -941,14 +956,16 @@ impl Store {
         let token_id = token_id.to_owned();
         let key = *key;
         blocking(move || {
-            let plan = &this.inner.plan;
-            let now = now_secs();
-            let removed = this.txn(|tx| remove_peer(tx, plan, &key, &token_id, now))?;
-            this.inner.db.flush()?;
-            if removed.is_some() {
-                this.uncount(1);
-            }
-            Ok(removed)
+            this.durably("delete_peer", || {
+                let plan = &this.inner.plan;
+                let now = now_secs();
+                let removed = this.txn(|tx| remove_peer(tx, plan, &key, &token_id, now))?;
+                this.inner.db.flush()?;
+                if removed.is_some() {
+                    this.uncount(1);
+                }
+                Ok(removed)
+            })
         })
         .await
     }
@@ -1259,6 +1276,25 @@ impl Store {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
                 Some(c.saturating_sub(n))
             });
+    }
+
+    /// How long durable commits have taken so far, for `/metrics`.
+    pub fn commit_latency(&self) -> &CommitLatency {
+        &self.inner.commits
+    }
+
+    /// Runs `commit` (a mutating call's transaction and flush) and records how long it
+    /// took under `operation`, whatever its outcome: a refused registration still
+    /// waited for the transaction and the flush.
+    fn durably<T>(
+        &self,
+        operation: &'static str,
+        commit: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = commit();
+        self.inner.commits.record(operation, started.elapsed());
+        result
     }
 
     /// Runs `f` as one transaction over all trees.

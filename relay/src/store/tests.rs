@@ -1240,3 +1240,36 @@ async fn scopes_are_stored_changed_and_kept_across_reopen() {
     let ops = store.token(&ops_id).unwrap().unwrap();
     assert_eq!((ops.admin, ops.scopes()), (false, vec![Scope::PeersRead]));
 }
+
+#[tokio::test]
+async fn every_durable_commit_is_timed_under_its_operation() {
+    let store = Store::temporary(plan()).unwrap();
+    let counts = |store: &Store| -> Vec<(&'static str, u64)> {
+        store
+            .commit_latency()
+            .snapshot()
+            .into_iter()
+            .map(|(op, h)| (op, h.count()))
+            .collect()
+    };
+    let tok = token(&store, 10, 10).await;
+    assert_eq!(counts(&store), [("create_token", 1)]);
+    store.register(&tok, reg(key(1), false)).await.unwrap();
+    store.register(&tok, reg(key(1), false)).await.unwrap();
+    store.delete_peer(&tok.id, &key(1)).await.unwrap();
+    assert_eq!(
+        counts(&store),
+        [("create_token", 1), ("delete_peer", 1), ("register", 2)]
+    );
+    // A refused commit waited for the store too, and is counted.
+    assert!(store.revoke_token("tok_nonexistent").await.is_err());
+    assert_eq!(
+        counts(&store),
+        [
+            ("create_token", 1),
+            ("delete_peer", 1),
+            ("register", 2),
+            ("revoke_token", 1)
+        ]
+    );
+}
