@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn two_lanes_in_series_at_one_rate_deliver_the_rate() {
-        // The agent's lane and the relay's lane for the same flow, both at 20 Mbit/s.
+        // The agent's label and the relay's token cap on one flow, both at 20 Mbit/s.
         let clock = FakeRelativeClock::default();
         let lanes = [
             Lane::with_clock(2_500_000, clock.clone()),
