@@ -195,7 +195,10 @@ impl<C: Clock> Lane<C> {
     }
 }
 
-/// Both directions of one peer.
+/// Both directions of one peer. Both lanes count the plaintext IP packets (before
+/// sealing, after opening), never the WireGuard datagrams: a rate is what the peer's
+/// own traffic gets, and every shaper of one flow counts the same bytes, so shapers in
+/// series at one rate do not lower it.
 pub struct Shaper {
     /// Towards the peer (what we encrypt).
     pub egress: Lane,
@@ -321,6 +324,85 @@ mod tests {
             (secs - ideal).abs() < 0.001,
             "took {secs:.4} s, not {ideal:.4} s"
         );
+    }
+
+    /// Offers `secs` of UDP at `offered_bps` (bytes/s) in packets of `len` bytes to
+    /// `lanes` in series at time steps of 100 µs; each lane is polled only when a
+    /// packet reaches it and on a 1 ms tick (a coarse timer, so releases come late),
+    /// and what one lane releases is offered to the next. The bytes the last lane
+    /// delivered after the first half second, per second.
+    fn delivered_rate(
+        lanes: &[Lane<FakeRelativeClock>],
+        clock: &FakeRelativeClock,
+        offered_bps: f64,
+        len: usize,
+        secs: f64,
+    ) -> f64 {
+        let step = Duration::from_micros(100);
+        let gap = len as f64 / offered_bps;
+        let (mut t, mut next_arrival, mut counted) = (0.0f64, 0.0f64, 0usize);
+        let mut out = Vec::new();
+        while t < secs {
+            let tick = (t * 10_000.0).round() as u64 % 10 == 0;
+            let mut arriving = Vec::new();
+            while next_arrival <= t {
+                arriving.push(vec![0u8; len]);
+                next_arrival += gap;
+            }
+            for (i, lane) in lanes.iter().enumerate() {
+                let polled = tick || !arriving.is_empty();
+                for p in arriving.drain(..) {
+                    if lane.offer(&p) == Admit::Now {
+                        out.push(p);
+                    }
+                }
+                if polled {
+                    release(lane, &mut out);
+                }
+                if i + 1 < lanes.len() {
+                    arriving.append(&mut out);
+                }
+            }
+            if t >= 0.5 {
+                counted += out.iter().map(Vec::len).sum::<usize>();
+            }
+            out.clear();
+            clock.advance(step);
+            t += step.as_secs_f64();
+        }
+        counted as f64 / (secs - 0.5)
+    }
+
+    #[test]
+    fn udp_over_the_rate_delivers_the_rate() {
+        // 20 Mbit/s, offered 30 Mbit/s of 1248-byte IPv6/UDP packets (1200 B payload).
+        let clock = FakeRelativeClock::default();
+        let lane = Lane::with_clock(2_500_000, clock.clone());
+        let rate = delivered_rate(std::slice::from_ref(&lane), &clock, 3_750_000.0, 1248, 3.0);
+        assert!(
+            (rate / 2_500_000.0 - 1.0).abs() < 0.01,
+            "{rate:.0} B/s of 2500000"
+        );
+        assert!(
+            lane.dropped() > 0,
+            "offered over the rate, the queue must overflow"
+        );
+    }
+
+    #[test]
+    fn two_lanes_in_series_at_one_rate_deliver_the_rate() {
+        // The agent's label and the relay's token cap on one flow, both at 20 Mbit/s.
+        let clock = FakeRelativeClock::default();
+        let lanes = [
+            Lane::with_clock(2_500_000, clock.clone()),
+            Lane::with_clock(2_500_000, clock.clone()),
+        ];
+        let rate = delivered_rate(&lanes, &clock, 3_750_000.0, 1248, 3.0);
+        assert!(
+            (rate / 2_500_000.0 - 1.0).abs() < 0.01,
+            "{rate:.0} B/s of 2500000"
+        );
+        assert_eq!(lanes[1].dropped(), 0, "the second lane never drops");
     }
 
     #[test]

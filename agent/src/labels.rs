@@ -29,6 +29,9 @@ pub struct Labels {
     pub ipv4: bool,
     /// The relay this container must use (its URL or host), if pinned.
     pub relay: Option<String>,
+    /// Per-direction cap in Mbit/s of the container's own IP packets (the inner,
+    /// decrypted bytes, which is what a user's iperf3 measures), not of the larger
+    /// WireGuard datagrams that carry them.
     pub bandwidth_mbps: Option<u32>,
     /// In netstack mode, start each forwarded TCP connection with this PROXY
     /// protocol header (`v1` or `v2`; `off` or absent for none).
