@@ -233,11 +233,71 @@ fn registration_details_and_request_errors() {
             413,
             "payload_too_large",
         ),
+        // Read to its end and thrown away, so the sender gets the answer rather than
+        // a reset while it is still sending.
+        (
+            post(
+                "application/json",
+                &format!("{{\"pubkey\": \"{}\"}}", "A".repeat(600_000)),
+            ),
+            413,
+            "payload_too_large",
+        ),
+        // Over the bound the relay reads no further, and says so.
+        (
+            post(
+                "application/json",
+                &format!("{{\"pubkey\": \"{}\"}}", "A".repeat(3_000_000)),
+            ),
+            413,
+            "payload_too_large",
+        ),
     ];
     for (i, (r, status, code)) in cases.iter().enumerate() {
         assert_eq!((r.status, r.error()), (*status, *code), "case {i}: {r:?}");
         assert!(!r.message().is_empty(), "case {i}: no message: {r:?}");
     }
+}
+
+/// A client that opens a body and stops sending it holds a connection and a request
+/// slot; the relay gives the whole body 10 s, then answers 400 and frees both.
+#[test]
+fn a_body_that_stops_arriving_is_refused_after_its_timeout() {
+    require();
+    let topo = Topology::new();
+    let relay = Relay::start(&topo, &RelayOptions::default());
+    let auth = format!("Bearer {}", relay.creds.default_token);
+    // `-T -` streams stdin as a chunked body; stdin stays open with nothing written
+    // until curl gives up (its own limit is 20 s).
+    let mut cmd = relay.curl(&topo.router, "POST", Some(&auth));
+    cmd.args(["-H", "Content-Type: application/json", "-T", "-"])
+        .arg(relay.url("/v1/peers"));
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn curl: {e}"));
+    let held_open = child.stdin.take();
+    let _ = child.wait();
+    drop(held_open);
+    let log = relay.log();
+    let answer = log
+        .lines()
+        .find(|l| l.contains("method=POST path=/v1/peers"))
+        .unwrap_or_else(|| panic!("the relay never answered the stalled request:\n{log}"));
+    let elapsed_ms: f64 = answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("elapsed_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no elapsed_ms in {answer}"));
+    assert!(answer.contains("status=400"), "{answer}");
+    assert!(
+        (9_000.0..15_000.0).contains(&elapsed_ms),
+        "the relay answered after {elapsed_ms} ms, not after its 10 s body timeout: {answer}"
+    );
+    let health = relay.request(&topo.router, "GET", "/v1/health", None, None);
+    assert_eq!(health.status, 200, "{health:?}");
 }
 
 #[test]

@@ -39,6 +39,7 @@ use sidecar_proto::{
     TokenList, UpdateToken, Usage, TOKEN_PREFIX,
 };
 
+mod body_limit;
 mod canary_route;
 mod common_responses;
 mod device_routes;
@@ -1023,6 +1024,7 @@ pub fn router_with_metrics(
         .fallback(not_found)
         .layer(Extension(OpenApiJson(Bytes::from(doc))))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(body_limit::read_bounded))
         .layer(middleware::from_fn_with_state(
             limits.requests.clone(),
             limits::enforce,
